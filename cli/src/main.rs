@@ -1,0 +1,86 @@
+//! `moltbot`: the operator CLI.
+//!
+//! - `moltbot up` runs the whole mesh on this machine (every service and the
+//!   gateway on their default ports) and stops it cleanly on Ctrl-C;
+//! - `moltbot doctor` checks binaries, ports and stores and says what to fix.
+
+mod doctor;
+mod up;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `moltbot`.
+#[derive(Debug, Parser)]
+#[command(name = "moltbot", version, about = "Run and operate the MoltBot mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every service and the gateway on this machine until Ctrl-C.
+    Up(up::UpArgs),
+    /// Check binaries, ports and stores; say what to fix.
+    Doctor(doctor::DoctorArgs),
+}
+
+/// Errors of the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A service binary is missing next to `moltbot`.
+    #[error(
+        "{0} not found next to moltbot (looked in {1}); build the workspace with `cargo build --release --bins` or `make build`"
+    )]
+    MissingBinary(String, PathBuf),
+    /// A child process could not be started or waited for.
+    #[error("cannot run {0}: {1}")]
+    Spawn(String, std::io::Error),
+    /// A service exited before the mesh was stopped.
+    #[error("{0} exited unexpectedly with {1}; its log lines above say why")]
+    ChildExited(String, std::process::ExitStatus),
+    /// The mesh did not become ready in time.
+    #[error("the mesh was not ready within {0} s; check the logs above, or run `moltbot doctor`")]
+    NotReady(u64),
+    /// Some doctor checks failed.
+    #[error("{0} check(s) failed")]
+    DoctorFailed(usize),
+    /// I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Directory holding the service binaries: the one `moltbot` runs from.
+fn bin_dir() -> Result<PathBuf, CliError> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().map(PathBuf::from).unwrap_or_default())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the Tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Doctor(args) => doctor::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The gateway's flags and environment (names pinned in DESIGN.md).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use moltbot_runtime::config::TelemetryArgs;
+
+/// Command-line flags and environment of `moltbot-gateway`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "moltbot-gateway", version, about = "MoltBot's HTTP edge")]
+pub struct Args {
+    /// HTTP listen address (API, health and `/metrics`). Port 0 picks a free port.
+    #[arg(long, env = "MOLTBOT_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Understanding service (optional enrichment).
+    #[arg(
+        long,
+        env = "MOLTBOT_UNDERSTANDING_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub understanding_url: String,
+    /// Generation service (required).
+    #[arg(
+        long,
+        env = "MOLTBOT_GENERATION_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub generation_url: String,
+    /// Retrieval service (optional enrichment).
+    #[arg(
+        long,
+        env = "MOLTBOT_RETRIEVAL_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub retrieval_url: String,
+    /// Context service (required).
+    #[arg(
+        long,
+        env = "MOLTBOT_CONTEXT_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub context_url: String,
+    /// Auth-rotation service (used by generation's remote providers).
+    #[arg(
+        long,
+        env = "MOLTBOT_AUTH_URL",
+        default_value = "http://127.0.0.1:50055"
+    )]
+    pub auth_url: String,
+    /// Deadline of each upstream health check behind `/readyz`, in milliseconds.
+    #[arg(long, env = "MOLTBOT_READINESS_TIMEOUT_MS", default_value_t = 1_000)]
+    pub readiness_timeout_ms: u64,
+    /// Grace period for in-flight requests after SIGTERM, in milliseconds.
+    #[arg(long, env = "MOLTBOT_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Logging and tracing.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl Args {
+    /// The readiness deadline as a [`Duration`].
+    pub fn readiness_timeout(&self) -> Duration {
+        Duration::from_millis(self.readiness_timeout_ms)
+    }
+
+    /// The shutdown grace period as a [`Duration`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}

@@ -1,0 +1,38 @@
+//! `/healthz` (the process is alive) and `/readyz` (every required upstream
+//! reports SERVING).
+
+use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
+use serde_json::json;
+
+use super::AppState;
+
+/// `GET /healthz`: 200 while the process serves HTTP.
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 when every required upstream (context, generation)
+/// answers SERVING to `grpc.health.v1.Health/Check`, else 503. The body lists
+/// every upstream's status, optional ones included.
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let upstreams = state.upstreams.health(state.readiness_timeout).await;
+    let ready = upstreams.iter().filter(|u| u.required).all(|u| u.serving());
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if !ready {
+        let missing: Vec<&str> = upstreams
+            .iter()
+            .filter(|u| u.required && !u.serving())
+            .map(|u| u.name)
+            .collect();
+        tracing::warn!(?missing, "not ready");
+    }
+    let status = if ready { "ready" } else { "not_ready" };
+    (
+        code,
+        Json(json!({"status": status, "upstreams": upstreams})),
+    )
+}

@@ -1,0 +1,157 @@
+//! Flags and environment variables shared by every service (names pinned in
+//! DESIGN.md). Each flag also reads its environment variable; defaults work on
+//! one machine.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Args;
+
+use crate::RuntimeError;
+
+/// Where a gRPC service listens and how it shuts down.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// gRPC listen address [default: the service's port in DESIGN.md]. Port 0
+    /// picks a free port (logged as `grpc_addr`).
+    #[arg(long, env = "MOLTBOT_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Prometheus `/metrics` listen address [default: the service's metrics
+    /// port in DESIGN.md]. Port 0 picks a free port.
+    #[arg(long, env = "MOLTBOT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Grace period for in-flight calls after SIGTERM, in milliseconds.
+    #[arg(long, env = "MOLTBOT_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+impl ServerArgs {
+    /// The grace period as a [`Duration`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// Checks the values together. Errors with [`RuntimeError::Config`] when both
+    /// addresses name the same non-zero port.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        if let (Some(grpc), Some(metrics)) = (self.grpc_addr, self.metrics_addr)
+            && grpc.port() != 0
+            && grpc == metrics
+        {
+            return Err(RuntimeError::Config(format!(
+                "MOLTBOT_GRPC_ADDR and MOLTBOT_METRICS_ADDR are both {grpc}; give the metrics endpoint its own port"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line (production, log shippers).
+    Json,
+    /// Human-readable lines (a terminal).
+    Text,
+}
+
+/// Logging and tracing settings.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`. Unset: spans
+    /// are not exported (trace ids still appear in logs and propagate).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` resource attribute of exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub service_name: Option<String>,
+    /// Log format.
+    #[arg(long, env = "MOLTBOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax, e.g. `info,moltbot_context=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+impl TelemetryArgs {
+    /// Checks the OTLP endpoint. Errors with [`RuntimeError::Config`] when it is
+    /// not an `http://` or `https://` URL.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        if let Some(endpoint) = self.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+            let url = url::Url::parse(endpoint).map_err(|e| {
+                RuntimeError::Config(format!(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT={endpoint:?} is not a URL ({e}); use e.g. http://127.0.0.1:4317"
+                ))
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(RuntimeError::Config(format!(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT={endpoint:?} must start with http:// or https://"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses and checks an upstream gRPC URL such as `http://127.0.0.1:50054`.
+///
+/// `name` is the environment variable, quoted in the error. Errors with
+/// [`RuntimeError::Config`] when the URL does not parse, is not http(s), or
+/// has no host.
+pub fn parse_upstream_url(name: &str, value: &str) -> Result<String, RuntimeError> {
+    let url = url::Url::parse(value).map_err(|e| {
+        RuntimeError::Config(format!(
+            "{name}={value:?} is not a URL ({e}); use e.g. http://127.0.0.1:50054"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(RuntimeError::Config(format!(
+            "{name}={value:?} must be an http:// or https:// URL with a host"
+        )));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_checked() {
+        assert_eq!(
+            parse_upstream_url("X", "http://127.0.0.1:1/").unwrap(),
+            "http://127.0.0.1:1"
+        );
+        let err = parse_upstream_url("MOLTBOT_CONTEXT_URL", "127.0.0.1:50054").unwrap_err();
+        assert!(err.to_string().contains("MOLTBOT_CONTEXT_URL"), "{err}");
+        assert!(parse_upstream_url("X", "ftp://h:1").is_err());
+    }
+
+    #[test]
+    fn otlp_endpoint_must_be_http() {
+        let mut args = TelemetryArgs {
+            otlp_endpoint: Some("grpc://x:4317".into()),
+            service_name: None,
+            log_format: LogFormat::Json,
+            log_filter: "info".into(),
+        };
+        assert!(args.validate().is_err());
+        args.otlp_endpoint = Some("http://127.0.0.1:4317".into());
+        assert!(args.validate().is_ok());
+    }
+
+    #[test]
+    fn same_port_for_grpc_and_metrics_is_rejected() {
+        let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let args = ServerArgs {
+            grpc_addr: Some(addr),
+            metrics_addr: Some(addr),
+            shutdown_grace_ms: 1,
+        };
+        assert!(
+            args.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("own port")
+        );
+    }
+}

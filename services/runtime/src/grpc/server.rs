@@ -1,0 +1,216 @@
+//! The gRPC server every service runs: its own service plus `grpc.health.v1`
+//! and reflection (v1 and v1alpha), behind the observe layer, with health
+//! NOT_SERVING until ready and again while draining, and graceful shutdown.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
+
+use tonic::{server::NamedService, service::Routes, transport::Server};
+use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
+
+use super::ObserveLayer;
+use crate::{RuntimeError, config::ServerArgs, metrics, shutdown};
+
+/// A service's identity and default addresses (DESIGN.md's table).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceSpec {
+    /// Binary and default `service.name`, e.g. `moltbot-context`.
+    pub binary: &'static str,
+    /// Default gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Default metrics listen address.
+    pub metrics_addr: SocketAddr,
+}
+
+/// A generated tonic server plus its full gRPC name, ready to be served.
+pub struct GrpcService {
+    name: &'static str,
+    routes: Routes,
+}
+
+impl GrpcService {
+    /// Wraps a generated server, e.g. `ContextServiceServer::new(svc)`.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self {
+            name: S::NAME,
+            routes: Routes::new(service),
+        }
+    }
+
+    /// Full gRPC name, e.g. `moltbot.context.v1.ContextService`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Binds the addresses of `args` (defaults from `spec`) and runs [`serve_with_listener`]
+/// until SIGTERM or SIGINT.
+pub async fn serve(
+    spec: &ServiceSpec,
+    args: &ServerArgs,
+    service: GrpcService,
+    ready: impl Future<Output = Result<(), RuntimeError>>,
+) -> Result<(), RuntimeError> {
+    args.validate()?;
+    let grpc_addr = args.grpc_addr.unwrap_or(spec.grpc_addr);
+    let grpc = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .map_err(|source| RuntimeError::Bind {
+            addr: grpc_addr,
+            source,
+        })?;
+    let metrics_listener = metrics::bind(args.metrics_addr.unwrap_or(spec.metrics_addr)).await?;
+    serve_with_listener(
+        grpc,
+        metrics_listener,
+        service,
+        ready,
+        shutdown::signal(),
+        args.shutdown_grace(),
+    )
+    .await
+}
+
+/// Serves `service` with health and reflection on `grpc`, and `/metrics` on
+/// `metrics_listener`, until `stop` resolves.
+///
+/// Health is NOT_SERVING (overall `""` and the service's own name) until
+/// `ready` resolves `Ok`, then SERVING. When `stop` resolves, health turns
+/// NOT_SERVING, the server stops accepting, and in-flight calls get `grace` to
+/// finish; calls still running after that are dropped. Logs `listening` with
+/// the bound `grpc_addr` and `metrics_addr` (port 0 resolved).
+///
+/// Errors: [`RuntimeError::NotReady`] (via `ready`), [`RuntimeError::Transport`]
+/// when the server fails, [`RuntimeError::Reflection`] for a bad descriptor set.
+pub async fn serve_with_listener(
+    grpc: tokio::net::TcpListener,
+    metrics_listener: tokio::net::TcpListener,
+    service: GrpcService,
+    ready: impl Future<Output = Result<(), RuntimeError>>,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) -> Result<(), RuntimeError> {
+    let name = service.name;
+    let health = tonic_health::server::HealthReporter::new();
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
+    let health_service = tonic_health::pb::health_server::HealthServer::new(
+        super::health::DrainingHealth::new(health.clone(), draining_rx),
+    );
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(name, ServingStatus::NotServing)
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(moltbot_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // List only our public services, not reflection itself.
+            .with_service_name(name)
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let routes = service
+        .routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    tracing::info!(service = name, %grpc_addr, %metrics_addr, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let layers = ServiceBuilder::new()
+        // Outermost: the span and metrics must cover everything below,
+        // including tonic's own routing and UNIMPLEMENTED answers.
+        .layer(ObserveLayer);
+    let server = Server::builder()
+        .layer(layers)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    let mut server = tokio::spawn(server);
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, async {
+        let _ = metrics_stop_rx.await;
+    }));
+
+    tokio::pin!(stop);
+    let stopped_early = tokio::select! {
+        r = ready => {
+            r?;
+            health.set_service_status("", ServingStatus::Serving).await;
+            health.set_service_status(name, ServingStatus::Serving).await;
+            tracing::info!(service = name, "serving");
+            false
+        }
+        _ = &mut stop => true,
+        r = &mut server => {
+            // The server ended on its own: an accept error.
+            r??;
+            return Ok(());
+        }
+    };
+    if !stopped_early {
+        tokio::select! {
+            _ = &mut stop => {}
+            r = &mut server => {
+                r??;
+                return Ok(());
+            }
+        }
+    }
+
+    // Drain: tell health watchers and load balancers first, then stop accepting.
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(name, ServingStatus::NotServing)
+        .await;
+    tracing::info!(
+        service = name,
+        grace_ms = grace.as_millis() as u64,
+        "draining"
+    );
+    // Health watchers got NOT_SERVING above; end their streams so they do not
+    // hold the drain open.
+    let _ = draining_tx.send(true);
+    let _ = stop_tx.send(());
+    let result = match tokio::time::timeout(grace, &mut server).await {
+        Ok(joined) => joined?.map_err(RuntimeError::from),
+        Err(_) => {
+            tracing::warn!(
+                service = name,
+                "grace period elapsed with calls in flight; dropping them"
+            );
+            server.abort();
+            Ok(())
+        }
+    };
+    let _ = metrics_stop_tx.send(());
+    let _ = metrics_task.await;
+    tracing::info!(service = name, "stopped");
+    result
+}

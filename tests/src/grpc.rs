@@ -1,0 +1,79 @@
+//! gRPC helpers for tests: health checks and reflection listings over real
+//! sockets.
+
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+/// Connects to `url`, retrying for up to 10 s.
+pub async fn connect(url: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(ch) => return ch,
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `grpc.health.v1.Health/Check` for `service` (`""` = overall).
+pub async fn health(channel: &Channel, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let response = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?;
+    Ok(response.into_inner().status())
+}
+
+/// Polls health until `service` is SERVING, up to `timeout`.
+pub async fn wait_serving(channel: &Channel, service: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = health(channel, service).await;
+        if matches!(status, Ok(ServingStatus::Serving)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service:?} not SERVING within {timeout:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The service names listed by gRPC reflection v1.
+pub async fn reflection_services(channel: &Channel) -> Vec<String> {
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one message");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer: {other:?}"),
+    }
+}

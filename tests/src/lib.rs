@@ -1,0 +1,18 @@
+//! Test harness of the MoltBot end-to-end tests: start real service processes
+//! on ephemeral ports and learn their addresses from their `listening` log
+//! line ([`process`]), an in-process OTLP collector ([`collector`]), and gRPC
+//! helpers ([`grpc`]).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+pub mod collector;
+pub mod grpc;
+pub mod process;
+
+/// The test-only `moltbot.testing.v1.SlowService`.
+pub mod slow {
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/moltbot.testing.v1.SlowService.rs"
+    ));
+}

@@ -1,0 +1,120 @@
+//! Graceful shutdown: SIGTERM during an in-flight call lets the call finish,
+//! health turns NOT_SERVING while draining, and the process exits 0 within
+//! the grace period.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
+
+use std::time::{Duration, Instant};
+
+use moltbot_e2e::{grpc, process::ServiceProcess, slow::slow_service_client::SlowServiceClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_call_finish_and_exits_zero() {
+    let mut server = ServiceProcess::start(
+        "moltbot-test-slow",
+        &[("MOLTBOT_SHUTDOWN_GRACE_MS", "10000".to_owned())],
+    );
+    let channel = grpc::connect(&server.grpc_url()).await;
+    grpc::wait_serving(&channel, "", Duration::from_secs(10)).await;
+
+    // A health watcher sees the drain.
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    let call = tokio::spawn({
+        let channel = channel.clone();
+        async move {
+            let started = Instant::now();
+            let reply = SlowServiceClient::new(channel)
+                .sleep(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                })
+                .await;
+            (reply, started.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    server.signal_term();
+
+    let update = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("watcher told within 5 s")
+        .expect("watch stream healthy")
+        .expect("an update, not the end of the stream");
+    assert_eq!(update.status(), ServingStatus::NotServing);
+    // Then the watch stream ends, so it does not hold the drain open.
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None)), "watch stream ended: {end:?}");
+
+    let (reply, took) = call.await.unwrap();
+    let reply = reply.expect("the in-flight call completes despite SIGTERM");
+    assert_eq!(reply.into_inner().seconds, 2);
+    assert!(
+        took >= Duration::from_secs(2),
+        "the call really ran its 2 s: {took:?}"
+    );
+
+    // Exits on its own once the call is done, well within the 10 s grace.
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(10));
+        server.assert_no_panic();
+        status
+    })
+    .await
+    .unwrap()
+    .expect("exited within the grace period");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grace_period_bounds_shutdown_of_a_stuck_call() {
+    let mut server = ServiceProcess::start(
+        "moltbot-test-slow",
+        &[("MOLTBOT_SHUTDOWN_GRACE_MS", "500".to_owned())],
+    );
+    let channel = grpc::connect(&server.grpc_url()).await;
+    grpc::wait_serving(&channel, "", Duration::from_secs(10)).await;
+    let call = tokio::spawn(async move {
+        SlowServiceClient::new(channel)
+            .sleep(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    server.signal_term();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(10));
+        server.assert_no_panic();
+        status
+    })
+    .await
+    .unwrap()
+    .expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        signalled.elapsed()
+    );
+    assert!(call.await.unwrap().is_err(), "the stuck call was cut off");
+}
