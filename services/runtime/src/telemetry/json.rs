@@ -7,12 +7,13 @@
 //! `model`, `latency_ms`, `tokens_used` are ordinary span or event fields.
 //! Fields named `otel.*` only steer the OpenTelemetry layer and are left out.
 
-use std::io::Write;
+use std::{io::Write, sync::OnceLock};
 
 use opentelemetry::trace::TraceContextExt;
 use serde_json::{Map, Value};
 use tracing::{
-    Event, Subscriber,
+    Dispatch, Event, Subscriber,
+    dispatcher::WeakDispatch,
     field::{Field, Visit},
     span::{Attributes, Id, Record},
 };
@@ -21,12 +22,20 @@ use tracing_subscriber::{Layer, fmt::MakeWriter, layer::Context, registry::Looku
 /// The JSON log layer; `W` makes the writer of each line (stdout in services).
 pub struct JsonLogLayer<W> {
     make_writer: W,
+    /// The subscriber this layer is part of, kept from registration:
+    /// `dispatcher::get_default` answers the no-op dispatcher while an event
+    /// is being dispatched (tracing's re-entrancy guard), so it cannot be used
+    /// in `on_event` to read the OpenTelemetry context.
+    dispatch: OnceLock<WeakDispatch>,
 }
 
 impl<W> JsonLogLayer<W> {
     /// A layer writing to `make_writer`.
     pub fn new(make_writer: W) -> Self {
-        Self { make_writer }
+        Self {
+            make_writer,
+            dispatch: OnceLock::new(),
+        }
     }
 }
 
@@ -72,6 +81,10 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'a> MakeWriter<'a> + 'static,
 {
+    fn on_register_dispatch(&self, subscriber: &Dispatch) {
+        let _ = self.dispatch.set(subscriber.downgrade());
+    }
+
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
             let mut fields = Map::new();
@@ -111,9 +124,13 @@ where
             // The innermost span's OpenTelemetry context names the trace. No
             // extensions are borrowed here, as `get_otel_context` requires.
             if let Some(leaf) = spans.last() {
-                let cx = tracing::dispatcher::get_default(|dispatch| {
-                    tracing_opentelemetry::get_otel_context(&leaf.id(), dispatch)
-                });
+                let cx = self
+                    .dispatch
+                    .get()
+                    .and_then(WeakDispatch::upgrade)
+                    .and_then(|dispatch| {
+                        tracing_opentelemetry::get_otel_context(&leaf.id(), &dispatch)
+                    });
                 if let Some(cx) = cx {
                     let span = cx.span();
                     let sc = span.span_context();
