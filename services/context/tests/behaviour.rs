@@ -13,8 +13,10 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
+use common::Harness;
 use moltbot_context::{
-    service::RequestLimits,
     session::now_ms,
     store::{MemoryStore, RedisStore, SessionStore, StoreLimits},
 };
@@ -36,55 +38,6 @@ const LIMITS: StoreLimits = StoreLimits {
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-struct Harness {
-    client: Client,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), moltbot_runtime::RuntimeError>>,
-}
-
-impl Harness {
-    async fn start(store: Arc<dyn SessionStore>) -> Self {
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let limits = RequestLimits {
-            max_turn_bytes: 64 * 1024,
-            max_turns_per_append: 64,
-            max_ttl: Duration::from_secs(86_400),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-            grpc,
-            metrics,
-            moltbot_context::grpc_service(store.clone(), limits),
-            moltbot_context::store_ready(store),
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            client: ContextServiceClient::new(channel),
-            stop,
-            server,
-        }
-    }
-
-    /// Stops the server and surfaces its error or panic.
-    async fn shutdown(self) {
-        let _ = self.stop.send(());
-        self.server
-            .await
-            .expect("server task panicked")
-            .expect("server failed");
-    }
 }
 
 fn store(backend: Backend) -> Arc<dyn SessionStore> {

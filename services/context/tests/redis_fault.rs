@@ -10,12 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_context::{
-    service::RequestLimits,
-    store::{RedisStore, SessionStore, StoreLimits},
-};
-use moltbot_proto::context::v1::{self as pb, context_service_client::ContextServiceClient};
-use tonic::{Code, transport::Channel};
+mod common;
+
+use common::Harness;
+use moltbot_context::store::{RedisStore, SessionStore, StoreLimits};
+use moltbot_proto::context::v1 as pb;
+use tonic::Code;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -82,31 +82,8 @@ async fn redis_stop_fails_fast_and_restart_recovers() {
         )
         .unwrap(),
     );
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let request_limits = RequestLimits {
-        max_turn_bytes: 65536,
-        max_turns_per_append: 64,
-        max_ttl: Duration::from_secs(3600),
-    };
-    let server = tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-        grpc,
-        metrics,
-        moltbot_context::grpc_service(store.clone(), request_limits),
-        moltbot_context::store_ready(store),
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(5),
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ContextServiceClient::new(channel);
+    let harness = Harness::start(store).await;
+    let mut client = harness.client.clone();
     client
         .append_turns(append_request("before"))
         .await
@@ -163,8 +140,7 @@ async fn redis_stop_fails_fast_and_restart_recovers() {
         ["after"]
     );
 
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    harness.shutdown().await;
     redis.kill().unwrap();
     let _ = redis.wait();
 }
