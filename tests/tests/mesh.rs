@@ -175,16 +175,13 @@ async fn every_service_serves_health_and_reflection_and_gateway_tracks_readiness
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unimplemented_rpcs_say_so_and_are_counted() {
-    use moltbot_proto::context::v1::{
-        GetHistoryRequest, context_service_client::ContextServiceClient,
+    use moltbot_proto::generation::v1::{
+        ListModelsRequest, generation_service_client::GenerationServiceClient,
     };
-    let ctx = ServiceProcess::start("moltbot-context", &[]);
+    let ctx = ServiceProcess::start("moltbot-generation", &[]);
     let channel = grpc::connect(&ctx.grpc_url()).await;
-    let err = ContextServiceClient::new(channel)
-        .get_history(GetHistoryRequest {
-            session_id: "s".into(),
-            ..Default::default()
-        })
+    let err = GenerationServiceClient::new(channel)
+        .list_models(ListModelsRequest {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
@@ -198,7 +195,7 @@ async fn unimplemented_rpcs_say_so_and_are_counted() {
     .await
     .unwrap();
     assert!(metrics.contains(
-        r#"grpc_server_handled_total{grpc_code="UNIMPLEMENTED",grpc_method="GetHistory",grpc_service="moltbot.context.v1.ContextService"} 1"#
+        r#"grpc_server_handled_total{grpc_code="UNIMPLEMENTED",grpc_method="ListModels",grpc_service="moltbot.generation.v1.GenerationService"} 1"#
     ), "{metrics}");
     ctx.stop();
 }
