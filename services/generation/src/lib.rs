@@ -1,19 +1,44 @@
-//! `moltbot-generation`: token generation from a local Llama/Qwen2-family model on libtorch, or a remote provider.
+//! `moltbot-generation`: token generation from a local Llama/Qwen2-family
+//! model on libtorch (CPU or CUDA), with a KV cache and continuous batching,
+//! behind `moltbot.generation.v1.GenerationService`.
 //!
-//! The service serves `moltbot.generation.v1.GenerationService` with gRPC health and
-//! reflection through `moltbot-runtime`. RPCs not implemented yet answer
-//! `UNIMPLEMENTED` (the generated default stubs), never a made-up result.
+//! - [`model`]: the decoder forward pass in tch;
+//! - [`text`]: tokenizer, chat template, incremental detokenization, stops;
+//! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty;
+//! - [`engine`]: the continuous-batching scheduler, one per model;
+//! - [`backend`]: the [`backend::Backend`] trait the service serves;
+//! - [`service`]: the gRPC layer.
+
+pub mod backend;
+pub mod device;
+pub mod engine;
+mod error;
+pub mod metrics;
+pub mod model;
+pub mod sampling;
+pub mod service;
+pub mod text;
+
+use std::{path::PathBuf, sync::Arc};
 
 use clap::Parser;
-use moltbot_proto::generation::v1::generation_service_server::{
-    GenerationService, GenerationServiceServer,
-};
+use moltbot_proto::generation::v1::generation_service_server::GenerationServiceServer;
 use moltbot_runtime::{
     RuntimeError,
     config::{ServerArgs, TelemetryArgs},
     grpc::{self, GrpcService},
     ports,
 };
+
+pub use error::GenerationError;
+
+use backend::{Backend, LocalBackend};
+use device::{DeviceSpec, DtypeSpec};
+use engine::EngineConfig;
+use service::{GenerationApi, Models};
+
+/// Name of the default model directory under `MOLTBOT_MODELS_DIR`.
+pub const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
 
 /// Command-line flags and environment of `moltbot-generation`.
 #[derive(Debug, Clone, Parser)]
@@ -29,18 +54,99 @@ pub struct Args {
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    /// Directory holding the prepared models (`moltbot models prepare`).
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: PathBuf,
+    /// Hugging Face model directories to serve, comma-separated; each is
+    /// served under its directory name. Default: `<models-dir>/qwen2.5-coder-0.5b-instruct`.
+    #[arg(long, env = "MOLTBOT_MODEL_DIRS", value_delimiter = ',')]
+    pub model_dirs: Vec<PathBuf>,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "MOLTBOT_DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16` or `f16` (CUDA).
+    #[arg(long, env = "MOLTBOT_DTYPE", default_value = "auto")]
+    pub dtype: DtypeSpec,
+    /// Intra-op CPU threads of libtorch; 0 = every core.
+    #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Most sequences in one decode step.
+    #[arg(long, env = "MOLTBOT_MAX_BATCH_SIZE", default_value_t = 16)]
+    pub max_batch_size: usize,
+    /// Most KV-cache tokens (prompt + max_tokens of each running sequence).
+    #[arg(long, env = "MOLTBOT_MAX_BATCH_TOKENS", default_value_t = 65_536)]
+    pub max_batch_tokens: usize,
+    /// Most requests waiting per model before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MOLTBOT_QUEUE_CAPACITY", default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Completion tokens when a request sets no max_tokens.
+    #[arg(long, env = "MOLTBOT_DEFAULT_MAX_TOKENS", default_value_t = 512)]
+    pub default_max_tokens: usize,
 }
 
-/// The `GenerationService` implementation.
-#[derive(Debug, Clone, Default)]
-pub struct Service;
+impl Args {
+    /// The model directories to serve.
+    pub fn model_dirs(&self) -> Vec<PathBuf> {
+        if self.model_dirs.is_empty() {
+            vec![self.models_dir.join(DEFAULT_MODEL)]
+        } else {
+            self.model_dirs.clone()
+        }
+    }
 
-#[tonic::async_trait]
-impl GenerationService for Service {}
+    /// The scheduler limits. Errors with [`RuntimeError::Config`] for zeros.
+    pub fn engine_config(&self) -> Result<EngineConfig, RuntimeError> {
+        if self.max_batch_size == 0
+            || self.max_batch_tokens == 0
+            || self.queue_capacity == 0
+            || self.default_max_tokens == 0
+        {
+            return Err(RuntimeError::Config(
+                "MOLTBOT_MAX_BATCH_SIZE, MOLTBOT_MAX_BATCH_TOKENS, MOLTBOT_QUEUE_CAPACITY and MOLTBOT_DEFAULT_MAX_TOKENS must be at least 1".into(),
+            ));
+        }
+        Ok(EngineConfig {
+            max_batch_size: self.max_batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            queue_capacity: self.queue_capacity,
+        })
+    }
 
-/// Serves until SIGTERM/SIGINT. Errors with [`RuntimeError`] when an address
-/// cannot be bound or the server fails.
+    /// Loads every model (blocking). Errors with [`RuntimeError::Config`]
+    /// for a device or dtype this machine lacks, and [`RuntimeError::NotReady`]
+    /// for a model that does not load, saying how to prepare it.
+    pub fn load_models(&self) -> Result<Models, RuntimeError> {
+        let device = self.device.resolve().map_err(RuntimeError::Config)?;
+        let kind = self.dtype.resolve(device).map_err(RuntimeError::Config)?;
+        let engine = self.engine_config()?;
+        if self.threads > 0 {
+            tch::set_num_threads(self.threads as i32);
+        }
+        let mut models = Models::new();
+        for dir in self.model_dirs() {
+            let backend = LocalBackend::load(&dir, device, kind, engine, self.default_max_tokens)
+                .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+            let backend: Arc<dyn Backend> = Arc::new(backend);
+            models.insert(backend.card().name, backend);
+        }
+        Ok(models)
+    }
+}
+
+/// Serves until SIGTERM/SIGINT: binds first (health NOT_SERVING), loads the
+/// models, then turns SERVING. Errors with [`RuntimeError`] for bad flags, a
+/// model that cannot load, an address in use, or a server failure.
 pub async fn serve(args: Args) -> Result<(), RuntimeError> {
-    let service = GrpcService::new(GenerationServiceServer::new(Service));
-    grpc::serve(&ports::GENERATION, &args.server, service, async { Ok(()) }).await
+    args.engine_config()?;
+    let server = args.server.clone();
+    let api = GenerationApi::new();
+    let service = GrpcService::new(GenerationServiceServer::new(api.clone()));
+    let ready = async move {
+        let models = tokio::task::spawn_blocking(move || args.load_models())
+            .await
+            .map_err(|e| RuntimeError::NotReady(format!("model loading panicked: {e}")))??;
+        api.install(models);
+        Ok(())
+    };
+    grpc::serve(&ports::GENERATION, &server, service, ready).await
 }

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use super::{AppendOutcome, SessionPage, SessionStore, StoreLimits};
+use super::{AppendOutcome, History, SessionPage, SessionStore, StoreLimits};
 use crate::{
     ContextError,
     session::{SessionKey, SessionMeta, StoredTurn, now_ms},
@@ -129,18 +129,41 @@ impl SessionStore for MemoryStore {
         })
     }
 
-    async fn history(
-        &self,
-        key: &SessionKey,
-    ) -> Result<(Vec<StoredTurn>, SessionMeta), ContextError> {
+    async fn history(&self, key: &SessionKey) -> Result<History, ContextError> {
         let now = now_ms();
         let mut map = self.lock();
         let session = Self::live(&mut map, key, now).ok_or(ContextError::NotFound)?;
         session.last_active_ms = now;
-        Ok((
-            session.turns.iter().cloned().collect(),
-            session.meta(key, now),
-        ))
+        Ok(History {
+            turns: session.turns.iter().cloned().collect(),
+            meta: session.meta(key, now),
+            restored: false,
+        })
+    }
+
+    async fn restore(
+        &self,
+        key: &SessionKey,
+        turns: Vec<StoredTurn>,
+        created_at_ms: i64,
+        ttl: Duration,
+    ) -> Result<SessionMeta, ContextError> {
+        let now = now_ms();
+        let mut map = self.lock();
+        let idempotency_keys = Self::live(&mut map, key, now)
+            .map(|s| std::mem::take(&mut s.idempotency_keys))
+            .unwrap_or_default();
+        let skip = turns.len().saturating_sub(self.limits.max_turns);
+        let session = Session {
+            turns: turns.into_iter().skip(skip).collect(),
+            created_at_ms,
+            last_active_ms: now,
+            ttl_s: ttl_secs(ttl),
+            idempotency_keys,
+        };
+        let meta = session.meta(key, now);
+        map.insert(key.clone(), session);
+        Ok(meta)
     }
 
     async fn reset(&self, key: &SessionKey) -> Result<u64, ContextError> {

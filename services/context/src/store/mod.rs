@@ -34,6 +34,18 @@ pub struct AppendOutcome {
     pub duplicate: bool,
 }
 
+/// What a read returns.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// Every kept turn, oldest first.
+    pub turns: Vec<StoredTurn>,
+    /// The session after the read.
+    pub meta: SessionMeta,
+    /// True when the session had been lost from the primary store and was
+    /// restored from the PostgreSQL archive by this read.
+    pub restored: bool,
+}
+
 /// One page of a tenant's sessions.
 #[derive(Debug, Clone)]
 pub struct SessionPage {
@@ -58,10 +70,18 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<AppendOutcome, ContextError>;
 
     /// Every kept turn, oldest first, and the session's metadata; slides the TTL.
-    async fn history(
+    async fn history(&self, key: &SessionKey) -> Result<History, ContextError>;
+
+    /// Replaces the session's turns (oldest first) and metadata, creating it
+    /// if needed and keeping its idempotency keys: how the archive puts back a
+    /// session lost from this store. Slides the TTL to `ttl` from now.
+    async fn restore(
         &self,
         key: &SessionKey,
-    ) -> Result<(Vec<StoredTurn>, SessionMeta), ContextError>;
+        turns: Vec<StoredTurn>,
+        created_at_ms: i64,
+        ttl: Duration,
+    ) -> Result<SessionMeta, ContextError>;
 
     /// Removes every turn but keeps the session; returns how many were removed.
     async fn reset(&self, key: &SessionKey) -> Result<u64, ContextError>;

@@ -17,7 +17,7 @@ use std::{future::Future, sync::LazyLock, time::Duration};
 use redis::{Script, aio::ConnectionManager};
 use tokio::sync::OnceCell;
 
-use super::{AppendOutcome, SessionPage, SessionStore, StoreLimits};
+use super::{AppendOutcome, History, SessionPage, SessionStore, StoreLimits};
 use crate::{
     ContextError,
     session::{SessionKey, SessionMeta, StoredTurn, now_ms},
@@ -27,6 +27,7 @@ static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("app
 static HISTORY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("history.lua")));
 static META: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("meta.lua")));
 static REMOVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("remove.lua")));
+static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("restore.lua")));
 
 /// Sessions in Redis.
 pub struct RedisStore {
@@ -186,10 +187,7 @@ impl SessionStore for RedisStore {
         })
     }
 
-    async fn history(
-        &self,
-        key: &SessionKey,
-    ) -> Result<(Vec<StoredTurn>, SessionMeta), ContextError> {
+    async fn history(&self, key: &SessionKey) -> Result<History, ContextError> {
         let k = keys(key);
         let now = now_ms();
         let raw: Option<(i64, u32, Vec<String>)> = self
@@ -216,7 +214,55 @@ impl SessionStore for RedisStore {
             ttl_s,
             ttl_remaining_s: ttl_s,
         };
-        Ok((turns, meta))
+        Ok(History {
+            turns,
+            meta,
+            restored: false,
+        })
+    }
+
+    async fn restore(
+        &self,
+        key: &SessionKey,
+        turns: Vec<StoredTurn>,
+        created_at_ms: i64,
+        ttl: Duration,
+    ) -> Result<SessionMeta, ContextError> {
+        let skip = turns.len().saturating_sub(self.limits.max_turns);
+        let encoded = turns
+            .iter()
+            .skip(skip)
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ContextError::Corrupt(e.to_string()))?;
+        let k = keys(key);
+        let now = now_ms();
+        let ttl_s = ttl.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        let session_id = key.session_id.clone();
+        let turn_count: u64 = self
+            .call(|mut c| async move {
+                RESTORE
+                    .key(&k.turns)
+                    .key(&k.meta)
+                    .key(&k.idem)
+                    .key(&k.index)
+                    .arg(now)
+                    .arg(created_at_ms)
+                    .arg(ttl_s)
+                    .arg(session_id)
+                    .arg(encoded)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(SessionMeta {
+            key: key.clone(),
+            created_at_ms,
+            last_active_ms: now,
+            turn_count,
+            ttl_s,
+            ttl_remaining_s: ttl_s,
+        })
     }
 
     async fn reset(&self, key: &SessionKey) -> Result<u64, ContextError> {

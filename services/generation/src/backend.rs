@@ -1,0 +1,206 @@
+//! The [`Backend`] trait — what the gRPC layer needs from a model, local or
+//! remote — and [`LocalBackend`], a checkpoint on libtorch behind its own
+//! continuous-batching [`Engine`]. The remote-provider backend of the
+//! auth-rotation service implements the same trait.
+
+use std::{path::Path, time::Instant};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    GenerationError,
+    device::{device_name, dtype_name},
+    engine::{Engine, EngineConfig, Event, Job},
+    model::Decoder,
+    sampling::SamplingConfig,
+    text::{ChatMessage, ChatTokenizer},
+};
+
+/// Static description and live load of a served model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCard {
+    /// Name used in requests.
+    pub name: String,
+    /// Context length in tokens.
+    pub context_length: usize,
+    /// `cpu`, `cuda:0`, or `remote`.
+    pub device: String,
+    /// `f32`, `bf16`, `f16`.
+    pub dtype: String,
+    /// `local` or the provider's name.
+    pub backend: String,
+    /// Sequences in the running batch.
+    pub active_sequences: usize,
+    /// Requests waiting.
+    pub queued_requests: usize,
+    /// Largest batch.
+    pub max_batch_size: usize,
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateInput {
+    /// The conversation, oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// Most completion tokens; `None` = the server default (capped by what
+    /// the context leaves).
+    pub max_tokens: Option<usize>,
+    /// Sampling parameters (validated).
+    pub sampling: SamplingConfig,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Arrival time, for time to first token.
+    pub received: Instant,
+}
+
+/// A model the service can serve.
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Description and live load.
+    fn card(&self) -> ModelCard;
+
+    /// Tokens of `messages` as one templated prompt (0 when empty) and of
+    /// each of `texts`. Errors with [`GenerationError::Tokenizer`].
+    fn count_tokens(
+        &self,
+        messages: &[ChatMessage],
+        texts: &[String],
+    ) -> Result<(usize, Vec<usize>), GenerationError>;
+
+    /// Starts generating; events arrive on the returned channel, and dropping
+    /// it cancels the request. Errors before any token: context overflow,
+    /// queue full, tokenizer failure.
+    async fn generate(
+        &self,
+        input: GenerateInput,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError>;
+}
+
+/// A local checkpoint served by a continuous-batching engine.
+pub struct LocalBackend {
+    name: String,
+    tokenizer: ChatTokenizer,
+    engine: Engine,
+    context_length: usize,
+    device: String,
+    dtype: String,
+    default_max_tokens: usize,
+}
+
+impl LocalBackend {
+    /// Loads the checkpoint in `dir` (named after the directory) onto
+    /// `device`/`kind` and starts its engine. Blocking: seconds for a 0.5B
+    /// model. Errors with [`GenerationError::Load`].
+    pub fn load(
+        dir: &Path,
+        device: tch::Device,
+        kind: tch::Kind,
+        engine: EngineConfig,
+        default_max_tokens: usize,
+    ) -> Result<Self, GenerationError> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let decoder = Decoder::load(dir, device, kind)?;
+        let config = decoder.config().clone();
+        let eos = eos_ids(dir, config.eos_token_id.as_ref().map(|e| e.to_vec()));
+        let tokenizer = ChatTokenizer::load(dir, eos)?;
+        tracing::info!(model = %name, device = %device_name(device), dtype = dtype_name(kind), layers = config.num_hidden_layers, "model loaded");
+        Ok(Self {
+            engine: Engine::start(&name, decoder, tokenizer.clone(), engine)?,
+            name,
+            tokenizer,
+            context_length: config.max_position_embeddings,
+            device: device_name(device),
+            dtype: dtype_name(kind).into(),
+            default_max_tokens,
+        })
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        &self.tokenizer
+    }
+}
+
+/// EOS ids from `generation_config.json`, else `config.json`'s.
+fn eos_ids(dir: &Path, from_config: Option<Vec<u32>>) -> Vec<u32> {
+    let from_generation = std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
+        .and_then(|v| v.get("eos_token_id").cloned())
+        .and_then(|v| serde_json::from_value::<crate::model::config::TokenIds>(v).ok())
+        .map(|ids| ids.to_vec());
+    from_generation.or(from_config).unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl Backend for LocalBackend {
+    fn card(&self) -> ModelCard {
+        let load = self.engine.load();
+        ModelCard {
+            name: self.name.clone(),
+            context_length: self.context_length,
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            backend: "local".into(),
+            active_sequences: load.active.load(std::sync::atomic::Ordering::SeqCst),
+            queued_requests: load.queued.load(std::sync::atomic::Ordering::SeqCst),
+            max_batch_size: self.engine.config().max_batch_size,
+        }
+    }
+
+    fn count_tokens(
+        &self,
+        messages: &[ChatMessage],
+        texts: &[String],
+    ) -> Result<(usize, Vec<usize>), GenerationError> {
+        let prompt = if messages.is_empty() {
+            0
+        } else {
+            self.tokenizer.encode_chat(messages)?.len()
+        };
+        let texts = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t).map(|ids| ids.len()))
+            .collect::<Result<_, _>>()?;
+        Ok((prompt, texts))
+    }
+
+    async fn generate(
+        &self,
+        input: GenerateInput,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
+        let prompt_ids = self.tokenizer.encode_chat(&input.messages)?;
+        let room = self.context_length.saturating_sub(prompt_ids.len());
+        let max_tokens = match input.max_tokens {
+            Some(n) if prompt_ids.len() + n > self.context_length => {
+                return Err(GenerationError::ContextOverflow {
+                    prompt_tokens: prompt_ids.len(),
+                    max_tokens: n,
+                    context_length: self.context_length,
+                });
+            }
+            Some(n) => n,
+            None if room == 0 => {
+                return Err(GenerationError::ContextOverflow {
+                    prompt_tokens: prompt_ids.len(),
+                    max_tokens: 1,
+                    context_length: self.context_length,
+                });
+            }
+            None => self.default_max_tokens.min(room),
+        };
+        let (events, rx) = mpsc::unbounded_channel();
+        self.engine.submit(Job {
+            prompt_ids,
+            max_tokens,
+            sampling: input.sampling,
+            stop: input.stop,
+            received: input.received,
+            events,
+        })?;
+        Ok(rx)
+    }
+}

@@ -1,0 +1,148 @@
+//! One running sequence: its KV cache, sampler, decoding state and the
+//! channel to its caller.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{Event, Finish, Job, Usage};
+use crate::{
+    GenerationError,
+    model::KvCache,
+    sampling::{Sampler, SamplingConfig},
+    text::{ChatTokenizer, IncrementalDecoder, StopMatcher, stop::StopOutcome},
+};
+
+/// A sequence in the running batch.
+pub struct Sequence {
+    /// Prompt then completion ids, for the repetition penalty.
+    history: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    detok: IncrementalDecoder,
+    stop: StopMatcher,
+    /// Ids decoded but not yet sent with a delta.
+    unsent_ids: Vec<u32>,
+    received: Instant,
+    first_token_ms: Option<u64>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Sequence {
+    /// A sequence for `job` whose prompt is already in `cache`.
+    pub fn new(job: Job, cache: KvCache, sampler: impl FnOnce(SamplingConfig) -> Sampler) -> Self {
+        let prompt_len = job.prompt_ids.len();
+        Self {
+            history: job.prompt_ids,
+            prompt_len,
+            max_tokens: job.max_tokens,
+            cache,
+            sampler: sampler(job.sampling),
+            detok: IncrementalDecoder::new(),
+            stop: StopMatcher::new(job.stop),
+            unsent_ids: Vec::new(),
+            received: job.received,
+            first_token_ms: None,
+            events: job.events,
+        }
+    }
+
+    /// Whether the caller has gone away.
+    pub fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// KV-cache tokens reserved.
+    pub fn reserved(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Tokens generated so far.
+    pub fn completion_len(&self) -> usize {
+        self.history.len() - self.prompt_len
+    }
+
+    /// The newest token (input of the next decode step).
+    pub fn last_token(&self) -> u32 {
+        self.history.last().copied().unwrap_or_default()
+    }
+
+    /// The KV cache, for the decode step.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// Time since the request arrived.
+    pub fn since_received(&self) -> Duration {
+        self.received.elapsed()
+    }
+
+    /// Picks the next token from this sequence's logits row.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.sampler.sample(logits, &self.history)
+    }
+
+    /// Sends an event to the caller (ignored when it has gone away).
+    pub fn send(&self, event: Event) -> Result<(), GenerationError> {
+        self.events
+            .send(event)
+            .map_err(|_| GenerationError::EngineStopped)
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.completion_len(),
+            time_to_first_token_ms: self.first_token_ms.unwrap_or_default(),
+            total_ms: self.received.elapsed().as_millis() as u64,
+        }
+    }
+
+    fn emit(&mut self, text: String) {
+        if !text.is_empty() {
+            let token_ids = std::mem::take(&mut self.unsent_ids);
+            let _ = self.send(Event::Delta { text, token_ids });
+        }
+    }
+
+    fn finish(&mut self, reason: Finish) -> Option<Finish> {
+        let usage = self.usage();
+        let _ = self.send(Event::Finished { reason, usage });
+        Some(reason)
+    }
+
+    /// Adds `token`: emits the text it completes, and the end when it is an
+    /// EOS id, completes a stop sequence, or reaches `max_tokens`.
+    pub fn push(
+        &mut self,
+        tokenizer: &ChatTokenizer,
+        token: u32,
+    ) -> Result<Option<Finish>, GenerationError> {
+        self.history.push(token);
+        if self.first_token_ms.is_none() {
+            self.first_token_ms = Some(self.received.elapsed().as_millis() as u64);
+        }
+        if tokenizer.eos_ids().contains(&token) {
+            let rest = self.stop.flush();
+            self.emit(rest);
+            return Ok(self.finish(Finish::Stop));
+        }
+        let (text, ids) = self.detok.push(tokenizer, token)?;
+        self.unsent_ids.extend(ids);
+        match self.stop.push(&text) {
+            StopOutcome::Stop(text) => {
+                self.emit(text);
+                return Ok(self.finish(Finish::Stop));
+            }
+            StopOutcome::Continue(text) => self.emit(text),
+        }
+        if self.completion_len() >= self.max_tokens {
+            let rest = self.stop.flush();
+            self.emit(rest);
+            return Ok(self.finish(Finish::Length));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,82 @@
+//! The generation service's one error type and its exhaustive mapping to gRPC
+//! status codes.
+
+use tonic::Status;
+
+/// Everything that can go wrong while loading a model or generating.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    /// The request names a model this service does not serve.
+    #[error("model {0:?} is not served here; ListModels lists the models")]
+    UnknownModel(String),
+    /// The prompt plus `max_tokens` does not fit the model's context.
+    #[error(
+        "prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the context length of {context_length} tokens"
+    )]
+    ContextOverflow {
+        /// Prompt tokens after the chat template.
+        prompt_tokens: usize,
+        /// Requested completion tokens.
+        max_tokens: usize,
+        /// The model's context length in tokens.
+        context_length: usize,
+    },
+    /// A field of the request is out of range or malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request queue is full; the caller should back off and retry.
+    #[error("generation queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    /// The device ran out of memory for this request; other requests go on.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    /// The model's files are missing or unreadable.
+    #[error("cannot load model from {path}: {reason}")]
+    Load {
+        /// The model directory.
+        path: String,
+        /// What is wrong, and what to do about it.
+        reason: String,
+    },
+    /// The chat template or tokenizer failed on this input.
+    #[error("tokenization failed: {0}")]
+    Tokenizer(String),
+    /// libtorch reported an error other than out-of-memory.
+    #[error("tensor error: {0}")]
+    Tensor(String),
+    /// The model's scheduler stopped (the service is shutting down).
+    #[error("the model's scheduler is not running")]
+    EngineStopped,
+}
+
+impl From<tch::TchError> for GenerationError {
+    fn from(e: tch::TchError) -> Self {
+        let message = e.to_string();
+        if message.contains("out of memory") || message.contains("DefaultCPUAllocator") {
+            // Keep the first line: libtorch appends a long C++ backtrace.
+            let first = message.lines().next().unwrap_or_default().to_owned();
+            GenerationError::OutOfMemory(first)
+        } else {
+            GenerationError::Tensor(message.lines().next().unwrap_or_default().to_owned())
+        }
+    }
+}
+
+impl From<GenerationError> for Status {
+    fn from(e: GenerationError) -> Self {
+        let message = e.to_string();
+        match e {
+            GenerationError::UnknownModel(_) => Status::not_found(message),
+            GenerationError::ContextOverflow { .. } | GenerationError::InvalidArgument(_) => {
+                Status::invalid_argument(message)
+            }
+            GenerationError::QueueFull(_) | GenerationError::OutOfMemory(_) => {
+                Status::resource_exhausted(message)
+            }
+            GenerationError::Load { .. } => Status::failed_precondition(message),
+            GenerationError::Tokenizer(_) => Status::invalid_argument(message),
+            GenerationError::Tensor(_) => Status::internal(message),
+            GenerationError::EngineStopped => Status::unavailable(message),
+        }
+    }
+}

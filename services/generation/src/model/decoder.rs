@@ -1,0 +1,302 @@
+//! The forward pass of a Llama/Qwen2-family decoder, written against
+//! `transformers`' `modeling_qwen2.py` / `modeling_llama.py`:
+//!
+//! `x = embed(ids)`; per layer `x += o_proj(attn(rope(q), rope(k), v))` on
+//! `rms_norm(x)`, then `x += down(silu(gate(h)) · up(h))` on `rms_norm(x)`;
+//! logits `= lm_head(rms_norm(x))`. Attention is grouped-query (each key/value
+//! head serves `heads / kv_heads` query heads); Qwen2 adds q/k/v biases.
+//!
+//! Two entry points: [`Decoder::prefill`] runs one prompt through the model
+//! into an empty [`KvCache`]; [`Decoder::decode`] advances many sequences by
+//! one token each in one batched pass — every weight matrix is read once per
+//! step for the whole batch, which is what makes continuous batching pay on a
+//! memory-bound CPU. q/k/v and gate/up are fused into one matrix each at load.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{KvCache, ModelConfig, rope::Rope, weights::Weights};
+use crate::GenerationError;
+
+/// One decoder layer's weights, `[out, in]` in the model's dtype.
+struct Layer {
+    input_norm: Tensor,
+    /// q, k and v projections stacked: `[(heads + 2·kv_heads)·head_dim, hidden]`.
+    qkv: Tensor,
+    qkv_bias: Option<Tensor>,
+    o_proj: Tensor,
+    post_norm: Tensor,
+    /// gate and up projections stacked: `[2·intermediate, hidden]`.
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+/// A loaded model, ready to run.
+pub struct Decoder {
+    config: ModelConfig,
+    device: Device,
+    kind: Kind,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+impl Decoder {
+    /// Loads `config.json` and the safetensors of `dir` onto `device` in
+    /// `kind`. Errors with [`GenerationError::Load`] for a missing file,
+    /// tensor or an unsupported architecture.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, GenerationError> {
+        let load_err = |reason: String| GenerationError::Load {
+            path: dir.display().to_string(),
+            reason,
+        };
+        let raw = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| load_err(format!("config.json: {e}; run `moltbot models prepare`")))?;
+        let config: ModelConfig =
+            serde_json::from_str(&raw).map_err(|e| load_err(format!("config.json: {e}")))?;
+        config.validate().map_err(load_err)?;
+        let mut w = Weights::load(dir, device, kind)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}.");
+            let attn = |n: &str| format!("{p}self_attn.{n}");
+            let q = w.take(&attn("q_proj.weight"))?;
+            let k = w.take(&attn("k_proj.weight"))?;
+            let v = w.take(&attn("v_proj.weight"))?;
+            let qkv_bias = match (
+                w.take_optional(&attn("q_proj.bias"))?,
+                w.take_optional(&attn("k_proj.bias"))?,
+                w.take_optional(&attn("v_proj.bias"))?,
+            ) {
+                (Some(qb), Some(kb), Some(vb)) => Some(Tensor::f_cat(&[qb, kb, vb], 0)?),
+                _ => None,
+            };
+            let gate = w.take(&format!("{p}mlp.gate_proj.weight"))?;
+            let up = w.take(&format!("{p}mlp.up_proj.weight"))?;
+            layers.push(Layer {
+                input_norm: w.take(&format!("{p}input_layernorm.weight"))?,
+                qkv: Tensor::f_cat(&[q, k, v], 0)?,
+                qkv_bias,
+                o_proj: w.take(&attn("o_proj.weight"))?,
+                post_norm: w.take(&format!("{p}post_attention_layernorm.weight"))?,
+                gate_up: Tensor::f_cat(&[gate, up], 0)?,
+                down: w.take(&format!("{p}mlp.down_proj.weight"))?,
+            });
+        }
+        let embed = w.take("model.embed_tokens.weight")?;
+        let lm_head = match w.take_optional("lm_head.weight")? {
+            Some(head) if !config.tie_word_embeddings => head,
+            _ => embed.shallow_clone(),
+        };
+        let rope = Rope::new(
+            config.head_dim(),
+            config.max_position_embeddings,
+            config.rope_theta,
+            device,
+        )?;
+        Ok(Self {
+            norm: w.take("model.norm.weight")?,
+            config,
+            device,
+            kind,
+            embed,
+            layers,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The weights' dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// An empty KV cache for `capacity` tokens on this model's device.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache, GenerationError> {
+        Ok(KvCache::new(
+            self.config.num_hidden_layers,
+            self.config.kv_heads(),
+            self.config.head_dim(),
+            capacity,
+            self.kind,
+            self.device,
+        )?)
+    }
+
+    /// RMSNorm (Zhang & Sennrich 2019) as `Qwen2RMSNorm`: normalised in f32,
+    /// cast back, then scaled by `weight`.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, tch::TchError> {
+        let xf = x.f_to_kind(Kind::Float)?;
+        let var = xf
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
+        let normed = xf.f_mul(&var.f_add_scalar(self.config.rms_norm_eps)?.f_rsqrt()?)?;
+        weight.f_mul(&normed.f_to_kind(self.kind)?)
+    }
+
+    /// q, k, v of `h` (`[b, n, hidden]`): q `[b, heads, n, d]`, k and v
+    /// `[b, kv_heads, n, d]`, with RoPE applied to q and k (`cos`/`sin`
+    /// broadcastable to `[b, 1, n, d]`).
+    fn qkv(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor), tch::TchError> {
+        let (b, n) = (h.size()[0], h.size()[1]);
+        let d = self.config.head_dim() as i64;
+        let heads = self.config.num_attention_heads as i64;
+        let kv = self.config.kv_heads() as i64;
+        let qkv = h.f_linear(&layer.qkv, layer.qkv_bias.as_ref())?;
+        let parts = qkv.f_split_with_sizes([heads * d, kv * d, kv * d], -1)?;
+        let shape = |t: &Tensor, h: i64| t.f_view([b, n, h, d])?.f_transpose(1, 2);
+        let q = super::rope::apply(&shape(&parts[0], heads)?, cos, sin)?;
+        let k = super::rope::apply(&shape(&parts[1], kv)?, cos, sin)?;
+        let v = shape(&parts[2], kv)?;
+        Ok((q, k, v))
+    }
+
+    /// The MLP half of a layer, with its residual: `x + down(silu(gate)·up)`.
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let h = self.rms_norm(x, &layer.post_norm)?;
+        let gu = h.f_linear::<Tensor>(&layer.gate_up, None)?;
+        let inter = self.config.intermediate_size as i64;
+        let gate = gu.f_narrow(-1, 0, inter)?;
+        let up = gu.f_narrow(-1, inter, inter)?;
+        let act = gate.f_silu()?.f_mul(&up)?;
+        x.f_add(&act.f_linear::<Tensor>(&layer.down, None)?)
+    }
+
+    /// Runs `ids` (one prompt, positions `0..n`) through the model, filling
+    /// the empty `cache`. Returns logits `[n, vocab]` f32 for every position
+    /// when `all_logits`, else `[1, vocab]` for the last one only.
+    ///
+    /// Errors: out of memory, or a cache that is not empty or too small.
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor, GenerationError> {
+        if !cache.is_empty() || cache.capacity() < ids.len() || ids.is_empty() {
+            return Err(GenerationError::InvalidArgument(format!(
+                "prefill of {} tokens into a cache holding {} of {}",
+                ids.len(),
+                cache.len(),
+                cache.capacity()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let n = ids.len() as i64;
+        let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::f_from_slice(&ids)?.f_to_device(self.device)?;
+        let positions = Tensor::f_arange(n, (Kind::Int64, self.device))?;
+        let (cos, sin) = self.rope.at(&positions, self.kind)?;
+        let (cos, sin) = (cos.f_view([1, 1, n, -1])?, sin.f_view([1, 1, n, -1])?);
+        let group = (self.config.num_attention_heads / self.config.kv_heads()) as i64;
+        let mut x = self.embed.f_index_select(0, &ids)?.f_unsqueeze(0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.input_norm)?;
+            let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
+            let _ = cache.write(i, &k, &v)?;
+            let (k, v) = if group > 1 {
+                (
+                    k.f_repeat_interleave_self_int(group, 1, None)?,
+                    v.f_repeat_interleave_self_int(group, 1, None)?,
+                )
+            } else {
+                (k, v)
+            };
+            let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, None, false,
+            )?;
+            let attn = attn.f_transpose(1, 2)?.f_reshape([1, n, -1])?;
+            x = x.f_add(&attn.f_linear::<Tensor>(&layer.o_proj, None)?)?;
+            x = self.mlp(layer, &x)?;
+        }
+        cache.advance(ids.size()[0] as usize);
+        let x = if all_logits {
+            x
+        } else {
+            x.f_narrow(1, n - 1, 1)?
+        };
+        let x = self.rms_norm(&x, &self.norm)?;
+        let logits = x.f_linear::<Tensor>(&self.lm_head, None)?;
+        Ok(logits.f_squeeze_dim(0)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Advances every sequence by one token: `tokens[i]` is appended to
+    /// `caches[i]` at position `caches[i].len()`. Returns logits
+    /// `[batch, vocab]` f32 for the next token of each sequence.
+    ///
+    /// The projections and MLP run batched (`[batch, 1, hidden]`); attention
+    /// runs per sequence against its own cache, the query heads of each
+    /// key/value head folded into one `[1, kv_heads, group, d]` query so
+    /// grouped-query attention needs no copy of the cache.
+    ///
+    /// Errors: out of memory, a full cache, or mismatched lengths.
+    pub fn decode(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor, GenerationError> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(GenerationError::InvalidArgument(format!(
+                "decode of {} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let b = tokens.len() as i64;
+        let d = self.config.head_dim() as i64;
+        let kv = self.config.kv_heads() as i64;
+        let group = self.config.num_attention_heads as i64 / kv;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::f_from_slice(&ids)?.f_to_device(self.device)?;
+        let pos: Vec<i64> = caches.iter().map(|c| c.len() as i64).collect();
+        let positions = Tensor::f_from_slice(&pos)?.f_to_device(self.device)?;
+        let (cos, sin) = self.rope.at(&positions, self.kind)?;
+        let (cos, sin) = (cos.f_view([b, 1, 1, d])?, sin.f_view([b, 1, 1, d])?);
+        let mut x = self.embed.f_index_select(0, &ids)?.f_view([b, 1, -1])?;
+        let mut outputs = Vec::with_capacity(tokens.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.input_norm)?;
+            let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
+            outputs.clear();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let i = i as i64;
+                let (keys, values) =
+                    cache.write(l, &k.f_narrow(0, i, 1)?, &v.f_narrow(0, i, 1)?)?;
+                let qi = q.f_narrow(0, i, 1)?.f_reshape([1, kv, group, d])?;
+                let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
+                    &qi, &keys, &values, None, 0.0, false, None, false,
+                )?;
+                outputs.push(o.f_reshape([1, 1, -1])?);
+            }
+            let attn = Tensor::f_cat(&outputs, 0)?;
+            x = x.f_add(&attn.f_linear::<Tensor>(&layer.o_proj, None)?)?;
+            x = self.mlp(layer, &x)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let x = self.rms_norm(&x, &self.norm)?;
+        let logits = x.f_linear::<Tensor>(&self.lm_head, None)?;
+        Ok(logits.f_view([b, -1])?.f_to_kind(Kind::Float)?)
+    }
+}

@@ -1,0 +1,232 @@
+//! `moltbot.generation.v1.GenerationService` over the loaded [`Backend`]s:
+//! request validation, the model lookup, and the mapping of engine events to
+//! the streamed `GenerateResponse`s.
+
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
+
+use futures::Stream;
+use moltbot_proto::generation::v1::{self as pb, generation_service_server::GenerationService};
+use tokio_stream::{StreamExt, wrappers::UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    GenerationError,
+    backend::{Backend, GenerateInput},
+    engine::{Event, Finish},
+    sampling::SamplingConfig,
+    text::ChatMessage,
+};
+
+/// Most messages in one request.
+pub const MAX_MESSAGES: usize = 1024;
+/// Most stop sequences, and the longest one in bytes (OpenAI allows 4).
+pub const MAX_STOPS: usize = 8;
+/// Longest stop sequence in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Served models by name; filled once loading finishes.
+pub type Models = BTreeMap<String, Arc<dyn Backend>>;
+
+/// The gRPC service. Answers UNAVAILABLE until the models are loaded.
+#[derive(Clone, Default)]
+pub struct GenerationApi {
+    models: Arc<OnceLock<Models>>,
+}
+
+impl GenerationApi {
+    /// A service whose models arrive later through [`GenerationApi::install`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `models` from now on (the first call wins).
+    pub fn install(&self, models: Models) {
+        let _ = self.models.set(models);
+    }
+
+    fn models(&self) -> Result<&Models, Status> {
+        self.models
+            .get()
+            .ok_or_else(|| Status::unavailable("models are still loading"))
+    }
+
+    fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Status> {
+        let models = self.models()?;
+        let name = if name == "default" || name.is_empty() {
+            models.keys().next().map(String::as_str).unwrap_or_default()
+        } else {
+            name
+        };
+        models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GenerationError::UnknownModel(name.to_owned()).into())
+    }
+}
+
+fn role_name(role: i32) -> Result<&'static str, GenerationError> {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::System) => Ok("system"),
+        Ok(pb::Role::User) => Ok("user"),
+        Ok(pb::Role::Assistant) => Ok("assistant"),
+        Ok(pb::Role::Tool) => Ok("tool"),
+        Ok(pb::Role::Unspecified) | Err(_) => Err(GenerationError::InvalidArgument(format!(
+            "message role {role} is not system, user, assistant or tool"
+        ))),
+    }
+}
+
+/// Converts and validates messages. Errors with INVALID_ARGUMENT for none,
+/// too many, or a bad role.
+pub fn messages(raw: &[pb::ChatMessage]) -> Result<Vec<ChatMessage>, GenerationError> {
+    if raw.is_empty() || raw.len() > MAX_MESSAGES {
+        return Err(GenerationError::InvalidArgument(format!(
+            "messages must hold 1 to {MAX_MESSAGES} entries, got {}",
+            raw.len()
+        )));
+    }
+    raw.iter()
+        .map(|m| {
+            Ok(ChatMessage {
+                role: role_name(m.role)?.to_owned(),
+                content: m.content.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Sampling parameters with server defaults (greedy), validated.
+pub fn sampling(
+    raw: Option<&pb::SamplingParams>,
+) -> Result<(SamplingConfig, Option<usize>, Vec<String>), GenerationError> {
+    let Some(p) = raw else {
+        return Ok((SamplingConfig::default(), None, Vec::new()));
+    };
+    let config = SamplingConfig {
+        temperature: p.temperature.unwrap_or(0.0),
+        top_p: p.top_p.unwrap_or(1.0),
+        top_k: p.top_k.unwrap_or(0) as usize,
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        seed: p.seed,
+    };
+    config.validate()?;
+    if p.stop.len() > MAX_STOPS || p.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(GenerationError::InvalidArgument(format!(
+            "at most {MAX_STOPS} stop sequences of at most {MAX_STOP_BYTES} bytes each"
+        )));
+    }
+    let max_tokens = (p.max_tokens > 0).then_some(p.max_tokens as usize);
+    Ok((config, max_tokens, p.stop.clone()))
+}
+
+fn finish_reason(f: Finish) -> pb::FinishReason {
+    match f {
+        Finish::Stop => pb::FinishReason::Stop,
+        Finish::Length => pb::FinishReason::Length,
+    }
+}
+
+fn saturate(n: impl TryInto<u32>) -> u32 {
+    n.try_into().unwrap_or(u32::MAX)
+}
+
+/// The Generate response stream (tonic's `BoxStream` of the generated stubs).
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GenerationService for GenerationApi {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let received = Instant::now();
+        let r = request.into_inner();
+        let backend = self.backend(&r.model)?;
+        let messages = messages(&r.messages)?;
+        let (sampling, max_tokens, stop) = sampling(r.sampling.as_ref())?;
+        let card = backend.card();
+        let rx = backend
+            .generate(GenerateInput {
+                messages,
+                max_tokens,
+                sampling,
+                stop,
+                received,
+            })
+            .await?;
+        let (model, backend_name) = (card.name, card.backend);
+        let stream = UnboundedReceiverStream::new(rx).map(move |event| match event {
+            Event::Delta { text, token_ids } => Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Delta(pb::TokenDelta {
+                    text,
+                    token_ids,
+                })),
+            }),
+            Event::Finished { reason, usage } => Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::Summary(
+                    pb::GenerationSummary {
+                        finish_reason: finish_reason(reason) as i32,
+                        usage: Some(pb::Usage {
+                            prompt_tokens: saturate(usage.prompt_tokens),
+                            completion_tokens: saturate(usage.completion_tokens),
+                            time_to_first_token_ms: saturate(usage.time_to_first_token_ms),
+                            total_time_ms: saturate(usage.total_ms),
+                        }),
+                        model: model.clone(),
+                        backend: backend_name.clone(),
+                    },
+                )),
+            }),
+            Event::Failed(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self
+            .models()?
+            .values()
+            .map(|b| {
+                let c = b.card();
+                pb::ModelInfo {
+                    name: c.name,
+                    context_length: saturate(c.context_length),
+                    device: c.device,
+                    dtype: c.dtype,
+                    backend: c.backend,
+                    active_sequences: saturate(c.active_sequences),
+                    queued_requests: saturate(c.queued_requests),
+                    max_batch_size: saturate(c.max_batch_size),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<pb::CountTokensRequest>,
+    ) -> Result<Response<pb::CountTokensResponse>, Status> {
+        let r = request.into_inner();
+        let backend = self.backend(&r.model)?;
+        let messages = if r.messages.is_empty() {
+            Vec::new()
+        } else {
+            messages(&r.messages)?
+        };
+        let (prompt, texts) = backend.count_tokens(&messages, &r.texts)?;
+        Ok(Response::new(pb::CountTokensResponse {
+            prompt_tokens: saturate(prompt),
+            text_tokens: texts.into_iter().map(saturate).collect(),
+            context_length: saturate(backend.card().context_length),
+        }))
+    }
+}
