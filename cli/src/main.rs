@@ -2,9 +2,11 @@
 //!
 //! - `moltbot up` runs the whole mesh on this machine (every service and the
 //!   gateway on their default ports) and stops it cleanly on Ctrl-C;
-//! - `moltbot doctor` checks binaries, ports and stores and says what to fix.
+//! - `moltbot doctor` checks binaries, ports and stores and says what to fix;
+//! - `moltbot models prepare|list` makes the generation model ready.
 
 mod doctor;
+mod models;
 mod up;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -25,6 +27,8 @@ enum Command {
     Up(up::UpArgs),
     /// Check binaries, ports and stores; say what to fix.
     Doctor(doctor::DoctorArgs),
+    /// Prepare or list the local models.
+    Models(models::ModelsArgs),
 }
 
 /// Errors of the CLI.
@@ -47,6 +51,12 @@ pub enum CliError {
     /// Some doctor checks failed.
     #[error("{0} check(s) failed")]
     DoctorFailed(usize),
+    /// A setup step (pip, the model converter) failed.
+    #[error("{0} failed with {1}; its output above says why")]
+    Step(String, std::process::ExitStatus),
+    /// Something the command needs is missing.
+    #[error("{0}")]
+    Setup(String),
     /// I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -74,6 +84,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::Models(args) => models::run(args).await,
         }
     });
     match result {

@@ -19,6 +19,13 @@ pub struct UpArgs {
     /// Seconds to wait for the mesh to report ready.
     #[arg(long, env = "MOLTBOT_UP_TIMEOUT_S", default_value_t = 600)]
     pub ready_timeout_s: u64,
+    /// Directory of prepared models; the generation model is prepared there
+    /// when missing.
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: std::path::PathBuf,
+    /// Python of the project's virtualenv (for `models prepare`).
+    #[arg(long, env = "MOLTBOT_PYTHON", default_value = ".venv/bin/python")]
+    pub python: std::path::PathBuf,
 }
 
 struct Running {
@@ -26,7 +33,7 @@ struct Running {
     child: Child,
 }
 
-fn spawn(name: &'static str) -> Result<Running, CliError> {
+fn spawn(name: &'static str, models_dir: &std::path::Path) -> Result<Running, CliError> {
     let dir = bin_dir()?;
     let path = dir.join(name);
     if !path.exists() {
@@ -34,6 +41,7 @@ fn spawn(name: &'static str) -> Result<Running, CliError> {
     }
     // Children inherit stdout/stderr: their JSON log lines interleave on ours.
     let child = Command::new(&path)
+        .env("MOLTBOT_MODELS_DIR", models_dir)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -44,11 +52,16 @@ fn spawn(name: &'static str) -> Result<Running, CliError> {
 /// Runs the mesh until Ctrl-C/SIGTERM. Errors when a binary is missing, a
 /// child exits early, or the mesh is not ready in time.
 pub async fn run(args: UpArgs) -> Result<(), CliError> {
+    if !crate::models::prepared(&args.models_dir).contains(&crate::models::DEFAULT_MODEL.to_owned())
+    {
+        eprintln!("up: the generation model is not prepared yet; preparing it");
+        crate::models::prepare(&args.models_dir, &args.python).await?;
+    }
     let mut children = Vec::new();
     for spec in ports::ALL {
-        children.push(spawn(spec.binary)?);
+        children.push(spawn(spec.binary, &args.models_dir)?);
     }
-    children.push(spawn("moltbot-gateway")?);
+    children.push(spawn("moltbot-gateway", &args.models_dir)?);
     let result = supervise(&mut children, args.ready_timeout_s).await;
     stop_all(&mut children).await;
     result

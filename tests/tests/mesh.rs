@@ -175,19 +175,19 @@ async fn every_service_serves_health_and_reflection_and_gateway_tracks_readiness
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unimplemented_rpcs_say_so_and_are_counted() {
-    use moltbot_proto::generation::v1::{
-        ListModelsRequest, generation_service_client::GenerationServiceClient,
+    use moltbot_proto::auth::v1::{
+        ListProvidersRequest, auth_rotation_service_client::AuthRotationServiceClient,
     };
-    let ctx = ServiceProcess::start("moltbot-generation", &[]);
-    let channel = grpc::connect(&ctx.grpc_url()).await;
-    let err = GenerationServiceClient::new(channel)
-        .list_models(ListModelsRequest {})
+    let svc = ServiceProcess::start("moltbot-auth-rotation", &[]);
+    let channel = grpc::connect(&svc.grpc_url()).await;
+    let err = AuthRotationServiceClient::new(channel)
+        .list_providers(ListProvidersRequest {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     let metrics = reqwest::get(format!(
         "http://{}/metrics",
-        ctx.addrs.metrics_addr.unwrap()
+        svc.addrs.metrics_addr.unwrap()
     ))
     .await
     .unwrap()
@@ -195,9 +195,9 @@ async fn unimplemented_rpcs_say_so_and_are_counted() {
     .await
     .unwrap();
     assert!(metrics.contains(
-        r#"grpc_server_handled_total{grpc_code="UNIMPLEMENTED",grpc_method="ListModels",grpc_service="moltbot.generation.v1.GenerationService"} 1"#
+        r#"grpc_server_handled_total{grpc_code="UNIMPLEMENTED",grpc_method="ListProviders",grpc_service="moltbot.auth.v1.AuthRotationService"} 1"#
     ), "{metrics}");
-    ctx.stop();
+    svc.stop();
 }
 
 #[test]

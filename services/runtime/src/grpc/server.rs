@@ -145,7 +145,9 @@ pub async fn serve_with_listener(
         .layer(layers)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            // TCP_NODELAY: replies are small frames; with Nagle's algorithm
+            // they wait on the peer's delayed ACK (up to 40 ms at p99).
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             async {
                 let _ = stop_rx.await;
             },
