@@ -9,9 +9,9 @@ use tokio::sync::mpsc;
 
 use crate::{
     GenerationError,
-    device::{device_name, dtype_name},
+    device::device_name,
     engine::{Engine, EngineConfig, Event, Job},
-    model::Decoder,
+    model::{Decoder, Precision},
     sampling::SamplingConfig,
     text::{ChatMessage, ChatTokenizer},
 };
@@ -89,12 +89,12 @@ pub struct LocalBackend {
 
 impl LocalBackend {
     /// Loads the checkpoint in `dir` (named after the directory) onto
-    /// `device`/`kind` and starts its engine. Blocking: seconds for a 0.5B
+    /// `device` in `precision` and starts its engine. Blocking: seconds for a 0.5B
     /// model. Errors with [`GenerationError::Load`].
     pub fn load(
         dir: &Path,
         device: tch::Device,
-        kind: tch::Kind,
+        precision: Precision,
         engine: EngineConfig,
         default_max_tokens: usize,
     ) -> Result<Self, GenerationError> {
@@ -102,18 +102,18 @@ impl LocalBackend {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
-        let decoder = Decoder::load(dir, device, kind)?;
+        let decoder = Decoder::load_with(dir, device, precision)?;
         let config = decoder.config().clone();
         let eos = eos_ids(dir, config.eos_token_id.as_ref().map(|e| e.to_vec()));
         let tokenizer = ChatTokenizer::load(dir, eos)?;
-        tracing::info!(model = %name, device = %device_name(device), dtype = dtype_name(kind), layers = config.num_hidden_layers, "model loaded");
+        tracing::info!(model = %name, device = %device_name(device), dtype = precision.name(), layers = config.num_hidden_layers, "model loaded");
         Ok(Self {
             engine: Engine::start(&name, decoder, tokenizer.clone(), engine)?,
             name,
             tokenizer,
             context_length: config.max_position_embeddings,
             device: device_name(device),
-            dtype: dtype_name(kind).into(),
+            dtype: precision.name().into(),
             default_max_tokens,
         })
     }

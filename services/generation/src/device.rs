@@ -1,9 +1,11 @@
 //! Device and dtype selection: `--device auto|cpu|cuda[:N]` and `--dtype
-//! auto|f32|bf16|f16`, validated against what the machine has.
+//! auto|f32|bf16|f16|int8`, validated against what the machine has.
 
 use std::str::FromStr;
 
 use tch::{Device, Kind};
+
+use crate::model::Precision;
 
 /// A device request as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,9 @@ pub enum DtypeSpec {
     Bf16,
     /// IEEE half; CUDA only.
     F16,
+    /// Weight-only int8 projections, bf16 activations; CPU only. The
+    /// fastest single stream on a memory-bound CPU; not bit-exact.
+    Int8,
 }
 
 impl FromStr for DtypeSpec {
@@ -76,21 +81,26 @@ impl FromStr for DtypeSpec {
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "float16" => Ok(Self::F16),
-            other => Err(format!("dtype {other:?} is not auto, f32, bf16 or f16")),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!(
+                "dtype {other:?} is not auto, f32, bf16, f16 or int8"
+            )),
         }
     }
 }
 
 impl DtypeSpec {
-    /// The libtorch kind on `device`. Errors for f16 on the CPU.
-    pub fn resolve(self, device: Device) -> Result<Kind, String> {
+    /// The precision on `device`. Errors for f16 on the CPU and int8 on CUDA.
+    pub fn resolve(self, device: Device) -> Result<Precision, String> {
         match (self, device) {
-            (Self::Auto, Device::Cpu) | (Self::F32, _) => Ok(Kind::Float),
-            (Self::Auto, _) | (Self::Bf16, _) => Ok(Kind::BFloat16),
+            (Self::Auto, Device::Cpu) | (Self::F32, _) => Ok(Kind::Float.into()),
+            (Self::Auto, _) | (Self::Bf16, _) => Ok(Kind::BFloat16.into()),
             (Self::F16, Device::Cpu) => {
-                Err("--dtype f16 is for CUDA; use f32 or bf16 on the CPU".into())
+                Err("--dtype f16 is for CUDA; use f32, bf16 or int8 on the CPU".into())
             }
-            (Self::F16, _) => Ok(Kind::Half),
+            (Self::F16, _) => Ok(Kind::Half.into()),
+            (Self::Int8, Device::Cpu) => Ok(Precision::INT8),
+            (Self::Int8, _) => Err("--dtype int8 is for the CPU; use bf16 or f16 on CUDA".into()),
         }
     }
 }
@@ -123,8 +133,12 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
         assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
-        assert_eq!(DtypeSpec::Auto.resolve(Device::Cpu), Ok(Kind::Float));
+        assert_eq!(DtypeSpec::Auto.resolve(Device::Cpu), Ok(Kind::Float.into()));
         assert!(DtypeSpec::F16.resolve(Device::Cpu).is_err());
-        assert_eq!(DtypeSpec::Auto.resolve(Device::Cuda(0)), Ok(Kind::BFloat16));
+        assert_eq!(
+            DtypeSpec::Auto.resolve(Device::Cuda(0)),
+            Ok(Kind::BFloat16.into())
+        );
+        assert_eq!(DtypeSpec::Int8.resolve(Device::Cpu), Ok(Precision::INT8));
     }
 }

@@ -64,7 +64,8 @@ pub struct Args {
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "MOLTBOT_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
-    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16` or `f16` (CUDA).
+    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16`, `f16` (CUDA) or
+    /// `int8` (weight-only, CPU: the fastest single stream).
     #[arg(long, env = "MOLTBOT_DTYPE", default_value = "auto")]
     pub dtype: DtypeSpec,
     /// Intra-op CPU threads of libtorch; 0 = every core.
@@ -117,15 +118,16 @@ impl Args {
     /// for a model that does not load, saying how to prepare it.
     pub fn load_models(&self) -> Result<Models, RuntimeError> {
         let device = self.device.resolve().map_err(RuntimeError::Config)?;
-        let kind = self.dtype.resolve(device).map_err(RuntimeError::Config)?;
+        let precision = self.dtype.resolve(device).map_err(RuntimeError::Config)?;
         let engine = self.engine_config()?;
         if self.threads > 0 {
             tch::set_num_threads(self.threads as i32);
         }
         let mut models = Models::new();
         for dir in self.model_dirs() {
-            let backend = LocalBackend::load(&dir, device, kind, engine, self.default_max_tokens)
-                .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+            let backend =
+                LocalBackend::load(&dir, device, precision, engine, self.default_max_tokens)
+                    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
             let backend: Arc<dyn Backend> = Arc::new(backend);
             models.insert(backend.card().name, backend);
         }

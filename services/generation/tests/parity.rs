@@ -134,3 +134,41 @@ fn real_model_matches_transformers() {
     );
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// Weight-only int8 is not bit-exact, so it is held to behaviour: the same
+/// next token as f32 on a chat prompt, logits within a small relative error,
+/// and the right answer.
+#[test]
+fn int8_weights_stay_close_to_f32() {
+    use moltbot_generation::model::Precision;
+    let model = common::model_dir();
+    let tokenizer = ChatTokenizer::load(&model, vec![151645, 151643]).unwrap();
+    let prompt = tokenizer
+        .encode_chat(&[ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }])
+        .unwrap();
+    let last_logits = |d: &Decoder| {
+        let mut cache = d.new_cache(prompt.len()).unwrap();
+        Vec::<f32>::try_from(d.prefill(&prompt, &mut cache, false).unwrap().view([-1])).unwrap()
+    };
+    let f32_logits = last_logits(&Decoder::load(&model, Device::Cpu, Kind::Float).unwrap());
+    let int8 = Decoder::load_with(&model, Device::Cpu, Precision::INT8).unwrap();
+    let int8_logits = last_logits(&int8);
+    let argmax = moltbot_generation::sampling::argmax;
+    assert_eq!(argmax(&int8_logits), argmax(&f32_logits));
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff: Vec<f32> = int8_logits
+        .iter()
+        .zip(&f32_logits)
+        .map(|(a, b)| a - b)
+        .collect();
+    let rel = norm(&diff) / norm(&f32_logits);
+    println!("int8 vs f32: relative logit error {rel:.4}");
+    assert!(rel < 0.05, "relative logit error {rel}");
+    let answer = tokenizer
+        .decode(&common::greedy(&int8, &prompt, 16, tokenizer.eos_ids()))
+        .unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+}

@@ -16,20 +16,20 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{KvCache, ModelConfig, rope::Rope, weights::Weights};
+use super::{KvCache, Linear, ModelConfig, Precision, rope::Rope, weights::Weights};
 use crate::GenerationError;
 
-/// One decoder layer's weights, `[out, in]` in the model's dtype.
+/// One decoder layer's weights, `[out, in]`.
 struct Layer {
     input_norm: Tensor,
     /// q, k and v projections stacked: `[(heads + 2·kv_heads)·head_dim, hidden]`.
-    qkv: Tensor,
+    qkv: Linear,
     qkv_bias: Option<Tensor>,
-    o_proj: Tensor,
+    o_proj: Linear,
     post_norm: Tensor,
     /// gate and up projections stacked: `[2·intermediate, hidden]`.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Linear,
+    down: Linear,
 }
 
 /// A loaded model, ready to run.
@@ -40,8 +40,9 @@ pub struct Decoder {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope: Rope,
+    precision: Precision,
 }
 
 impl Decoder {
@@ -49,6 +50,24 @@ impl Decoder {
     /// `kind`. Errors with [`GenerationError::Load`] for a missing file,
     /// tensor or an unsupported architecture.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, GenerationError> {
+        Self::load_with(dir, device, kind.into())
+    }
+
+    /// [`Decoder::load`] in any [`Precision`]; int8 weights are quantised
+    /// at load (see [`Linear::quantize_int8`]).
+    pub fn load_with(
+        dir: &Path,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, GenerationError> {
+        let kind = precision.kind;
+        let linear = |w: Tensor| -> Result<Linear, GenerationError> {
+            if precision.int8_weights {
+                Ok(Linear::quantize_int8(&w)?)
+            } else {
+                Ok(Linear::Dense(w))
+            }
+        };
         let load_err = |reason: String| GenerationError::Load {
             path: dir.display().to_string(),
             reason,
@@ -78,19 +97,19 @@ impl Decoder {
             let up = w.take(&format!("{p}mlp.up_proj.weight"))?;
             layers.push(Layer {
                 input_norm: w.take(&format!("{p}input_layernorm.weight"))?,
-                qkv: Tensor::f_cat(&[q, k, v], 0)?,
+                qkv: linear(Tensor::f_cat(&[q, k, v], 0)?)?,
                 qkv_bias,
-                o_proj: w.take(&attn("o_proj.weight"))?,
+                o_proj: linear(w.take(&attn("o_proj.weight"))?)?,
                 post_norm: w.take(&format!("{p}post_attention_layernorm.weight"))?,
-                gate_up: Tensor::f_cat(&[gate, up], 0)?,
-                down: w.take(&format!("{p}mlp.down_proj.weight"))?,
+                gate_up: linear(Tensor::f_cat(&[gate, up], 0)?)?,
+                down: linear(w.take(&format!("{p}mlp.down_proj.weight"))?)?,
             });
         }
         let embed = w.take("model.embed_tokens.weight")?;
-        let lm_head = match w.take_optional("lm_head.weight")? {
+        let lm_head = linear(match w.take_optional("lm_head.weight")? {
             Some(head) if !config.tie_word_embeddings => head,
             _ => embed.shallow_clone(),
-        };
+        })?;
         let rope = Rope::new(
             config.head_dim(),
             config.max_position_embeddings,
@@ -106,7 +125,13 @@ impl Decoder {
             layers,
             lm_head,
             rope,
+            precision,
         })
+    }
+
+    /// The numeric format.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The architecture.
@@ -161,7 +186,7 @@ impl Decoder {
         let d = self.config.head_dim() as i64;
         let heads = self.config.num_attention_heads as i64;
         let kv = self.config.kv_heads() as i64;
-        let qkv = h.f_linear(&layer.qkv, layer.qkv_bias.as_ref())?;
+        let qkv = layer.qkv.forward(h, layer.qkv_bias.as_ref())?;
         let parts = qkv.f_split_with_sizes([heads * d, kv * d, kv * d], -1)?;
         let shape = |t: &Tensor, h: i64| t.f_view([b, n, h, d])?.f_transpose(1, 2);
         let q = super::rope::apply(&shape(&parts[0], heads)?, cos, sin)?;
@@ -173,12 +198,12 @@ impl Decoder {
     /// The MLP half of a layer, with its residual: `x + down(silu(gate)·up)`.
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor, tch::TchError> {
         let h = self.rms_norm(x, &layer.post_norm)?;
-        let gu = h.f_linear::<Tensor>(&layer.gate_up, None)?;
+        let gu = layer.gate_up.forward(&h, None)?;
         let inter = self.config.intermediate_size as i64;
         let gate = gu.f_narrow(-1, 0, inter)?;
         let up = gu.f_narrow(-1, inter, inter)?;
         let act = gate.f_silu()?.f_mul(&up)?;
-        x.f_add(&act.f_linear::<Tensor>(&layer.down, None)?)
+        x.f_add(&layer.down.forward(&act, None)?)
     }
 
     /// Runs `ids` (one prompt, positions `0..n`) through the model, filling
@@ -225,7 +250,7 @@ impl Decoder {
                 &q, &k, &v, None, 0.0, true, None, false,
             )?;
             let attn = attn.f_transpose(1, 2)?.f_reshape([1, n, -1])?;
-            x = x.f_add(&attn.f_linear::<Tensor>(&layer.o_proj, None)?)?;
+            x = x.f_add(&layer.o_proj.forward(&attn, None)?)?;
             x = self.mlp(layer, &x)?;
         }
         cache.advance(ids.size()[0] as usize);
@@ -235,7 +260,7 @@ impl Decoder {
             x.f_narrow(1, n - 1, 1)?
         };
         let x = self.rms_norm(&x, &self.norm)?;
-        let logits = x.f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = self.lm_head.forward(&x, None)?;
         Ok(logits.f_squeeze_dim(0)?.f_to_kind(Kind::Float)?)
     }
 
@@ -289,14 +314,14 @@ impl Decoder {
                 outputs.push(o.f_reshape([1, 1, -1])?);
             }
             let attn = Tensor::f_cat(&outputs, 0)?;
-            x = x.f_add(&attn.f_linear::<Tensor>(&layer.o_proj, None)?)?;
+            x = x.f_add(&layer.o_proj.forward(&attn, None)?)?;
             x = self.mlp(layer, &x)?;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
         let x = self.rms_norm(&x, &self.norm)?;
-        let logits = x.f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = self.lm_head.forward(&x, None)?;
         Ok(logits.f_view([b, -1])?.f_to_kind(Kind::Float)?)
     }
 }

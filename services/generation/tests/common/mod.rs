@@ -107,7 +107,7 @@ pub fn server(engine: EngineConfig) -> &'static Server {
                         let decoder = moltbot_generation::backend::LocalBackend::load(
                             &model_dir(),
                             tch::Device::Cpu,
-                            tch::Kind::Float,
+                            tch::Kind::Float.into(),
                             engine,
                             256,
                         )
