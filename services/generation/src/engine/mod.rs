@@ -133,6 +133,9 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Self, GenerationError> {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        // OpenMP's thread count is per thread: carry the caller's setting
+        // over to the scheduler thread that runs every forward pass.
+        let threads = tch::get_num_threads();
         let load = Arc::new(Load::default());
         let mut scheduler = Scheduler {
             model: model.to_owned(),
@@ -147,7 +150,10 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name(format!("engine-{model}"))
-            .spawn(move || scheduler.run())
+            .spawn(move || {
+                tch::set_num_threads(threads);
+                scheduler.run()
+            })
             .map_err(|e| GenerationError::Tensor(format!("cannot start the scheduler: {e}")))?;
         Ok(Self { tx, load, config })
     }
