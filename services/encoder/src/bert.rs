@@ -1,0 +1,197 @@
+//! The BERT encoder (Devlin et al. 2019) as `transformers`' `BertModel`:
+//! word + position + token-type embeddings and LayerNorm, then per layer
+//! post-norm self-attention and a GELU MLP; followed by sentence-transformers'
+//! mean pooling and L2 normalisation.
+
+use std::{collections::HashMap, path::Path};
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::EncoderError;
+
+/// `config.json` fields of a BERT checkpoint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    /// Width of the hidden states (= embedding dimension).
+    pub hidden_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Longest input in tokens.
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+}
+
+struct Dense {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        x.f_linear(&self.w, Some(&self.b))
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+struct Layer {
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: Norm,
+    inter: Dense,
+    out: Dense,
+    out_norm: Norm,
+}
+
+/// Loaded weights.
+pub struct Bert {
+    config: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+}
+
+impl Bert {
+    /// Loads `model.safetensors` (names as `BertModel`, with or without a
+    /// `bert.` prefix). Errors with [`EncoderError::Load`].
+    pub fn load(config: &BertConfig, file: &Path, device: Device) -> Result<Self, EncoderError> {
+        let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)
+            .map_err(|e| EncoderError::Load(format!("{}: {e}", file.display())))?
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("bert.").map_or(k.clone(), str::to_owned), v))
+            .collect();
+        let mut take = |name: &str| -> Result<Tensor, EncoderError> {
+            let t = tensors.remove(name).ok_or_else(|| {
+                EncoderError::Load(format!("{}: tensor {name} missing", file.display()))
+            })?;
+            Ok(t.f_to_kind(Kind::Float)?.f_to_device(device)?)
+        };
+        let mut norm = |p: &str| -> Result<Norm, EncoderError> {
+            Ok(Norm {
+                w: take(&format!("{p}.weight"))?,
+                b: take(&format!("{p}.bias"))?,
+            })
+        };
+        let emb_norm = norm("embeddings.LayerNorm")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let mut dense = |n: &str| -> Result<Dense, EncoderError> {
+                Ok(Dense {
+                    w: take(&format!("{p}.{n}.weight"))?,
+                    b: take(&format!("{p}.{n}.bias"))?,
+                })
+            };
+            let q = dense("attention.self.query")?;
+            let k = dense("attention.self.key")?;
+            let v = dense("attention.self.value")?;
+            let qkv = Dense {
+                w: Tensor::f_cat(&[q.w, k.w, v.w], 0)?,
+                b: Tensor::f_cat(&[q.b, k.b, v.b], 0)?,
+            };
+            let attn_out = dense("attention.output.dense")?;
+            let inter = dense("intermediate.dense")?;
+            let out = dense("output.dense")?;
+            let mut norm = |n: &str| -> Result<Norm, EncoderError> {
+                Ok(Norm {
+                    w: take(&format!("{p}.{n}.weight"))?,
+                    b: take(&format!("{p}.{n}.bias"))?,
+                })
+            };
+            layers.push(Layer {
+                qkv,
+                attn_out,
+                attn_norm: norm("attention.output.LayerNorm")?,
+                inter,
+                out,
+                out_norm: norm("output.LayerNorm")?,
+            });
+        }
+        Ok(Self {
+            word: take("embeddings.word_embeddings.weight")?,
+            position: take("embeddings.position_embeddings.weight")?,
+            token_type: take("embeddings.token_type_embeddings.weight")?,
+            emb_norm,
+            layers,
+            config: config.clone(),
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    fn layer_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor, tch::TchError> {
+        x.f_layer_norm(
+            [self.config.hidden_size as i64].as_slice(),
+            Some(&n.w),
+            Some(&n.b),
+            self.config.layer_norm_eps,
+            false,
+        )
+    }
+
+    /// Sentence embeddings of `ids`/`mask` (`[batch, len]` i64, mask 1 for
+    /// real tokens): `[batch, hidden]` f32, mean-pooled over the mask and
+    /// L2-normalised.
+    pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let (b, l) = (ids.size()[0], ids.size()[1]);
+        let h = self.config.num_attention_heads as i64;
+        let d = self.config.hidden_size as i64 / h;
+        let positions = Tensor::f_arange(l, (Kind::Int64, ids.device()))?;
+        let mut x = Tensor::f_embedding(&self.word, ids, 0, false, false)?
+            .f_add(
+                &self
+                    .position
+                    .f_index_select(0, &positions)?
+                    .f_unsqueeze(0)?,
+            )?
+            .f_add(&self.token_type.f_select(0, 0)?)?;
+        x = self.layer_norm(&x, &self.emb_norm)?;
+        // Keys that are padding get no attention: [b, 1, 1, l] booleans.
+        let attend = mask.f_ne(0)?.f_view([b, 1, 1, l])?;
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x)?;
+            let parts = qkv.f_split(self.config.hidden_size as i64, -1)?;
+            let heads = |t: &Tensor| t.f_view([b, l, h, d])?.f_transpose(1, 2);
+            let ctx = Tensor::f_scaled_dot_product_attention(
+                &heads(&parts[0])?,
+                &heads(&parts[1])?,
+                &heads(&parts[2])?,
+                Some(&attend),
+                0.0,
+                false,
+                None,
+                false,
+            )?
+            .f_transpose(1, 2)?
+            .f_reshape([b, l, -1])?;
+            x = self.layer_norm(&layer.attn_out.forward(&ctx)?.f_add(&x)?, &layer.attn_norm)?;
+            let inter = layer.inter.forward(&x)?.f_gelu("none")?;
+            x = self.layer_norm(&layer.out.forward(&inter)?.f_add(&x)?, &layer.out_norm)?;
+        }
+        let m = mask.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
+        let summed = x.f_mul(&m)?.f_sum_dim_intlist(1, false, Kind::Float)?;
+        let counts = m
+            .f_sum_dim_intlist(1, false, Kind::Float)?
+            .f_clamp_min(1e-9)?;
+        let mean = summed.f_div(&counts)?;
+        let norm = mean
+            .f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?
+            .f_clamp_min(1e-12)?;
+        mean.f_div(&norm)
+    }
+}

@@ -1,0 +1,155 @@
+//! `moltbot-encoder`: the sentence encoder shared by the understanding and
+//! retrieval services — a BERT-family forward pass on libtorch (`tch`), as
+//! `transformers`' `modeling_bert.py`, with sentence-transformers' mean
+//! pooling over the attention mask and L2 normalisation. The default model
+//! is all-MiniLM-L6-v2 (6 layers, 384 dimensions, 256-token limit).
+//!
+//! - [`Encoder::load`] reads `config.json`, `model.safetensors`,
+//!   `tokenizer.json` and `sentence_bert_config.json` of a model directory;
+//! - [`Encoder::embed`] embeds a batch, padded to its longest text, and
+//!   reports each text's token count and whether it was truncated.
+
+mod bert;
+mod error;
+
+use std::path::Path;
+
+pub use bert::BertConfig;
+pub use error::EncoderError;
+use tch::{Device, Kind, Tensor};
+
+/// One embedded text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// L2-normalised vector, `dimension` f32 values.
+    pub vector: Vec<f32>,
+    /// Tokens the text took after truncation (special tokens included).
+    pub tokens: usize,
+    /// Whether the text was longer than the limit and cut.
+    pub truncated: bool,
+}
+
+/// A loaded sentence encoder.
+pub struct Encoder {
+    model: bert::Bert,
+    tokenizer: tokenizers::Tokenizer,
+    max_tokens: usize,
+    device: Device,
+    id: String,
+}
+
+impl Encoder {
+    /// Loads the model in `dir` onto `device` (f32). Errors with
+    /// [`EncoderError::Load`] for a missing or unreadable file.
+    pub fn load(dir: &Path, device: Device) -> Result<Self, EncoderError> {
+        let load =
+            |what: &str, e: String| EncoderError::Load(format!("{}/{what}: {e}", dir.display()));
+        let config: BertConfig = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("config.json"))
+                .map_err(|e| load("config.json", e.to_string()))?,
+        )
+        .map_err(|e| load("config.json", e.to_string()))?;
+        let max_tokens = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v.get("max_seq_length").and_then(serde_json::Value::as_u64))
+            .map_or(config.max_position_embeddings, |n| n as usize)
+            .min(config.max_position_embeddings);
+        let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| load("tokenizer.json", e.to_string()))?;
+        // Truncation is ours (we report it); padding is ours (to the batch).
+        let _ = tokenizer.with_truncation(None);
+        tokenizer.with_padding(None);
+        let model = bert::Bert::load(&config, &dir.join("model.safetensors"), device)?;
+        let id = dir
+            .file_name()
+            .map_or_else(|| "encoder".into(), |n| n.to_string_lossy().into_owned());
+        Ok(Self {
+            model,
+            tokenizer,
+            max_tokens,
+            device,
+            id,
+        })
+    }
+
+    /// Output dimension (384 for MiniLM-L6).
+    pub fn dimension(&self) -> usize {
+        self.model.config().hidden_size
+    }
+
+    /// Token limit per text, special tokens included.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Model identifier (the directory name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Token ids of `text` with `[CLS]`/`[SEP]`, cut to the limit (keeping
+    /// the final `[SEP]`), and whether it was cut.
+    pub fn tokenize(&self, text: &str) -> Result<(Vec<i64>, bool), EncoderError> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let truncated = ids.len() > self.max_tokens;
+        if truncated {
+            let sep = ids.last().copied().unwrap_or_default();
+            ids.truncate(self.max_tokens - 1);
+            ids.push(sep);
+        }
+        Ok((ids, truncated))
+    }
+
+    /// Embeds `texts` in one forward pass, padded to the longest. Errors with
+    /// [`EncoderError::Tensor`] (out of memory, …) or a tokenizer failure.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Embedded>, EncoderError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokenized = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let len = tokenized
+            .iter()
+            .map(|(ids, _)| ids.len())
+            .max()
+            .unwrap_or(1);
+        let b = texts.len();
+        let mut ids = vec![0i64; b * len];
+        let mut mask = vec![0i64; b * len];
+        for (i, (t, _)) in tokenized.iter().enumerate() {
+            ids[i * len..i * len + t.len()].copy_from_slice(t);
+            mask[i * len..i * len + t.len()].fill(1);
+        }
+        let shape = [b as i64, len as i64];
+        let ids = Tensor::f_from_slice(&ids)?
+            .f_view(shape)?
+            .f_to_device(self.device)?;
+        let mask = Tensor::f_from_slice(&mask)?
+            .f_view(shape)?
+            .f_to_device(self.device)?;
+        let pooled = self.model.embed(&ids, &mask)?;
+        let flat = Vec::<f32>::try_from(
+            &pooled
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_view([-1])?,
+        )?;
+        let d = self.dimension();
+        Ok(tokenized
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, truncated))| Embedded {
+                vector: flat[i * d..(i + 1) * d].to_vec(),
+                tokens: t.len(),
+                truncated,
+            })
+            .collect())
+    }
+}
