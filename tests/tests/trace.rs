@@ -75,12 +75,15 @@ async fn one_trace_spans_gateway_and_services() {
         .map(|i| u8::from_str_radix(&trace_hex[2 * i..2 * i + 2], 16).unwrap())
         .collect();
 
+    // Every process exports on its own schedule: wait for all three.
     let has_both = |spans: &[CollectedSpan]| {
-        ["moltbot-context", "moltbot-generation"].iter().all(|svc| {
-            spans
-                .iter()
-                .any(|s| s.trace_id == trace_id && s.service_name == *svc && s.kind == SERVER)
-        })
+        ["moltbot-gateway", "moltbot-context", "moltbot-generation"]
+            .iter()
+            .all(|svc| {
+                spans
+                    .iter()
+                    .any(|s| s.trace_id == trace_id && s.service_name == *svc && s.kind == SERVER)
+            })
     };
     let spans = collector.wait_for(Duration::from_secs(15), has_both).await;
 

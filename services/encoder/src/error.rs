@@ -9,6 +9,9 @@ pub enum EncoderError {
     /// The tokenizer failed on an input.
     #[error("tokenization failed: {0}")]
     Tokenizer(String),
+    /// The batcher's queue is full, or it has stopped.
+    #[error("the encoder is overloaded; retry later")]
+    Busy,
     /// libtorch failed (out of memory, …).
     #[error("tensor error: {0}")]
     Tensor(String),

@@ -7,10 +7,14 @@
 //! - [`Encoder::load`] reads `config.json`, `model.safetensors`,
 //!   `tokenizer.json` and `sentence_bert_config.json` of a model directory;
 //! - [`Encoder::embed`] embeds a batch, padded to its longest text, and
-//!   reports each text's token count and whether it was truncated.
+//!   reports each text's token count and whether it was truncated;
+//! - [`Batcher`] groups concurrent callers into one forward pass.
 
+mod batcher;
 mod bert;
 mod error;
+
+pub use batcher::{BatchConfig, Batcher};
 
 use std::path::Path;
 

@@ -1,19 +1,35 @@
-//! `moltbot-understanding`: intent classification (domain, intent, confidence, out-of-scope) and sentence embeddings on a MiniLM encoder.
+//! `moltbot-understanding`: intent classification (domain, intent,
+//! confidence, out-of-scope) and sentence embeddings on the shared MiniLM
+//! encoder (`moltbot-encoder`).
 //!
-//! The service serves `moltbot.understanding.v1.UnderstandingService` with gRPC health and
-//! reflection through `moltbot-runtime`. RPCs not implemented yet answer
-//! `UNIMPLEMENTED` (the generated default stubs), never a made-up result.
+//! - [`service`]: the gRPC layer — Embed and Classify go through the
+//!   encoder's dynamic batcher; ReloadModel swaps the intent head without
+//!   dropping traffic;
+//! - [`head`]: the trained intent/domain head and its out-of-scope rule.
+//!
+//! Until a head is trained, Classify answers FAILED_PRECONDITION naming the
+//! train command; Embed works from the start.
+
+mod error;
+pub mod head;
+pub mod service;
+pub mod train;
+
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use moltbot_proto::understanding::v1::understanding_service_server::{
-    UnderstandingService, UnderstandingServiceServer,
-};
+use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_proto::understanding::v1::understanding_service_server::UnderstandingServiceServer;
 use moltbot_runtime::{
     RuntimeError,
     config::{ServerArgs, TelemetryArgs},
     grpc::{self, GrpcService},
     ports,
 };
+
+pub use error::UnderstandingError;
+use head::IntentHead;
+use service::{Limits, UnderstandingApi};
 
 /// Command-line flags and environment of `moltbot-understanding`.
 #[derive(Debug, Clone, Parser)]
@@ -29,19 +45,86 @@ pub struct Args {
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    /// Directory holding the prepared models (`make models`).
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: PathBuf,
+    /// The sentence encoder; default `<models-dir>/all-minilm-l6-v2`.
+    #[arg(long, env = "MOLTBOT_ENCODER_DIR")]
+    pub encoder_dir: Option<PathBuf>,
+    /// The trained intent head; default `<models-dir>/intent-head`.
+    #[arg(long, env = "MOLTBOT_INTENT_HEAD_DIR")]
+    pub head_dir: Option<PathBuf>,
+    /// Most texts in one encoder forward pass.
+    #[arg(long, env = "MOLTBOT_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+    /// Longest a text waits for others to share its forward pass, in ms.
+    #[arg(long, env = "MOLTBOT_MAX_WAIT_MS", default_value_t = 2)]
+    pub max_wait_ms: u64,
+    /// Most texts in one ClassifyBatch or Embed call.
+    #[arg(long, env = "MOLTBOT_MAX_TEXTS", default_value_t = 256)]
+    pub max_texts: usize,
+    /// Intra-op CPU threads of libtorch; 0 = every core.
+    #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
-/// The `UnderstandingService` implementation.
-#[derive(Debug, Clone, Default)]
-pub struct Service;
+impl Args {
+    /// The encoder directory.
+    pub fn encoder_dir(&self) -> PathBuf {
+        self.encoder_dir
+            .clone()
+            .unwrap_or_else(|| self.models_dir.join("all-minilm-l6-v2"))
+    }
 
-#[tonic::async_trait]
-impl UnderstandingService for Service {}
+    /// The head directory.
+    pub fn head_dir(&self) -> PathBuf {
+        self.head_dir
+            .clone()
+            .unwrap_or_else(|| self.models_dir.join("intent-head"))
+    }
+}
 
-/// Serves until SIGTERM/SIGINT. Errors with [`RuntimeError`] when an address
-/// cannot be bound or the server fails.
+/// Serves until SIGTERM/SIGINT: loads the encoder (and the head, when one is
+/// trained), then serves. Errors with [`RuntimeError`] for bad flags, a
+/// missing encoder, an address in use, or a server failure.
 pub async fn serve(args: Args) -> Result<(), RuntimeError> {
-    let service = GrpcService::new(UnderstandingServiceServer::new(Service));
+    if args.max_batch == 0 || args.max_texts == 0 {
+        return Err(RuntimeError::Config(
+            "MOLTBOT_MAX_BATCH and MOLTBOT_MAX_TEXTS must be at least 1".into(),
+        ));
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let encoder = Encoder::load(&args.encoder_dir(), tch::Device::Cpu)
+        .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let head = match IntentHead::load(&args.head_dir(), encoder.dimension()) {
+        Ok(h) => Some(h),
+        Err(UnderstandingError::NoHead(dir)) => {
+            tracing::warn!(%dir, "no trained intent head: Classify answers FAILED_PRECONDITION until one is trained and reloaded");
+            None
+        }
+        Err(e) => return Err(RuntimeError::NotReady(e.to_string())),
+    };
+    let batcher = Batcher::start(
+        encoder,
+        BatchConfig {
+            max_batch: args.max_batch,
+            max_wait: Duration::from_millis(args.max_wait_ms),
+            queue_capacity: 1024,
+        },
+    )
+    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let api = UnderstandingApi::new(
+        batcher,
+        head,
+        args.head_dir(),
+        Limits {
+            max_texts: args.max_texts,
+            max_text_bytes: 16 * 1024,
+        },
+    );
+    let service = GrpcService::new(UnderstandingServiceServer::new(api));
     grpc::serve(&ports::UNDERSTANDING, &args.server, service, async {
         Ok(())
     })

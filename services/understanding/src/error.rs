@@ -1,0 +1,50 @@
+//! The understanding service's one error type and its exhaustive mapping to
+//! gRPC status codes.
+
+use moltbot_encoder::EncoderError;
+use tonic::Status;
+
+/// Everything that can go wrong in the understanding service.
+#[derive(Debug, thiserror::Error)]
+pub enum UnderstandingError {
+    /// A request field is empty, too long or too many.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No trained intent head is loaded.
+    #[error(
+        "no trained intent head at {0}; train one with `moltbot-understanding train --data services/understanding/data/clinc150/data_full_train_val.json --domains services/understanding/data/clinc150/domains.json --out {0}`"
+    )]
+    NoHead(String),
+    /// A head directory is missing files or does not fit the encoder.
+    #[error("cannot load the intent head: {0}")]
+    BadHead(String),
+    /// The encoder failed or is overloaded.
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+}
+
+impl From<tch::TchError> for UnderstandingError {
+    fn from(e: tch::TchError) -> Self {
+        UnderstandingError::Encoder(e.into())
+    }
+}
+
+impl From<UnderstandingError> for Status {
+    fn from(e: UnderstandingError) -> Self {
+        let message = e.to_string();
+        match e {
+            UnderstandingError::InvalidArgument(_) => Status::invalid_argument(message),
+            UnderstandingError::NoHead(_) | UnderstandingError::BadHead(_) => {
+                Status::failed_precondition(message)
+            }
+            UnderstandingError::Encoder(EncoderError::Busy) => Status::resource_exhausted(message),
+            UnderstandingError::Encoder(EncoderError::Tokenizer(_)) => {
+                Status::invalid_argument(message)
+            }
+            UnderstandingError::Encoder(EncoderError::Load(_)) => {
+                Status::failed_precondition(message)
+            }
+            UnderstandingError::Encoder(EncoderError::Tensor(_)) => Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! A trained intent head: an optional GELU hidden layer over the sentence
+//! embedding, then two softmax classifiers — intents (with an `oos` class)
+//! and domains — and the out-of-scope decision rule chosen on validation
+//! data (`oos` wins, or the best in-scope intent's probability is below
+//! `threshold`). The reported domain is hierarchical: the mean of the domain
+//! head's probability and the intent head's mass within the domain.
+//!
+//! On disk (written by `moltbot-understanding train`): `head.safetensors`
+//! (`hidden.weight` `[h, d]` + `hidden.bias` optional; `intent.weight`
+//! `[intents, h|d]`, `intent.bias`, `domain.weight` `[domains, h|d]`,
+//! `domain.bias`; f32) and `labels.json` ([`Labels`]).
+
+use std::{collections::HashMap, path::Path};
+
+use moltbot_encoder::Embedded;
+use moltbot_proto::understanding::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::UnderstandingError;
+
+/// `labels.json`: label names in logit order and the decision rule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Labels {
+    /// Identifier reported in every classification.
+    pub model_id: String,
+    /// Encoder the head was trained on (its directory name).
+    pub encoder: String,
+    /// Intent names in logit order; includes `oos_label`.
+    pub intents: Vec<String>,
+    /// The out-of-scope class.
+    pub oos_label: String,
+    /// Domain names in logit order.
+    pub domains: Vec<String>,
+    /// Domain of every in-scope intent.
+    pub intent_domain: HashMap<String, String>,
+    /// Smallest in-scope probability accepted as in scope.
+    pub threshold: f32,
+}
+
+/// A dense layer in row-major f32.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    inputs: usize,
+}
+
+impl Dense {
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        self.b
+            .iter()
+            .enumerate()
+            .map(|(o, b)| {
+                let row = &self.w[o * self.inputs..(o + 1) * self.inputs];
+                b + row.iter().zip(x).map(|(w, x)| w * x).sum::<f32>()
+            })
+            .collect()
+    }
+}
+
+/// A loaded head.
+#[derive(Debug)]
+pub struct IntentHead {
+    labels: Labels,
+    hidden: Option<Dense>,
+    intent: Dense,
+    domain: Dense,
+    oos_index: usize,
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / total).collect()
+}
+
+/// GELU, exact (erf) form, as `torch.nn.GELU()`.
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2))
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+fn erf(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_8) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t
+            * (-x * x).exp();
+    if x >= 0.0 { y } else { -y }
+}
+
+impl IntentHead {
+    /// Loads a head from `dir` for embeddings of `dimension`. Errors with
+    /// [`UnderstandingError::NoHead`] when the directory has no head and
+    /// [`UnderstandingError::BadHead`] when it does not fit.
+    pub fn load(dir: &Path, dimension: usize) -> Result<Self, UnderstandingError> {
+        let labels_path = dir.join("labels.json");
+        if !labels_path.exists() {
+            return Err(UnderstandingError::NoHead(dir.display().to_string()));
+        }
+        let bad = |m: String| UnderstandingError::BadHead(format!("{}: {m}", dir.display()));
+        let labels: Labels = serde_json::from_str(
+            &std::fs::read_to_string(&labels_path).map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(|e| bad(format!("labels.json: {e}")))?;
+        let mut tensors: HashMap<String, Tensor> =
+            Tensor::read_safetensors(dir.join("head.safetensors"))
+                .map_err(|e| bad(format!("head.safetensors: {e}")))?
+                .into_iter()
+                .collect();
+        let mut dense = |name: &str, inputs: usize| -> Result<Option<Dense>, UnderstandingError> {
+            let (Some(w), Some(b)) = (
+                tensors.remove(&format!("{name}.weight")),
+                tensors.remove(&format!("{name}.bias")),
+            ) else {
+                return Ok(None);
+            };
+            let size = w.size();
+            if size.len() != 2 || size[1] as usize != inputs {
+                return Err(bad(format!(
+                    "{name}.weight has shape {size:?}, expected [_, {inputs}]"
+                )));
+            }
+            let flat = |t: &Tensor| -> Result<Vec<f32>, UnderstandingError> {
+                Ok(Vec::<f32>::try_from(
+                    &t.f_to_kind(tch::Kind::Float)?
+                        .f_contiguous()?
+                        .f_view([-1])?,
+                )?)
+            };
+            Ok(Some(Dense {
+                w: flat(&w)?,
+                b: flat(&b)?,
+                inputs,
+            }))
+        };
+        let hidden = dense("hidden", dimension)?;
+        let width = hidden.as_ref().map_or(dimension, |h| h.b.len());
+        let intent = dense("intent", width)?.ok_or_else(|| bad("intent.weight missing".into()))?;
+        let domain = dense("domain", width)?.ok_or_else(|| bad("domain.weight missing".into()))?;
+        if intent.b.len() != labels.intents.len() || domain.b.len() != labels.domains.len() {
+            return Err(bad("label counts do not match the weights".into()));
+        }
+        let oos_index = labels
+            .intents
+            .iter()
+            .position(|i| *i == labels.oos_label)
+            .ok_or_else(|| bad(format!("intents lack the oos label {:?}", labels.oos_label)))?;
+        Ok(Self {
+            labels,
+            hidden,
+            intent,
+            domain,
+            oos_index,
+        })
+    }
+
+    /// The head's identifier.
+    pub fn model_id(&self) -> &str {
+        &self.labels.model_id
+    }
+
+    /// Probabilities of intents and domains for one embedding.
+    pub fn probabilities(&self, embedding: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let h = match &self.hidden {
+            Some(hidden) => hidden.forward(embedding).into_iter().map(gelu).collect(),
+            None => embedding.to_vec(),
+        };
+        (
+            softmax(&self.intent.forward(&h)),
+            softmax(&self.domain.forward(&h)),
+        )
+    }
+
+    /// Classifies one embedded text with `k` alternatives.
+    pub fn classify(
+        &self,
+        e: &Embedded,
+        k: usize,
+    ) -> Result<pb::Classification, UnderstandingError> {
+        let (intents, domains) = self.probabilities(&e.vector);
+        let mut ranked: Vec<(usize, f32)> = intents
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, _)| *i != self.oos_index)
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let (best, best_p) = ranked.first().copied().unwrap_or((0, 0.0));
+        let oos_wins = intents[self.oos_index] > best_p;
+        // Hierarchical domain: the domain head averaged with the intent
+        // head's in-scope mass per domain.
+        let mut combined: Vec<f32> = domains.iter().map(|p| p / 2.0).collect();
+        for (i, p) in intents.iter().enumerate() {
+            if i == self.oos_index {
+                continue;
+            }
+            if let Some(j) = self
+                .labels
+                .intent_domain
+                .get(&self.labels.intents[i])
+                .and_then(|d| self.labels.domains.iter().position(|x| x == d))
+            {
+                combined[j] += p / 2.0;
+            }
+        }
+        let domain = combined
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, 0.0));
+        let name = |i: usize| self.labels.intents.get(i).cloned().unwrap_or_default();
+        let domain_of = |i: usize| {
+            self.labels
+                .intent_domain
+                .get(&name(i))
+                .cloned()
+                .unwrap_or_default()
+        };
+        Ok(pb::Classification {
+            domain: Some(pb::Label {
+                name: self
+                    .labels
+                    .domains
+                    .get(domain.0)
+                    .cloned()
+                    .unwrap_or_default(),
+                confidence: domain.1,
+            }),
+            intent: Some(pb::Label {
+                name: name(best),
+                confidence: best_p,
+            }),
+            out_of_scope: oos_wins || best_p < self.labels.threshold,
+            alternatives: ranked
+                .iter()
+                .take(k)
+                .map(|&(i, p)| pb::IntentCandidate {
+                    domain: domain_of(i),
+                    intent: name(i),
+                    confidence: p,
+                })
+                .collect(),
+            input_tokens: e.tokens as u32,
+            truncated: e.truncated,
+            model_id: self.labels.model_id.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        assert!((erf(0.5) - 0.520_499_9).abs() < 1e-6);
+        assert!((erf(-1.0) + 0.842_700_8).abs() < 1e-6);
+        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,348 @@
+//! `moltbot-understanding train`: trains the intent and domain heads on the
+//! frozen encoder, in Rust with tch.
+//!
+//! Data: a CLINC150-format JSON (`train`, `val`, `oos_train`, `oos_val`:
+//! lists of `[text, intent]`) and a domain map (`{domain: [intent, …]}`).
+//! Model: one GELU hidden layer over the 384-d sentence embedding and two
+//! softmax heads — 150 intents + `oos`, and 10 domains (trained on in-scope
+//! texts only) — fitted with AdamW on `train` + `oos_train`. The domain is
+//! predicted hierarchically: the domain head's probabilities plus the intent
+//! head's probability mass per domain. The
+//! out-of-scope threshold is chosen on `val` + `oos_val` only: the highest
+//! in-scope accuracy among thresholds with out-of-scope recall ≥ 0.70 (else
+//! the best accuracy + recall). Deterministic for a seed. Writes
+//! `head.safetensors`, `labels.json` and `metrics.json` (validation figures).
+
+use std::{collections::HashMap, path::PathBuf};
+
+use moltbot_encoder::Encoder;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
+
+use crate::head::Labels;
+
+/// Flags of `moltbot-understanding train`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "moltbot-understanding train", about = "Train the intent head")]
+pub struct TrainArgs {
+    /// CLINC150-format data (`train`, `val`, `oos_train`, `oos_val`).
+    #[arg(
+        long,
+        default_value = "services/understanding/data/clinc150/data_full_train_val.json"
+    )]
+    pub data: PathBuf,
+    /// Domain map `{domain: [intent, …]}`.
+    #[arg(
+        long,
+        default_value = "services/understanding/data/clinc150/domains.json"
+    )]
+    pub domains: PathBuf,
+    /// Where to write the head.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The sentence encoder directory.
+    #[arg(
+        long,
+        env = "MOLTBOT_ENCODER_DIR",
+        default_value = "var/models/all-minilm-l6-v2"
+    )]
+    pub encoder_dir: PathBuf,
+    /// Random seed (initialisation and shuffling).
+    #[arg(long, default_value_t = 7)]
+    pub seed: i64,
+    /// Training epochs.
+    #[arg(long, default_value_t = 40)]
+    pub epochs: usize,
+    /// Hidden width.
+    #[arg(long, default_value_t = 1024)]
+    pub hidden: i64,
+}
+
+/// Validation figures written to `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    /// Share of in-scope validation texts with the right intent and not
+    /// flagged out of scope.
+    pub in_scope_accuracy: f64,
+    /// Share of out-of-scope validation texts flagged out of scope.
+    pub out_of_scope_recall: f64,
+    /// Share of flagged texts that are really out of scope.
+    pub out_of_scope_precision: f64,
+    /// Share of in-scope validation texts with the right domain.
+    pub domain_accuracy: f64,
+    /// The chosen out-of-scope threshold.
+    pub threshold: f32,
+    /// Texts per split used.
+    pub train_texts: usize,
+    /// Validation texts (in-scope + out-of-scope).
+    pub val_texts: usize,
+    /// The seed.
+    pub seed: i64,
+}
+
+type Pairs = Vec<(String, String)>;
+
+fn split(data: &serde_json::Value, name: &str) -> Result<Pairs, String> {
+    data[name]
+        .as_array()
+        .ok_or_else(|| format!("data has no {name:?} list"))?
+        .iter()
+        .map(|p| match (p[0].as_str(), p[1].as_str()) {
+            (Some(t), Some(i)) => Ok((t.to_owned(), i.to_owned())),
+            _ => Err(format!("{name}: every entry must be [text, intent]")),
+        })
+        .collect()
+}
+
+fn texts(pairs: &Pairs) -> Vec<&str> {
+    pairs.iter().map(|(t, _)| t.as_str()).collect()
+}
+
+fn embed_all(encoder: &Encoder, texts: &[&str]) -> Result<Tensor, String> {
+    let mut rows = Vec::with_capacity(texts.len() * encoder.dimension());
+    for chunk in texts.chunks(64) {
+        for e in encoder.embed(chunk).map_err(|e| e.to_string())? {
+            rows.extend(e.vector);
+        }
+    }
+    Tensor::f_from_slice(&rows)
+        .and_then(|t| t.f_view([texts.len() as i64, encoder.dimension() as i64]))
+        .map_err(|e| e.to_string())
+}
+
+/// Trains and writes the head. Errors with a message naming what is wrong.
+pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
+    tch::manual_seed(args.seed);
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p)
+            .map_err(|e| format!("{}: {e}", p.display()))
+            .and_then(|s| {
+                serde_json::from_str::<serde_json::Value>(&s)
+                    .map_err(|e| format!("{}: {e}", p.display()))
+            })
+    };
+    let data = read(&args.data)?;
+    let domain_map = read(&args.domains)?;
+    let mut intent_domain = HashMap::new();
+    let mut domains: Vec<String> = Vec::new();
+    for (domain, intents) in domain_map
+        .as_object()
+        .ok_or("domains.json must be an object")?
+    {
+        domains.push(domain.clone());
+        for i in intents.as_array().ok_or("domain lists must be arrays")? {
+            intent_domain.insert(i.as_str().unwrap_or_default().to_owned(), domain.clone());
+        }
+    }
+    domains.sort();
+    let mut intents: Vec<String> = intent_domain.keys().cloned().collect();
+    intents.sort();
+    intents.push("oos".into());
+    let intent_index: HashMap<&str, i64> = intents
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as i64))
+        .collect();
+    let domain_index: HashMap<&str, i64> = domains
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as i64))
+        .collect();
+
+    let train: Pairs = [split(&data, "train")?, split(&data, "oos_train")?].concat();
+    let val = split(&data, "val")?;
+    let oos_val = split(&data, "oos_val")?;
+    let label = |pairs: &Pairs| -> Result<(Vec<i64>, Vec<i64>), String> {
+        let mut y = Vec::new();
+        let mut d = Vec::new();
+        for (_, intent) in pairs {
+            let i = *intent_index
+                .get(intent.as_str())
+                .ok_or_else(|| format!("intent {intent:?} is in no domain"))?;
+            y.push(i);
+            d.push(
+                intent_domain
+                    .get(intent)
+                    .and_then(|dm| domain_index.get(dm.as_str()).copied())
+                    .unwrap_or(-100),
+            );
+        }
+        Ok((y, d))
+    };
+    let (y_train, d_train) = label(&train)?;
+    let (y_val, d_val) = label(&val)?;
+
+    let encoder = Encoder::load(&args.encoder_dir, Device::Cpu).map_err(|e| e.to_string())?;
+    eprintln!(
+        "train: embedding {} training and {} validation texts",
+        train.len(),
+        val.len() + oos_val.len()
+    );
+    let x_train = embed_all(&encoder, &texts(&train))?;
+    let x_val = embed_all(&encoder, &texts(&val))?;
+    let x_oos = embed_all(&encoder, &texts(&oos_val))?;
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let dim = encoder.dimension() as i64;
+    let hidden = nn::linear(&root / "hidden", dim, args.hidden, Default::default());
+    let intent_head = nn::linear(
+        &root / "intent",
+        args.hidden,
+        intents.len() as i64,
+        Default::default(),
+    );
+    let domain_head = nn::linear(
+        &root / "domain",
+        args.hidden,
+        domains.len() as i64,
+        Default::default(),
+    );
+    let mut opt = nn::AdamW::default()
+        .wd(1e-2)
+        .build(&vs, 1e-3)
+        .map_err(|e| e.to_string())?;
+    let y = Tensor::from_slice(&y_train);
+    let d = Tensor::from_slice(&d_train);
+    let n = y_train.len() as i64;
+    for epoch in 0..args.epochs {
+        let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
+        let mut total = 0.0;
+        for start in (0..n).step_by(256) {
+            let idx = perm.narrow(0, start, (n - start).min(256));
+            let h = hidden.forward(&x_train.index_select(0, &idx)).gelu("none");
+            let loss = intent_head
+                .forward(&h)
+                .cross_entropy_for_logits(&y.index_select(0, &idx))
+                + domain_head.forward(&h).cross_entropy_loss::<Tensor>(
+                    &d.index_select(0, &idx),
+                    None,
+                    tch::Reduction::Mean,
+                    -100,
+                    0.0,
+                );
+            opt.backward_step(&loss);
+            total += loss.double_value(&[]);
+        }
+        if epoch % 10 == 9 {
+            eprintln!(
+                "train: epoch {} loss {:.4}",
+                epoch + 1,
+                total / (n as f64 / 256.0)
+            );
+        }
+    }
+
+    // [in-scope intents, domains] one-hot: intent i belongs to domain j.
+    let mut membership = vec![0f32; (intents.len() - 1) * domains.len()];
+    for (i, name) in intents.iter().take(intents.len() - 1).enumerate() {
+        if let Some(j) = intent_domain
+            .get(name)
+            .and_then(|d| domain_index.get(d.as_str()))
+        {
+            membership[i * domains.len() + *j as usize] = 1.0;
+        }
+    }
+    let intent_to_domain =
+        Tensor::from_slice(&membership).view([intents.len() as i64 - 1, domains.len() as i64]);
+    let probs = |x: &Tensor| -> (Vec<f32>, Vec<i64>, Vec<f32>) {
+        let _g = tch::no_grad_guard();
+        let h = hidden.forward(x).gelu("none");
+        let p = intent_head.forward(&h).softmax(-1, Kind::Float);
+        let inscope = p.narrow(1, 0, intents.len() as i64 - 1);
+        let (best_p, best) = inscope.max_dim(1, false);
+        let oos_p = p.select(1, intents.len() as i64 - 1);
+        // Hierarchical domain: the domain head's probabilities averaged with
+        // the intent head's mass per domain (as the service computes it).
+        let dom = domain_head
+            .forward(&h)
+            .softmax(-1, Kind::Float)
+            .g_add(&inscope.matmul(&intent_to_domain))
+            .argmax(1, false);
+        let v = |t: &Tensor| Vec::<f32>::try_from(t).unwrap_or_default();
+        let argmax_is_oos: Vec<f32> = v(&oos_p)
+            .iter()
+            .zip(v(&best_p))
+            .map(|(o, b)| if *o > b { 2.0 } else { b })
+            .collect();
+        (
+            argmax_is_oos,
+            Vec::<i64>::try_from(&best).unwrap_or_default(),
+            Vec::<f32>::try_from(&dom.to_kind(Kind::Float)).unwrap_or_default(),
+        )
+    };
+    // For each text: its best in-scope probability, or 2.0 when `oos` wins.
+    let (val_p, val_pred, val_dom) = probs(&x_val);
+    let (oos_p, _, _) = probs(&x_oos);
+    let flagged = |p: f32, t: f32| p > 1.5 || p < t;
+    let evaluate = |t: f32| {
+        let correct = val_p
+            .iter()
+            .zip(&val_pred)
+            .zip(&y_val)
+            .filter(|((p, pred), y)| !flagged(**p, t) && *pred == *y)
+            .count();
+        let false_flags = val_p.iter().filter(|p| flagged(**p, t)).count();
+        let caught = oos_p.iter().filter(|p| flagged(**p, t)).count();
+        let acc = correct as f64 / val_p.len() as f64;
+        let recall = caught as f64 / oos_p.len().max(1) as f64;
+        let precision = caught as f64 / (caught + false_flags).max(1) as f64;
+        (acc, recall, precision)
+    };
+    let candidates: Vec<f32> = (0..100).map(|i| i as f32 / 100.0).collect();
+    let threshold = candidates
+        .iter()
+        .copied()
+        .filter(|t| evaluate(*t).1 >= 0.70)
+        .max_by(|a, b| evaluate(*a).0.total_cmp(&evaluate(*b).0))
+        .unwrap_or_else(|| {
+            candidates
+                .iter()
+                .copied()
+                .max_by(|a, b| {
+                    let (ea, eb) = (evaluate(*a), evaluate(*b));
+                    (ea.0 + ea.1).total_cmp(&(eb.0 + eb.1))
+                })
+                .unwrap_or(0.5)
+        });
+    let (acc, recall, precision) = evaluate(threshold);
+    let dom_correct = val_dom
+        .iter()
+        .zip(&d_val)
+        .filter(|(p, d)| **p as i64 == **d)
+        .count();
+    let metrics = Metrics {
+        in_scope_accuracy: acc,
+        out_of_scope_recall: recall,
+        out_of_scope_precision: precision,
+        domain_accuracy: dom_correct as f64 / d_val.len() as f64,
+        threshold,
+        train_texts: train.len(),
+        val_texts: val.len() + oos_val.len(),
+        seed: args.seed,
+    };
+
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    vs.save(args.out.join("head.safetensors"))
+        .map_err(|e| e.to_string())?;
+    let labels = Labels {
+        model_id: format!("clinc150-mlp{}-seed{}", args.hidden, args.seed),
+        encoder: encoder.id().to_owned(),
+        intents,
+        oos_label: "oos".into(),
+        domains,
+        intent_domain,
+        threshold,
+    };
+    let write =
+        |name: &str, v: String| std::fs::write(args.out.join(name), v).map_err(|e| e.to_string());
+    write(
+        "labels.json",
+        serde_json::to_string_pretty(&labels).map_err(|e| e.to_string())?,
+    )?;
+    write(
+        "metrics.json",
+        serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?,
+    )?;
+    Ok(metrics)
+}
