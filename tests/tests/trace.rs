@@ -15,11 +15,25 @@ use moltbot_e2e::{
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
+/// The parent chain of `span`, nearest first. `all` can hold thousands of
+/// spans (every h2 frame write is one): parents are looked up in a map.
 fn ancestors<'a>(span: &'a CollectedSpan, all: &'a [CollectedSpan]) -> Vec<&'a CollectedSpan> {
+    let by_id: std::collections::HashMap<&[u8], &CollectedSpan> =
+        all.iter().map(|s| (s.span_id.as_slice(), s)).collect();
+    ancestors_in(span, &by_id)
+}
+
+fn ancestors_in<'a>(
+    span: &'a CollectedSpan,
+    by_id: &std::collections::HashMap<&[u8], &'a CollectedSpan>,
+) -> Vec<&'a CollectedSpan> {
     let mut chain = Vec::new();
     let mut current = span;
-    while let Some(parent) = all.iter().find(|s| s.span_id == current.parent_span_id) {
-        chain.push(parent);
+    while let Some(parent) = by_id.get(current.parent_span_id.as_slice()) {
+        if chain.len() > 64 {
+            break; // a cycle would mean corrupt ids; the asserts below report it
+        }
+        chain.push(*parent);
         current = parent;
     }
     chain
@@ -116,8 +130,10 @@ async fn one_trace_spans_gateway_and_services() {
         );
     }
     // Everything that descends from the gateway span carries the same trace id.
+    let by_id: std::collections::HashMap<&[u8], &CollectedSpan> =
+        spans.iter().map(|s| (s.span_id.as_slice(), s)).collect();
     for s in spans.iter().filter(|s| {
-        ancestors(s, &spans)
+        ancestors_in(s, &by_id)
             .iter()
             .any(|a| a.span_id == gateway_span.span_id)
     }) {
