@@ -44,7 +44,10 @@ struct Norm {
 }
 
 struct Layer {
+    /// q, k, v fused for inference; rebuilt from `parts` on every forward
+    /// pass while training (so gradients reach the separate variables).
     qkv: Dense,
+    parts: Option<[Dense; 3]>,
     attn_out: Dense,
     attn_norm: Norm,
     inter: Dense,
@@ -64,8 +67,16 @@ pub struct Bert {
 
 impl Bert {
     /// Loads `model.safetensors` (names as `BertModel`, with or without a
-    /// `bert.` prefix). Errors with [`EncoderError::Load`].
-    pub fn load(config: &BertConfig, file: &Path, device: Device) -> Result<Self, EncoderError> {
+    /// `bert.` prefix), every weight registered as a trainable variable of
+    /// `vars` under its checkpoint name when given (so `VarStore::save`
+    /// writes a checkpoint this reads back). Errors with
+    /// [`EncoderError::Load`].
+    pub fn load_into(
+        config: &BertConfig,
+        file: &Path,
+        device: Device,
+        vars: Option<&tch::nn::Path>,
+    ) -> Result<Self, EncoderError> {
         let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)
             .map_err(|e| EncoderError::Load(format!("{}: {e}", file.display())))?
             .into_iter()
@@ -75,7 +86,17 @@ impl Bert {
             let t = tensors.remove(name).ok_or_else(|| {
                 EncoderError::Load(format!("{}: tensor {name} missing", file.display()))
             })?;
-            Ok(t.f_to_kind(Kind::Float)?.f_to_device(device)?)
+            let t = t.f_to_kind(Kind::Float)?.f_to_device(device)?;
+            match vars {
+                Some(root) => {
+                    // nn paths separate segments with '.': rebuild the name.
+                    let mut segments: Vec<&str> = name.split('.').collect();
+                    let last = segments.pop().unwrap_or(name);
+                    let path = segments.iter().fold(root.clone(), |p, s| &p / *s);
+                    Ok(path.f_var_copy(last, &t)?)
+                }
+                None => Ok(t),
+            }
         };
         let mut norm = |p: &str| -> Result<Norm, EncoderError> {
             Ok(Norm {
@@ -97,9 +118,10 @@ impl Bert {
             let k = dense("attention.self.key")?;
             let v = dense("attention.self.value")?;
             let qkv = Dense {
-                w: Tensor::f_cat(&[q.w, k.w, v.w], 0)?,
-                b: Tensor::f_cat(&[q.b, k.b, v.b], 0)?,
+                w: Tensor::f_cat(&[&q.w, &k.w, &v.w], 0)?,
+                b: Tensor::f_cat(&[&q.b, &k.b, &v.b], 0)?,
             };
+            let parts = vars.is_some().then_some([q, k, v]);
             let attn_out = dense("attention.output.dense")?;
             let inter = dense("intermediate.dense")?;
             let out = dense("output.dense")?;
@@ -111,6 +133,7 @@ impl Bert {
             };
             layers.push(Layer {
                 qkv,
+                parts,
                 attn_out,
                 attn_norm: norm("attention.output.LayerNorm")?,
                 inter,
@@ -145,9 +168,14 @@ impl Bert {
 
     /// Sentence embeddings of `ids`/`mask` (`[batch, len]` i64, mask 1 for
     /// real tokens): `[batch, hidden]` f32, mean-pooled over the mask and
-    /// L2-normalised.
+    /// L2-normalised. No gradients.
     pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
         let _guard = tch::no_grad_guard();
+        self.forward(ids, mask)
+    }
+
+    /// [`Bert::embed`] with gradients, for fine-tuning.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
         let (b, l) = (ids.size()[0], ids.size()[1]);
         let h = self.config.num_attention_heads as i64;
         let d = self.config.hidden_size as i64 / h;
@@ -164,7 +192,13 @@ impl Bert {
         // Keys that are padding get no attention: [b, 1, 1, l] booleans.
         let attend = mask.f_ne(0)?.f_view([b, 1, 1, l])?;
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?;
+            let qkv = match &layer.parts {
+                Some([q, k, v]) => x.f_linear(
+                    &Tensor::f_cat(&[&q.w, &k.w, &v.w], 0)?,
+                    Some(&Tensor::f_cat(&[&q.b, &k.b, &v.b], 0)?),
+                )?,
+                None => layer.qkv.forward(&x)?,
+            };
             let parts = qkv.f_split(self.config.hidden_size as i64, -1)?;
             let heads = |t: &Tensor| t.f_view([b, l, h, d])?.f_transpose(1, 2);
             let ctx = Tensor::f_scaled_dot_product_attention(

@@ -46,6 +46,18 @@ impl Encoder {
     /// Loads the model in `dir` onto `device` (f32). Errors with
     /// [`EncoderError::Load`] for a missing or unreadable file.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EncoderError> {
+        Self::load_into(dir, device, None)
+    }
+
+    /// [`Encoder::load`] with the weights as trainable variables of `vars`
+    /// (see [`Encoder::forward`]); saving that `VarStore` as
+    /// `model.safetensors` next to copies of this directory's other files
+    /// gives a directory [`Encoder::load`] reads.
+    pub fn load_into(
+        dir: &Path,
+        device: Device,
+        vars: Option<&tch::nn::Path>,
+    ) -> Result<Self, EncoderError> {
         let load =
             |what: &str, e: String| EncoderError::Load(format!("{}/{what}: {e}", dir.display()));
         let config: BertConfig = serde_json::from_str(
@@ -64,7 +76,7 @@ impl Encoder {
         // Truncation is ours (we report it); padding is ours (to the batch).
         let _ = tokenizer.with_truncation(None);
         tokenizer.with_padding(None);
-        let model = bert::Bert::load(&config, &dir.join("model.safetensors"), device)?;
+        let model = bert::Bert::load_into(&config, &dir.join("model.safetensors"), device, vars)?;
         let id = dir
             .file_name()
             .map_or_else(|| "encoder".into(), |n| n.to_string_lossy().into_owned());
@@ -107,6 +119,46 @@ impl Encoder {
             ids.push(sep);
         }
         Ok((ids, truncated))
+    }
+
+    /// Token ids and attention mask of `texts`, padded to the longest:
+    /// `[batch, len]` i64 each, on the encoder's device.
+    pub fn batch(&self, texts: &[&str]) -> Result<(Tensor, Tensor), EncoderError> {
+        let tokenized = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (ids, mask, _) = self.pad(&tokenized)?;
+        Ok((ids, mask))
+    }
+
+    fn pad(&self, tokenized: &[(Vec<i64>, bool)]) -> Result<(Tensor, Tensor, usize), EncoderError> {
+        let len = tokenized
+            .iter()
+            .map(|(ids, _)| ids.len())
+            .max()
+            .unwrap_or(1);
+        let b = tokenized.len();
+        let mut ids = vec![0i64; b * len];
+        let mut mask = vec![0i64; b * len];
+        for (i, (t, _)) in tokenized.iter().enumerate() {
+            ids[i * len..i * len + t.len()].copy_from_slice(t);
+            mask[i * len..i * len + t.len()].fill(1);
+        }
+        let shape = [b as i64, len as i64];
+        let ids = Tensor::f_from_slice(&ids)?
+            .f_view(shape)?
+            .f_to_device(self.device)?;
+        let mask = Tensor::f_from_slice(&mask)?
+            .f_view(shape)?
+            .f_to_device(self.device)?;
+        Ok((ids, mask, len))
+    }
+
+    /// Sentence embeddings `[batch, dim]` of a [`Encoder::batch`], with
+    /// gradients (fine-tuning).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, EncoderError> {
+        Ok(self.model.forward(ids, mask)?)
     }
 
     /// Embeds `texts` in one forward pass, padded to the longest. Errors with

@@ -62,6 +62,7 @@ impl Dense {
 /// A loaded head.
 #[derive(Debug)]
 pub struct IntentHead {
+    dir: std::path::PathBuf,
     labels: Labels,
     hidden: Option<Dense>,
     intent: Dense,
@@ -150,12 +151,19 @@ impl IntentHead {
             .position(|i| *i == labels.oos_label)
             .ok_or_else(|| bad(format!("intents lack the oos label {:?}", labels.oos_label)))?;
         Ok(Self {
+            dir: dir.to_path_buf(),
             labels,
             hidden,
             intent,
             domain,
             oos_index,
         })
+    }
+
+    /// The fine-tuned encoder trained with this head (`<dir>/encoder`), when
+    /// the head was trained that way (`labels.json` `encoder: "encoder"`).
+    pub fn encoder_dir(&self) -> Option<std::path::PathBuf> {
+        (self.labels.encoder == "encoder").then(|| self.dir.join("encoder"))
     }
 
     /// The head's identifier.

@@ -28,8 +28,7 @@ use moltbot_runtime::{
 };
 
 pub use error::UnderstandingError;
-use head::IntentHead;
-use service::{Limits, UnderstandingApi};
+use service::{Classifier, Limits, UnderstandingApi};
 
 /// Command-line flags and environment of `moltbot-understanding`.
 #[derive(Debug, Clone, Parser)]
@@ -58,7 +57,9 @@ pub struct Args {
     #[arg(long, env = "MOLTBOT_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
     /// Longest a text waits for others to share its forward pass, in ms.
-    #[arg(long, env = "MOLTBOT_MAX_WAIT_MS", default_value_t = 2)]
+    /// 0 (default) batches greedily: whatever queued while the previous
+    /// pass ran goes together, and a lone caller never waits.
+    #[arg(long, env = "MOLTBOT_MAX_WAIT_MS", default_value_t = 0)]
     pub max_wait_ms: u64,
     /// Most texts in one ClassifyBatch or Embed call.
     #[arg(long, env = "MOLTBOT_MAX_TEXTS", default_value_t = 256)]
@@ -98,31 +99,30 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
     }
     let encoder = Encoder::load(&args.encoder_dir(), tch::Device::Cpu)
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
-    let head = match IntentHead::load(&args.head_dir(), encoder.dimension()) {
-        Ok(h) => Some(h),
+    let batch = BatchConfig {
+        max_batch: args.max_batch,
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        queue_capacity: 1024,
+    };
+    let batcher =
+        Batcher::start(encoder, batch).map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let classifier = match Classifier::load(&args.head_dir(), &batcher, batch) {
+        Ok(c) => Some(c),
         Err(UnderstandingError::NoHead(dir)) => {
             tracing::warn!(%dir, "no trained intent head: Classify answers FAILED_PRECONDITION until one is trained and reloaded");
             None
         }
         Err(e) => return Err(RuntimeError::NotReady(e.to_string())),
     };
-    let batcher = Batcher::start(
-        encoder,
-        BatchConfig {
-            max_batch: args.max_batch,
-            max_wait: Duration::from_millis(args.max_wait_ms),
-            queue_capacity: 1024,
-        },
-    )
-    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     let api = UnderstandingApi::new(
         batcher,
-        head,
+        classifier,
         args.head_dir(),
         Limits {
             max_texts: args.max_texts,
             max_text_bytes: 16 * 1024,
         },
+        batch,
     );
     let service = GrpcService::new(UnderstandingServiceServer::new(api));
     grpc::serve(&ports::UNDERSTANDING, &args.server, service, async {

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use moltbot_encoder::{Batcher, Embedded};
+use moltbot_encoder::{BatchConfig, Batcher, Embedded, Encoder};
 use moltbot_proto::understanding::v1::{
     self as pb, understanding_service_server::UnderstandingService,
 };
@@ -24,29 +24,66 @@ pub struct Limits {
     pub max_text_bytes: usize,
 }
 
+/// A trained head and the batcher of the encoder it was trained with (the
+/// service's base encoder, or the head's own fine-tuned one).
+pub struct Classifier {
+    head: IntentHead,
+    batcher: Batcher,
+}
+
+impl Classifier {
+    /// Loads the head in `dir`; starts a batcher for its fine-tuned encoder
+    /// when it has one, else classifies through `base`. Blocking. Errors
+    /// with [`UnderstandingError::NoHead`] or [`UnderstandingError::BadHead`].
+    pub fn load(
+        dir: &std::path::Path,
+        base: &Batcher,
+        config: BatchConfig,
+    ) -> Result<Self, UnderstandingError> {
+        let head = IntentHead::load(dir, base.dimension())?;
+        let batcher = match head.encoder_dir() {
+            Some(encoder_dir) => {
+                let encoder = Encoder::load(&encoder_dir, tch::Device::Cpu)
+                    .map_err(|e| UnderstandingError::BadHead(e.to_string()))?;
+                Batcher::start(encoder, config)?
+            }
+            None => base.clone(),
+        };
+        Ok(Self { head, batcher })
+    }
+
+    /// The head's identifier.
+    pub fn model_id(&self) -> &str {
+        self.head.model_id()
+    }
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct UnderstandingApi {
     batcher: Batcher,
-    head: Arc<RwLock<Option<Arc<IntentHead>>>>,
+    classifier: Arc<RwLock<Option<Arc<Classifier>>>>,
     head_dir: PathBuf,
     limits: Limits,
+    batch: BatchConfig,
 }
 
 impl UnderstandingApi {
-    /// A service embedding through `batcher`, classifying with the head in
-    /// `head_dir` once one is loaded.
+    /// A service embedding through `batcher`, classifying with `classifier`
+    /// (from `head_dir`) once one is loaded.
     pub fn new(
         batcher: Batcher,
-        head: Option<IntentHead>,
+        classifier: Option<Classifier>,
         head_dir: PathBuf,
         limits: Limits,
+        batch: BatchConfig,
     ) -> Self {
         Self {
             batcher,
-            head: Arc::new(RwLock::new(head.map(Arc::new))),
+            classifier: Arc::new(RwLock::new(classifier.map(Arc::new))),
             head_dir,
             limits,
+            batch,
         }
     }
 
@@ -75,8 +112,8 @@ impl UnderstandingApi {
         Ok(())
     }
 
-    fn current_head(&self) -> Result<Arc<IntentHead>, UnderstandingError> {
-        self.head
+    fn current(&self) -> Result<Arc<Classifier>, UnderstandingError> {
+        self.classifier
             .read()
             .map_err(|_| UnderstandingError::BadHead("head lock poisoned".into()))?
             .clone()
@@ -89,12 +126,12 @@ impl UnderstandingApi {
         top_k: u32,
     ) -> Result<Vec<pb::Classification>, UnderstandingError> {
         self.validate(&texts)?;
-        let head = self.current_head()?;
-        let embedded = self.batcher.embed(texts).await?;
+        let classifier = self.current()?;
+        let embedded = classifier.batcher.embed(texts).await?;
         let k = if top_k == 0 { 5 } else { top_k.min(50) } as usize;
         embedded
             .iter()
-            .map(|e| head.classify(e, k))
+            .map(|e| classifier.head.classify(e, k))
             .collect::<Result<Vec<_>, _>>()
     }
 }
@@ -157,16 +194,16 @@ impl UnderstandingService for UnderstandingApi {
         } else {
             PathBuf::from(r.model_dir)
         };
-        let dimension = self.batcher.dimension();
-        let head = tokio::task::spawn_blocking(move || IntentHead::load(&dir, dimension))
+        let (base, config) = (self.batcher.clone(), self.batch);
+        let classifier = tokio::task::spawn_blocking(move || Classifier::load(&dir, &base, config))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
-        let model_id = head.model_id().to_owned();
+        let model_id = classifier.model_id().to_owned();
         let previous = self
-            .head
+            .classifier
             .write()
             .map_err(|_| Status::internal("head lock poisoned"))?
-            .replace(Arc::new(head));
+            .replace(Arc::new(classifier));
         Ok(Response::new(pb::ReloadModelResponse {
             model_id,
             previous_model_id: previous

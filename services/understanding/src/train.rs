@@ -56,6 +56,13 @@ pub struct TrainArgs {
     /// Hidden width.
     #[arg(long, default_value_t = 1024)]
     pub hidden: i64,
+    /// Epochs of joint encoder + head fine-tuning; 0 trains the head on the
+    /// frozen encoder for `--epochs` instead.
+    #[arg(long, default_value_t = 3)]
+    pub fine_tune_epochs: usize,
+    /// Learning rate of the encoder while fine-tuning.
+    #[arg(long, default_value_t = 5e-5)]
+    pub encoder_lr: f64,
 }
 
 /// Validation figures written to `metrics.json`.
@@ -172,15 +179,17 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let (y_train, d_train) = label(&train)?;
     let (y_val, d_val) = label(&val)?;
 
-    let encoder = Encoder::load(&args.encoder_dir, Device::Cpu).map_err(|e| e.to_string())?;
-    eprintln!(
-        "train: embedding {} training and {} validation texts",
-        train.len(),
-        val.len() + oos_val.len()
-    );
-    let x_train = embed_all(&encoder, &texts(&train))?;
-    let x_val = embed_all(&encoder, &texts(&val))?;
-    let x_oos = embed_all(&encoder, &texts(&oos_val))?;
+    // The encoder's weights are variables of their own store: fine-tuned
+    // with a small learning rate, saved beside the head.
+    let encoder_vars = nn::VarStore::new(Device::Cpu);
+    let encoder_root = encoder_vars.root();
+    let fine_tune = args.fine_tune_epochs > 0;
+    let encoder = Encoder::load_into(
+        &args.encoder_dir,
+        Device::Cpu,
+        fine_tune.then_some(&encoder_root),
+    )
+    .map_err(|e| e.to_string())?;
 
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
@@ -205,33 +214,77 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let y = Tensor::from_slice(&y_train);
     let d = Tensor::from_slice(&d_train);
     let n = y_train.len() as i64;
-    for epoch in 0..args.epochs {
-        let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
-        let mut total = 0.0;
-        for start in (0..n).step_by(256) {
-            let idx = perm.narrow(0, start, (n - start).min(256));
-            let h = hidden.forward(&x_train.index_select(0, &idx)).gelu("none");
-            let loss = intent_head
-                .forward(&h)
-                .cross_entropy_for_logits(&y.index_select(0, &idx))
-                + domain_head.forward(&h).cross_entropy_loss::<Tensor>(
-                    &d.index_select(0, &idx),
-                    None,
-                    tch::Reduction::Mean,
-                    -100,
-                    0.0,
-                );
-            opt.backward_step(&loss);
-            total += loss.double_value(&[]);
-        }
-        if epoch % 10 == 9 {
+    let loss_of = |emb: &Tensor, idx: &Tensor| -> Tensor {
+        let h = hidden.forward(emb).gelu("none");
+        intent_head
+            .forward(&h)
+            .cross_entropy_for_logits(&y.index_select(0, idx))
+            + domain_head.forward(&h).cross_entropy_loss::<Tensor>(
+                &d.index_select(0, idx),
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
+    };
+
+    if fine_tune {
+        // Joint fine-tuning of encoder and head (Reimers & Gurevych 2019
+        // fine-tune the same way), batch 32, AdamW.
+        let mut encoder_opt = nn::AdamW::default()
+            .wd(1e-2)
+            .build(&encoder_vars, args.encoder_lr)
+            .map_err(|e| e.to_string())?;
+        let train_texts = texts(&train);
+        for epoch in 0..args.fine_tune_epochs {
+            let perm = Vec::<i64>::try_from(&Tensor::randperm(n, (Kind::Int64, Device::Cpu)))
+                .map_err(|e| e.to_string())?;
+            let mut total = 0.0;
+            for chunk in perm.chunks(32) {
+                let batch: Vec<&str> = chunk.iter().map(|&i| train_texts[i as usize]).collect();
+                let (ids, mask) = encoder.batch(&batch).map_err(|e| e.to_string())?;
+                let emb = encoder.forward(&ids, &mask).map_err(|e| e.to_string())?;
+                let loss = loss_of(&emb, &Tensor::from_slice(chunk));
+                encoder_opt.zero_grad();
+                opt.zero_grad();
+                loss.backward();
+                encoder_opt.step();
+                opt.step();
+                total += loss.double_value(&[]);
+            }
             eprintln!(
-                "train: epoch {} loss {:.4}",
+                "train: fine-tuning epoch {} loss {:.4}",
                 epoch + 1,
-                total / (n as f64 / 256.0)
+                total / (n as f64 / 32.0)
             );
         }
+    } else {
+        eprintln!("train: embedding {} training texts", train.len());
+        let x_train = embed_all(&encoder, &texts(&train))?;
+        for epoch in 0..args.epochs {
+            let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
+            let mut total = 0.0;
+            for start in (0..n).step_by(256) {
+                let idx = perm.narrow(0, start, (n - start).min(256));
+                let loss = loss_of(&x_train.index_select(0, &idx), &idx);
+                opt.backward_step(&loss);
+                total += loss.double_value(&[]);
+            }
+            if epoch % 10 == 9 {
+                eprintln!(
+                    "train: epoch {} loss {:.4}",
+                    epoch + 1,
+                    total / (n as f64 / 256.0)
+                );
+            }
+        }
     }
+    eprintln!(
+        "train: embedding {} validation texts",
+        val.len() + oos_val.len()
+    );
+    let x_val = embed_all(&encoder, &texts(&val))?;
+    let x_oos = embed_all(&encoder, &texts(&oos_val))?;
 
     // [in-scope intents, domains] one-hot: intent i belongs to domain j.
     let mut membership = vec![0f32; (intents.len() - 1) * domains.len()];
@@ -323,11 +376,35 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     };
 
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    if fine_tune {
+        // The fine-tuned encoder: the base directory's files, new weights.
+        let dir = args.out.join("encoder");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in std::fs::read_dir(&args.encoder_dir).map_err(|e| e.to_string())? {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name();
+            if entry.path().is_file() && name != "model.safetensors" {
+                std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| e.to_string())?;
+            }
+        }
+        encoder_vars
+            .save(dir.join("model.safetensors"))
+            .map_err(|e| e.to_string())?;
+    }
     vs.save(args.out.join("head.safetensors"))
         .map_err(|e| e.to_string())?;
     let labels = Labels {
-        model_id: format!("clinc150-mlp{}-seed{}", args.hidden, args.seed),
-        encoder: encoder.id().to_owned(),
+        model_id: format!(
+            "clinc150-{}mlp{}-seed{}",
+            if fine_tune { "ft-" } else { "" },
+            args.hidden,
+            args.seed
+        ),
+        encoder: if fine_tune {
+            "encoder".into()
+        } else {
+            encoder.id().to_owned()
+        },
         intents,
         oos_label: "oos".into(),
         domains,

@@ -1,0 +1,190 @@
+//! `moltbot-understanding-bench`: the encoder against Hugging Face
+//! transformers, and Classify latency through gRPC, side by side in one run
+//! with the same thread count.
+//!
+//! (a) sentences/s at batch 1 and batch 32 (CLINC150-like short texts),
+//!     ours vs `scripts/reference_embed.py --bench`;
+//! (b) Classify p50/p99 over a real socket under 1, 8 and 64 concurrent
+//!     callers, through the dynamic batcher (needs a trained head:
+//!     `--head-dir`).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_proto::understanding::v1::{
+    self as pb, understanding_service_client::UnderstandingServiceClient,
+    understanding_service_server::UnderstandingServiceServer,
+};
+use moltbot_understanding::service::{Classifier, Limits, UnderstandingApi};
+
+/// Flags of the benchmark.
+#[derive(Debug, Parser)]
+#[command(
+    name = "moltbot-understanding-bench",
+    about = "Understanding: ours vs transformers"
+)]
+struct Args {
+    /// The encoder directory.
+    #[arg(long, default_value = "var/models/all-minilm-l6-v2")]
+    encoder_dir: PathBuf,
+    /// A trained head, for the Classify runs.
+    #[arg(long, default_value = "var/models/intent-head")]
+    head_dir: PathBuf,
+    /// Threads for both sides; 0 = every core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Seconds per Classify run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Python with torch + transformers.
+    #[arg(long, env = "MOLTBOT_PYTHON", default_value = ".venv/bin/python")]
+    python: PathBuf,
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("what is the balance of my checking account number {i}"))
+        .collect()
+}
+
+fn ours(encoder: &Encoder, batch: usize) -> Result<f64, String> {
+    let all = texts(256);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    encoder.embed(&refs[..batch]).map_err(|e| e.to_string())?; // warm-up
+    let n = if batch == 1 { 64 } else { 256 };
+    let started = Instant::now();
+    for i in (0..n).step_by(batch) {
+        encoder
+            .embed(&refs[i % 256..(i % 256 + batch).min(256)])
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    v.sort_unstable();
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+    v.get(i).copied().unwrap_or_default() as f64 / 1000.0
+}
+
+fn main() -> Result<(), String> {
+    let args = Args::parse();
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    tch::set_num_threads(threads as i32);
+    let encoder = Encoder::load(&args.encoder_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
+    let b1 = ours(&encoder, 1)?;
+    let b32 = ours(&encoder, 32)?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/reference_embed.py");
+    let out = std::process::Command::new(&args.python)
+        .arg(script)
+        .arg("--model")
+        .arg(&args.encoder_dir)
+        .args(["--bench", "--threads", &threads.to_string()])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    let reference: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))?;
+    let r1 = reference["batch1_per_s"].as_f64().unwrap_or(f64::NAN);
+    let r32 = reference["batch32_per_s"].as_f64().unwrap_or(f64::NAN);
+    println!("# Understanding benchmark: {threads} threads\n");
+    println!("| batch | ours sentences/s | transformers sentences/s | speed-up |");
+    println!("|---|---|---|---|");
+    println!("| 1 | {b1:.1} | {r1:.1} | {:.2}× |", b1 / r1);
+    println!("| 32 | {b32:.1} | {r32:.1} | {:.2}× |", b32 / r32);
+
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let batch = BatchConfig {
+            max_batch: 32,
+            max_wait: Duration::from_millis(2),
+            queue_capacity: 1024,
+        };
+        let batcher = Batcher::start(encoder, batch).map_err(|e| e.to_string())?;
+        let classifier =
+            Classifier::load(&args.head_dir, &batcher, batch).map_err(|e| e.to_string())?;
+        let api = UnderstandingApi::new(
+            batcher,
+            Some(classifier),
+            args.head_dir.clone(),
+            Limits {
+                max_texts: 256,
+                max_text_bytes: 16 * 1024,
+            },
+            batch,
+        );
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = grpc.local_addr().map_err(|e| e.to_string())?;
+        tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
+            grpc,
+            metrics,
+            moltbot_runtime::grpc::GrpcService::new(UnderstandingServiceServer::new(api)),
+            async { Ok(()) },
+            std::future::pending(),
+            Duration::from_secs(1),
+        ));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = UnderstandingServiceClient::new(channel);
+        println!("\n| callers | Classify/s | p50 ms | p99 ms |");
+        println!("|---|---|---|---|");
+        for callers in [1usize, 8, 64] {
+            let deadline = Instant::now() + Duration::from_secs(args.seconds);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..callers {
+                let mut client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = 0;
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let text =
+                            format!("what is the balance of my checking account number {c}{i}");
+                        if client
+                            .classify(pb::ClassifyRequest { text, top_k: 0 })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        lat.push(t.elapsed().as_micros() as u64);
+                        i += 1;
+                    }
+                    lat
+                }));
+            }
+            let mut lat = Vec::new();
+            for t in tasks {
+                lat.extend(t.await.unwrap_or_default());
+            }
+            let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+            println!(
+                "| {callers} | {rate:.0} | {:.2} | {:.2} |",
+                pct(&mut lat, 0.5),
+                pct(&mut lat, 0.99)
+            );
+        }
+        Ok::<(), String>(())
+    })
+}
