@@ -45,16 +45,11 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
 /// The archive in a schema of its own, so the tests never touch a
 /// deployment's tables in the same database.
 fn archived(primary: Arc<dyn SessionStore>) -> Arc<dyn SessionStore> {
     let archive = PgArchive::new(
-        &database_url(),
+        &common::database_url(),
         "moltbot_context_test",
         Duration::from_millis(2000),
     )

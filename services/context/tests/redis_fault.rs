@@ -150,11 +150,6 @@ async fn redis_stop_fails_fast_and_restart_recovers() {
     let _ = redis.wait();
 }
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
 fn flushall(port: u16) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let mut conn = client.get_connection().unwrap();
@@ -180,7 +175,7 @@ async fn archive_keeps_every_acknowledged_turn_across_flushall() {
         .unwrap(),
     );
     let archive = PgArchive::new(
-        &database_url(),
+        &common::database_url(),
         "moltbot_context_test",
         Duration::from_millis(2000),
     )

@@ -128,11 +128,11 @@ impl Encoder {
             .iter()
             .map(|t| self.tokenize(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let (ids, mask, _) = self.pad(&tokenized)?;
-        Ok((ids, mask))
+        self.pad(&tokenized)
     }
 
-    fn pad(&self, tokenized: &[(Vec<i64>, bool)]) -> Result<(Tensor, Tensor, usize), EncoderError> {
+    /// Pads tokenized texts to the longest: ids and mask `[batch, len]`.
+    fn pad(&self, tokenized: &[(Vec<i64>, bool)]) -> Result<(Tensor, Tensor), EncoderError> {
         let len = tokenized
             .iter()
             .map(|(ids, _)| ids.len())
@@ -152,7 +152,7 @@ impl Encoder {
         let mask = Tensor::f_from_slice(&mask)?
             .f_view(shape)?
             .f_to_device(self.device)?;
-        Ok((ids, mask, len))
+        Ok((ids, mask))
     }
 
     /// Sentence embeddings `[batch, dim]` of a [`Encoder::batch`], with
@@ -171,25 +171,7 @@ impl Encoder {
             .iter()
             .map(|t| self.tokenize(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let len = tokenized
-            .iter()
-            .map(|(ids, _)| ids.len())
-            .max()
-            .unwrap_or(1);
-        let b = texts.len();
-        let mut ids = vec![0i64; b * len];
-        let mut mask = vec![0i64; b * len];
-        for (i, (t, _)) in tokenized.iter().enumerate() {
-            ids[i * len..i * len + t.len()].copy_from_slice(t);
-            mask[i * len..i * len + t.len()].fill(1);
-        }
-        let shape = [b as i64, len as i64];
-        let ids = Tensor::f_from_slice(&ids)?
-            .f_view(shape)?
-            .f_to_device(self.device)?;
-        let mask = Tensor::f_from_slice(&mask)?
-            .f_view(shape)?
-            .f_to_device(self.device)?;
+        let (ids, mask) = self.pad(&tokenized)?;
         let pooled = self.model.embed(&ids, &mask)?;
         let flat = Vec::<f32>::try_from(
             &pooled

@@ -62,3 +62,10 @@ impl Harness {
             .expect("server failed");
     }
 }
+
+/// The PostgreSQL of the archive tests (`DATABASE_URL`, default the
+/// machine's `test` database).
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
