@@ -36,7 +36,7 @@ BUF_PKG     := @bufbuild/buf@1.75.0
 GRPCURL := $(VENV)/bin/grpcurl
 BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 
-.PHONY: all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models
+.PHONY: all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -64,6 +64,17 @@ models: ml-venv
 	$(VENV)/bin/python scripts/prepare_model.py --out $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct \
 	  --encoder-out $(MODELS_DIR)/all-minilm-l6-v2
 
+## The CLINC150 intent head of the understanding service, trained by our own
+## `moltbot-understanding train` (about 11 minutes on 2 cores); retrained only
+## when the training code or data change.
+intent-head: build models
+	bash scripts/train-intent-head.sh $(CARGO_TARGET_DIR)/debug/moltbot-understanding \
+	  $(MODELS_DIR)/intent-head $(MODELS_DIR)/all-minilm-l6-v2
+
+intent-head-release: build-release models
+	bash scripts/train-intent-head.sh $(CARGO_TARGET_DIR)/release/moltbot-understanding \
+	  $(MODELS_DIR)/intent-head $(MODELS_DIR)/all-minilm-l6-v2
+
 $(BUF):
 	mkdir -p $(TOOLS_DIR)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS_DIR) "$(BUF_PKG)"
@@ -81,7 +92,7 @@ build-release: ml-venv
 	$(CARGO) build --release --workspace --bins
 
 ## The whole mesh on this machine (Ctrl-C stops it cleanly).
-up: build-release models
+up: build-release models intent-head-release
 	$(CARGO_TARGET_DIR)/release/moltbot up
 
 doctor: build-release
@@ -89,9 +100,10 @@ doctor: build-release
 
 ## Every test: unit, integration and end-to-end (real processes, real sockets,
 ## real model weights, real Redis and PostgreSQL).
-test: $(GRPCURL) stores models
+test: $(GRPCURL) stores models intent-head
 	$(CARGO) build --workspace --bins --tests
-	GRPCURL=$(GRPCURL) $(CARGO) test --workspace --no-fail-fast
+	GRPCURL=$(GRPCURL) MOLTBOT_INTENT_HEAD_DIR=$(MODELS_DIR)/intent-head \
+	  $(CARGO) test --workspace --no-fail-fast
 
 ## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
 bench-generation: build-release models

@@ -1,6 +1,6 @@
 //! The gateway's flags and environment (names pinned in DESIGN.md).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use moltbot_runtime::config::TelemetryArgs;
@@ -47,6 +47,25 @@ pub struct Args {
         default_value = "http://127.0.0.1:50055"
     )]
     pub auth_url: String,
+    /// Routing and API-key configuration (YAML). Unset: the embedded default,
+    /// one `default` route to the local model with the `docs` collection and
+    /// anonymous access on loopback.
+    #[arg(long, env = "MOLTBOT_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Deadline of a whole chat turn when the client gives none
+    /// (`x-request-timeout-ms` header), in milliseconds.
+    #[arg(long, env = "MOLTBOT_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]
+    pub request_timeout_ms: u64,
+    /// Deadline of each enrichment (understanding, retrieval) and of the
+    /// context load, in milliseconds; bounded by the turn's deadline.
+    #[arg(long, env = "MOLTBOT_ENRICHMENT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub enrichment_timeout_ms: u64,
+    /// Largest accepted request body, in bytes (413 above it).
+    #[arg(long, env = "MOLTBOT_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+    /// Tenant under which the gateway's sessions are stored in context.
+    #[arg(long, env = "MOLTBOT_TENANT", default_value = "default")]
+    pub tenant: String,
     /// Deadline of each upstream health check behind `/readyz`, in milliseconds.
     #[arg(long, env = "MOLTBOT_READINESS_TIMEOUT_MS", default_value_t = 1_000)]
     pub readiness_timeout_ms: u64,

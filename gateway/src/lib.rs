@@ -1,19 +1,26 @@
 //! `moltbot-gateway`: the HTTP edge of the mesh.
 //!
-//! Serves `/healthz` (process alive), `/readyz` (required upstreams SERVING)
-//! and `/metrics`; the chat API arrives with its own issue. Every request gets
-//! an OpenTelemetry server span (joining the caller's `traceparent` when there
-//! is one) that parents the gRPC client spans of its upstream calls.
+//! Serves the OpenAI-compatible API (`POST /v1/chat/completions`, `GET
+//! /v1/models`) over the chat [`pipeline`], with [`routing`] from a YAML file
+//! and [`edge`] protection (API keys, rate limits, body limit); plus
+//! `/healthz` (process alive), `/readyz` (required upstreams SERVING) and
+//! `/metrics`. Every request gets an OpenTelemetry server span (joining the
+//! caller's `traceparent` when there is one) that parents the gRPC client
+//! spans of its upstream calls.
 
 mod config;
+pub mod edge;
 mod error;
 pub mod http;
+pub mod openai;
+pub mod pipeline;
+pub mod routing;
 mod upstreams;
 
 use std::sync::Arc;
 
 pub use config::Args;
-pub use error::GatewayError;
+pub use error::{ApiError, GatewayError};
 pub use upstreams::{Upstream, UpstreamHealth, Upstreams};
 
 /// Serves until SIGTERM/SIGINT, then lets in-flight requests finish within the
@@ -22,10 +29,27 @@ pub use upstreams::{Upstream, UpstreamHealth, Upstreams};
 /// Errors: [`GatewayError::Config`] for invalid flags, [`GatewayError::Bind`]
 /// when the address is taken, [`GatewayError::Io`] when serving fails.
 pub async fn serve(args: Args) -> Result<(), GatewayError> {
+    let config = match &args.config {
+        Some(path) => routing::GatewayConfig::load(path)?,
+        None => routing::GatewayConfig::default(),
+    };
+    let keys = Arc::new(edge::KeyRing::new(&config, args.http_addr)?);
     let upstreams = Arc::new(Upstreams::connect(&args)?);
+    let pipeline = Arc::new(pipeline::Pipeline::new(
+        &upstreams,
+        routing::Router::new(config.routes),
+        pipeline::PipelineSettings {
+            tenant: args.tenant.clone(),
+            enrichment_timeout: std::time::Duration::from_millis(args.enrichment_timeout_ms),
+            request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
+        },
+    ));
     let state = http::AppState {
         upstreams,
+        pipeline,
+        keys,
         readiness_timeout: args.readiness_timeout(),
+        max_body_bytes: args.max_body_bytes,
     };
     let app = http::router(state);
     let listener = tokio::net::TcpListener::bind(args.http_addr)

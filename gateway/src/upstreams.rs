@@ -109,6 +109,21 @@ impl Upstreams {
         Ok(Self { all })
     }
 
+    /// The channel of the upstream named `name` (`context`, `generation`,
+    /// `understanding`, `retrieval`, `auth-rotation`). An unknown name is a
+    /// programming error; it gets a channel to nowhere that fails every call.
+    pub fn channel(&self, name: &str) -> TracedChannel {
+        match self.all.iter().find(|u| u.name == name) {
+            Some(u) => u.channel.clone(),
+            None => {
+                tracing::error!(name, "no such upstream");
+                client::ClientTrace::new(
+                    tonic::transport::Endpoint::from_static("http://0.0.0.0:1").connect_lazy(),
+                )
+            }
+        }
+    }
+
     /// Checks every upstream concurrently, each within `timeout`.
     pub async fn health(&self, timeout: Duration) -> Vec<UpstreamHealth> {
         futures::future::join_all(self.all.iter().map(|u| u.health(timeout))).await

@@ -1,30 +1,65 @@
 //! The gateway's HTTP surface: routes, shared state and middleware.
 
+mod chat;
 mod health;
+mod models;
 mod observe;
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Router, routing::get};
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    response::IntoResponse,
+    routing::{get, post},
+};
 use tower::ServiceBuilder;
 
-use crate::Upstreams;
+use crate::{ApiError, Upstreams, edge, pipeline::Pipeline};
 
 /// State shared by every handler.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The gRPC upstreams.
     pub upstreams: Arc<Upstreams>,
+    /// The chat pipeline.
+    pub pipeline: Arc<Pipeline>,
+    /// Client keys and their limits.
+    pub keys: Arc<edge::KeyRing>,
     /// Deadline of each upstream health check behind `/readyz`.
     pub readiness_timeout: Duration,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+async fn not_found() -> axum::response::Response {
+    let err = ApiError::InvalidRequest(
+        "no such endpoint; the API is POST /v1/chat/completions and GET /v1/models".to_owned(),
+    );
+    (axum::http::StatusCode::NOT_FOUND, axum::Json(err.envelope())).into_response()
 }
 
 /// The gateway's router with its middleware.
 pub fn router(state: AppState) -> Router {
+    // The API needs a caller: authentication and the request rate limit run
+    // before the handler (and after the span and metrics layers below, so a
+    // 401/429 is traced and counted like any answer).
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models::list_models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.keys.clone(),
+            edge::authenticate,
+        ))
+        // Bodies over the limit are refused while being read (413), before
+        // any JSON parsing.
+        .layer(DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(moltbot_runtime::metrics::handler))
+        .merge(api)
+        .fallback(not_found)
         .layer(
             ServiceBuilder::new()
                 // Outermost: the span must exist before anything else runs so

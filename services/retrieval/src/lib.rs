@@ -1,19 +1,47 @@
-//! `moltbot-retrieval`: knowledge-base ingestion and approximate nearest-neighbour search.
+//! `moltbot-retrieval`: knowledge-base ingestion and approximate
+//! nearest-neighbour search.
 //!
-//! The service serves `moltbot.retrieval.v1.RetrievalService` with gRPC health and
-//! reflection through `moltbot-runtime`. RPCs not implemented yet answer
-//! `UNIMPLEMENTED` (the generated default stubs), never a made-up result.
+//! Documents are cut into token-sized chunks ([`chunk`]), embedded in-process
+//! with the shared MiniLM encoder (`moltbot-encoder`, batched), written to the
+//! [`store`] (SQLite by default, PostgreSQL with `DATABASE_URL`) and then to
+//! the collection's in-process HNSW [`index`], which is snapshotted to disk so
+//! a restart neither re-embeds nor rebuilds. Serves
+//! `moltbot.retrieval.v1.RetrievalService` with gRPC health and reflection.
+
+pub mod chunk;
+mod error;
+pub mod index;
+mod service;
+pub mod state;
+pub mod store;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use clap::Parser;
-use moltbot_proto::retrieval::v1::retrieval_service_server::{
-    RetrievalService, RetrievalServiceServer,
-};
+use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_proto::retrieval::v1::retrieval_service_server::RetrievalServiceServer;
 use moltbot_runtime::{
     RuntimeError,
     config::{ServerArgs, TelemetryArgs},
     grpc::{self, GrpcService},
     ports,
 };
+
+pub use error::RetrievalError;
+pub use service::RetrievalApi;
+
+/// Which store backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// One SQLite file under the data directory.
+    Sqlite,
+    /// PostgreSQL at `DATABASE_URL`.
+    Postgres,
+}
 
 /// Command-line flags and environment of `moltbot-retrieval`.
 #[derive(Debug, Clone, Parser)]
@@ -29,18 +57,149 @@ pub struct Args {
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    /// Directory of prepared models (the encoder is `all-minilm-l6-v2` in it).
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: PathBuf,
+    /// The encoder directory [default: <models-dir>/all-minilm-l6-v2].
+    #[arg(long, env = "MOLTBOT_ENCODER_DIR")]
+    pub encoder_dir: Option<PathBuf>,
+    /// Data directory: the SQLite file and the index snapshots.
+    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
+    pub data_dir: PathBuf,
+    /// Store [default: postgres when DATABASE_URL is set, else sqlite].
+    #[arg(long, env = "MOLTBOT_RETRIEVAL_STORE", value_enum)]
+    pub store: Option<Backend>,
+    /// PostgreSQL URL, e.g. `postgres://postgres@127.0.0.1:5432/moltbot`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// HNSW `M` (neighbours per node).
+    #[arg(long, env = "MOLTBOT_HNSW_M", default_value_t = 16)]
+    pub hnsw_m: usize,
+    /// HNSW `efConstruction`.
+    #[arg(long, env = "MOLTBOT_HNSW_EF_CONSTRUCTION", default_value_t = 128)]
+    pub ef_construction: usize,
+    /// HNSW `efSearch` (raised to `top_k` when smaller).
+    #[arg(long, env = "MOLTBOT_HNSW_EF_SEARCH", default_value_t = 64)]
+    pub ef_search: usize,
+    /// Collections with at most this many chunks are searched exactly.
+    #[arg(long, env = "MOLTBOT_EXACT_BELOW", default_value_t = 256)]
+    pub exact_below: usize,
+    /// Seconds between index snapshots of changed collections.
+    #[arg(long, env = "MOLTBOT_SNAPSHOT_INTERVAL_S", default_value_t = 30)]
+    pub snapshot_interval_s: u64,
+    /// Intra-op CPU threads of libtorch; 0 = every core.
+    #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
-/// The `RetrievalService` implementation.
-#[derive(Debug, Clone, Default)]
-pub struct Service;
+impl Args {
+    /// The encoder directory.
+    pub fn encoder_dir(&self) -> PathBuf {
+        self.encoder_dir
+            .clone()
+            .unwrap_or_else(|| self.models_dir.join("all-minilm-l6-v2"))
+    }
 
-#[tonic::async_trait]
-impl RetrievalService for Service {}
+    fn backend(&self) -> Backend {
+        self.store.unwrap_or(if self.database_url.is_some() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        })
+    }
+}
 
-/// Serves until SIGTERM/SIGINT. Errors with [`RuntimeError`] when an address
-/// cannot be bound or the server fails.
+/// Opens the store, loads the encoder and every collection's index. Errors
+/// with [`RuntimeError::Config`] / [`RuntimeError::NotReady`] saying what to
+/// fix.
+pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
+    if args.hnsw_m < 2 || args.ef_construction == 0 || args.ef_search == 0 {
+        return Err(RuntimeError::Config(
+            "MOLTBOT_HNSW_M must be ≥ 2 and the ef values ≥ 1".into(),
+        ));
+    }
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let backend = args.backend();
+    let store = match backend {
+        Backend::Sqlite => store::Store::sqlite(&args.data_dir.join("retrieval.db")).await,
+        Backend::Postgres => {
+            let url = args.database_url.as_deref().ok_or_else(|| {
+                RuntimeError::Config(
+                    "MOLTBOT_RETRIEVAL_STORE=postgres needs DATABASE_URL, e.g. postgres://postgres@127.0.0.1:5432/moltbot".into(),
+                )
+            })?;
+            store::Store::postgres(url).await
+        }
+    }
+    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let encoder_dir = args.encoder_dir();
+    let encoder = Encoder::load(&encoder_dir, tch::Device::Cpu)
+        .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(encoder_dir.join("tokenizer.json"))
+        .map_err(|e| RuntimeError::NotReady(format!("cannot load the encoder's tokenizer: {e}")))?;
+    let batcher = Batcher::start(
+        encoder,
+        BatchConfig {
+            max_batch: 32,
+            max_wait: Duration::ZERO,
+            queue_capacity: 1024,
+        },
+    )
+    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let state = Arc::new(state::State {
+        store,
+        collections: RwLock::new(Default::default()),
+        batcher,
+        tokenizer,
+        params: index::HnswParams {
+            m: args.hnsw_m,
+            ef_construction: args.ef_construction,
+            ef_search: args.ef_search,
+        },
+        snapshot_dir: args
+            .data_dir
+            .join(format!("retrieval-index-{}", state_backend_name(backend))),
+        exact_below: args.exact_below,
+    });
+    state
+        .load_collections()
+        .await
+        .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    Ok(state)
+}
+
+fn state_backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
+}
+
+/// Serves until SIGTERM/SIGINT, snapshotting changed indexes every
+/// `snapshot_interval_s` and once more after the last request. Errors with
+/// [`RuntimeError`] for bad flags, an unreachable store, a missing encoder or
+/// an address in use.
 pub async fn serve(args: Args) -> Result<(), RuntimeError> {
-    let service = GrpcService::new(RetrievalServiceServer::new(Service));
-    grpc::serve(&ports::RETRIEVAL, &args.server, service, async { Ok(()) }).await
+    let state = load(&args).await?;
+    let snapshots = {
+        let state = state.clone();
+        let every = Duration::from_secs(args.snapshot_interval_s.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let s = state.clone();
+                let _ = tokio::task::spawn_blocking(move || s.snapshot_dirty()).await;
+            }
+        })
+    };
+    let service = GrpcService::new(RetrievalServiceServer::new(RetrievalApi::new(state.clone())));
+    let result = grpc::serve(&ports::RETRIEVAL, &args.server, service, async { Ok(()) }).await;
+    snapshots.abort();
+    let s = state.clone();
+    let _ = tokio::task::spawn_blocking(move || s.snapshot_dirty()).await;
+    result
 }

@@ -66,7 +66,7 @@ pub struct TrainArgs {
 }
 
 /// Validation figures written to `metrics.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Metrics {
     /// Share of in-scope validation texts with the right intent and not
     /// flagged out of scope.

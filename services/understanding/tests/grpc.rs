@@ -39,6 +39,17 @@ fn encoder_dir() -> PathBuf {
 fn trained() -> &'static (PathBuf, Metrics) {
     static HEAD: OnceLock<(PathBuf, Metrics)> = OnceLock::new();
     HEAD.get_or_init(|| {
+        // `make test` trains the head once with `moltbot-understanding train`
+        // (scripts/train-intent-head.sh, retrained when the training code or
+        // data change) and names it here; its metrics.json is what that run
+        // measured on validation.
+        if let Ok(dir) = std::env::var("MOLTBOT_INTENT_HEAD_DIR") {
+            let dir = PathBuf::from(dir);
+            if let Ok(text) = std::fs::read_to_string(dir.join("metrics.json")) {
+                let metrics: Metrics = serde_json::from_str(&text).unwrap();
+                return (dir, metrics);
+            }
+        }
         let out = std::env::temp_dir().join(format!("moltbot-head-{}", std::process::id()));
         let data = root().join("services/understanding/data/clinc150");
         let metrics = run(&TrainArgs {

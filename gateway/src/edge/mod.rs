@@ -1,0 +1,184 @@
+//! Edge protection: client API keys (stored as SHA-256 hashes, compared in
+//! constant time), per-key rate limits, and the anonymous-on-loopback rule.
+
+pub mod ratelimit;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::{Request, State},
+    http::header,
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use sha2::{Digest, Sha256};
+
+use crate::{ApiError, GatewayError, routing::GatewayConfig};
+use ratelimit::RateLimiter;
+
+/// Who is calling, put in the request's extensions by [`authenticate`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Key name, or `anonymous`.
+    pub name: Arc<str>,
+    /// The caller's limits.
+    pub limiter: Arc<RateLimiter>,
+}
+
+/// The configured keys.
+#[derive(Debug)]
+pub struct KeyRing {
+    by_hash: HashMap<[u8; 32], Caller>,
+    anonymous: Option<Caller>,
+}
+
+fn decode_hex(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl KeyRing {
+    /// Builds the ring. Anonymous access is allowed only when the config
+    /// allows it and `http_addr` is a loopback address; a non-loopback gateway
+    /// with no keys is refused with [`GatewayError::Config`] saying what to add.
+    pub fn new(config: &GatewayConfig, http_addr: SocketAddr) -> Result<Self, GatewayError> {
+        let mut by_hash = HashMap::new();
+        for k in &config.api_keys {
+            let hash = decode_hex(&k.sha256).ok_or_else(|| {
+                GatewayError::Config(moltbot_runtime::RuntimeError::Config(format!(
+                    "api key `{}`: sha256 is not 64 hex digits",
+                    k.name
+                )))
+            })?;
+            by_hash.insert(
+                hash,
+                Caller {
+                    name: Arc::from(k.name.as_str()),
+                    limiter: Arc::new(RateLimiter::new(&k.limits)),
+                },
+            );
+        }
+        let loopback = http_addr.ip().is_loopback();
+        let anonymous = (config.allow_anonymous && loopback).then(|| Caller {
+            name: Arc::from("anonymous"),
+            limiter: Arc::new(RateLimiter::new(&config.anonymous_limits)),
+        });
+        if anonymous.is_none() && by_hash.is_empty() {
+            return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(format!(
+                "the gateway listens on {http_addr}, which is not loopback, and no api_keys are configured: \
+                 add api_keys to MOLTBOT_GATEWAY_CONFIG (sha256 of each key) or bind MOLTBOT_HTTP_ADDR to 127.0.0.1"
+            ))));
+        }
+        Ok(Self { by_hash, anonymous })
+    }
+
+    /// The caller of a request with this `Authorization` header value.
+    ///
+    /// Errors with [`ApiError::Unauthorized`] for a key that is not configured
+    /// (when keys are configured at all) or a missing key when anonymous access
+    /// is off. With no keys configured, any presented key is ignored (SDKs
+    /// always send one).
+    pub fn identify(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
+        let bearer = authorization.and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .map(str::trim)
+        });
+        match (bearer, &self.anonymous) {
+            (Some(key), anonymous) if !key.is_empty() => {
+                if self.by_hash.is_empty()
+                    && let Some(anon) = anonymous
+                {
+                    return Ok(anon.clone());
+                }
+                let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+                // Constant-time comparison against every stored hash, so the
+                // time taken does not tell which prefix matched.
+                let mut found = None;
+                for (stored, caller) in &self.by_hash {
+                    let diff = stored
+                        .iter()
+                        .zip(hash.iter())
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+                    if diff == 0 {
+                        found = Some(caller.clone());
+                    }
+                }
+                found.ok_or(ApiError::Unauthorized("invalid API key"))
+            }
+            (_, Some(anon)) => Ok(anon.clone()),
+            (_, None) => Err(ApiError::Unauthorized(
+                "missing API key: send Authorization: Bearer <key>",
+            )),
+        }
+    }
+}
+
+/// Middleware of the `/v1` routes: identifies the caller, applies its request
+/// rate limit, and stores the [`Caller`] in the request's extensions.
+pub async fn authenticate(
+    State(keys): State<Arc<KeyRing>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = match keys.identify(authorization) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = caller.limiter.admit() {
+        tracing::info!(caller = %caller.name, "rate limited");
+        return e.into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(keys: &str) -> GatewayConfig {
+        serde_yaml_ng::from_str(&format!(
+            "routes: [{{ name: x, candidates: [{{model: a}}] }}]\n{keys}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_are_checked_by_hash() {
+        // sha256("test")
+        let c = config(
+            "api_keys: [{name: app, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}]",
+        );
+        let ring = KeyRing::new(&c, "127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(&*ring.identify(Some("Bearer test")).unwrap().name, "app");
+        assert!(ring.identify(Some("Bearer wrong")).is_err());
+        assert_eq!(&*ring.identify(None).unwrap().name, "anonymous");
+
+        let public = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap()).unwrap();
+        assert!(public.identify(None).is_err());
+        assert!(public.identify(Some("Bearer test")).is_ok());
+    }
+
+    #[test]
+    fn no_keys_off_loopback_refuses_to_start() {
+        let c = config("");
+        let err = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("api_keys"), "{err}");
+        let ring = KeyRing::new(&c, "127.0.0.1:8080".parse().unwrap()).unwrap();
+        // SDKs always send a key; with none configured it is ignored.
+        assert!(ring.identify(Some("Bearer sk-anything")).is_ok());
+    }
+}

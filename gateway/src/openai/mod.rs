@@ -1,0 +1,269 @@
+//! The OpenAI Chat Completions wire format (the subset MoltBot serves) and the
+//! `moltbot` extension object. Field names follow
+//! <https://platform.openai.com/docs/api-reference/chat>.
+
+use serde::{Deserialize, Serialize};
+
+/// A message's content: a string, or an array of parts of which the `text`
+/// parts are used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Content parts (`{"type": "text", "text": ...}`).
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// Part type; only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// One request message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RequestMessage {
+    /// `system`, `developer` (treated as system), `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Content; `null` is allowed for assistant tool calls and read as empty.
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop sequence.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` and no choices.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model or route alias (`default`).
+    pub model: String,
+    /// The conversation so far (usually only the new turn when a session
+    /// keeps the history).
+    pub messages: Vec<RequestMessage>,
+    /// Stream Server-Sent Events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Completion budget, in tokens (legacy name).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Completion budget, in tokens.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature in [0, 2]; 0 is greedy.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus (top-p) mass in (0, 1].
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop sequences (at most 4).
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// Number of choices; only 1 is supported.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// End-user id (logged as given, never required).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// MoltBot extension: conversation session (also header `x-session-id`).
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Token usage.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    /// Prompt tokens (after history and passages were added).
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Their sum.
+    pub total_tokens: u32,
+}
+
+/// The assistant's message in a non-streamed response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponseMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The answer.
+    pub content: String,
+}
+
+/// One non-streamed choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    /// Always 0 (n = 1).
+    pub index: u32,
+    /// The answer.
+    pub message: ResponseMessage,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+}
+
+/// `moltbot.intent`.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntentInfo {
+    /// Domain, e.g. `banking`.
+    pub domain: String,
+    /// Intent, e.g. `balance`.
+    pub name: String,
+    /// Intent confidence in [0, 1].
+    pub confidence: f32,
+    /// True when the message is outside every known intent.
+    pub out_of_scope: bool,
+}
+
+/// One of `moltbot.sources`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    /// `<collection>:<chunk id>`, as cited in the prompt.
+    pub id: String,
+    /// Cosine similarity to the query.
+    pub score: f32,
+    /// The passage.
+    pub text: String,
+}
+
+/// One of `moltbot.attempts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    /// Model tried.
+    pub model: String,
+    /// `ok`, or the failure (`unavailable`, `deadline_exceeded`, …).
+    pub outcome: String,
+    /// Time the attempt took, in milliseconds.
+    pub latency_ms: u64,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The `moltbot` extension object of every response.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Extension {
+    /// Session the turns were stored in.
+    pub session_id: String,
+    /// Understanding's classification; null when degraded.
+    pub intent: Option<IntentInfo>,
+    /// Passages put in the prompt.
+    pub sources: Vec<Source>,
+    /// Route taken.
+    pub route: String,
+    /// Every generation attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// Enrichments skipped (`understanding`, `retrieval`) or steps that failed
+    /// without failing the turn (`context_write`).
+    pub degraded: Vec<String>,
+}
+
+/// Non-streamed response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-…`.
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model that answered.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<Choice>,
+    /// Token usage.
+    pub usage: Usage,
+    /// MoltBot extension.
+    pub moltbot: Extension,
+}
+
+/// Delta of a streamed chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delta {
+    /// `assistant` on the first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One streamed choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkChoice {
+    /// Always 0.
+    pub index: u32,
+    /// What is new.
+    pub delta: Delta,
+    /// Set on the last content chunk.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// One SSE `data:` object (`chat.completion.chunk`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same id on every chunk of a completion.
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model that answered.
+    pub model: String,
+    /// Zero or one choice (none on the usage chunk).
+    pub choices: Vec<ChunkChoice>,
+    /// Set on the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// MoltBot extension, on the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moltbot: Option<Extension>,
+}
+
+/// `GET /v1/models` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelObject {
+    /// Model or route alias.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix seconds (0: unknown).
+    pub created: u64,
+    /// `moltbot` for routes, else the backend (`local`, provider name).
+    pub owned_by: String,
+}
+
+/// `GET /v1/models` body.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// Route aliases first, then concrete models.
+    pub data: Vec<ModelObject>,
+}

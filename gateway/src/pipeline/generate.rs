@@ -1,0 +1,208 @@
+//! Generation with retries and fallback: each model of the route's chain gets
+//! up to `max_attempts` tries with jittered exponential backoff, all within
+//! the turn's deadline; an attempt succeeds once its first event arrives (after
+//! that, tokens may already be on their way to the client and the turn cannot
+//! move to another model).
+
+use std::time::{Duration, Instant};
+
+use moltbot_proto::generation::v1::{
+    GenerateRequest, GenerateResponse, generation_service_client::GenerationServiceClient,
+};
+use moltbot_runtime::grpc::client::TracedChannel;
+use rand::SeedableRng;
+
+use super::metrics;
+use crate::{
+    ApiError,
+    openai::Attempt,
+    routing::{self, config::RetryPolicy},
+};
+
+/// A generation that produced its first event.
+pub struct Started {
+    /// Model that answers.
+    pub model: String,
+    /// The first event (a delta, or the summary of an empty answer).
+    pub first: GenerateResponse,
+    /// The rest of the events.
+    pub stream: tonic::Streaming<GenerateResponse>,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Try the same model again (after backoff).
+    Retry,
+    /// This model cannot serve the request; go to the next one.
+    NextModel,
+    /// The request itself is wrong; no model will do better.
+    Fail,
+}
+
+fn next_after(code: tonic::Code) -> Next {
+    use tonic::Code;
+    match code {
+        Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Internal
+        | Code::Unknown
+        | Code::DeadlineExceeded
+        | Code::DataLoss
+        | Code::Cancelled => Next::Retry,
+        Code::NotFound | Code::Unimplemented | Code::Unauthenticated | Code::PermissionDenied => {
+            Next::NextModel
+        }
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::AlreadyExists => Next::Fail,
+    }
+}
+
+/// Snake-case name of a gRPC code, as reported in `moltbot.attempts`.
+pub fn outcome_name(code: tonic::Code) -> String {
+    let debug = format!("{code:?}");
+    let mut out = String::new();
+    for (i, ch) in debug.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_lowercase());
+    }
+    out
+}
+
+async fn one_attempt(
+    channel: TracedChannel,
+    mut request: GenerateRequest,
+    model: &str,
+    remaining: Duration,
+) -> Result<Started, tonic::Status> {
+    request.model = model.to_owned();
+    let mut req = tonic::Request::new(request);
+    req.set_timeout(remaining);
+    let mut client = GenerationServiceClient::new(channel);
+    let call = async {
+        let mut stream = client.generate(req).await?.into_inner();
+        match stream.message().await? {
+            Some(first) => Ok(Started {
+                model: model.to_owned(),
+                first,
+                stream,
+            }),
+            None => Err(tonic::Status::internal(
+                "generation ended the stream without an event",
+            )),
+        }
+    };
+    match tokio::time::timeout(remaining, call).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no first token within {} ms",
+            remaining.as_millis()
+        ))),
+    }
+}
+
+/// Tries `chain` in order under `policy` until one model starts answering.
+/// Every attempt is appended to `attempts`.
+///
+/// Errors: [`ApiError::Upstream`] at once for a request no model can serve
+/// (INVALID_ARGUMENT and the like); [`ApiError::AllAttemptsFailed`] when every
+/// model failed or the deadline ran out (`deadline: true`).
+pub async fn start(
+    channel: &TracedChannel,
+    route: &str,
+    chain: &[String],
+    policy: &RetryPolicy,
+    request: GenerateRequest,
+    deadline: Instant,
+    attempts: &mut Vec<Attempt>,
+) -> Result<Started, ApiError> {
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let mut deadline_hit = false;
+    'models: for model in chain {
+        for n in 1..=policy.max_attempts {
+            let wait = routing::backoff(policy, n, &mut rng);
+            let now = Instant::now();
+            if now + wait >= deadline {
+                deadline_hit = true;
+                break 'models;
+            }
+            tokio::time::sleep(wait).await;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let began = Instant::now();
+            let result = one_attempt(channel.clone(), request.clone(), model, remaining).await;
+            let latency_ms = began.elapsed().as_millis() as u64;
+            match result {
+                Ok(started) => {
+                    metrics::ATTEMPTS.with_label_values(&[model.as_str(), "ok"]).inc();
+                    attempts.push(Attempt {
+                        model: model.clone(),
+                        outcome: "ok".to_owned(),
+                        latency_ms,
+                        error: None,
+                    });
+                    return Ok(started);
+                }
+                Err(status) => {
+                    let outcome = outcome_name(status.code());
+                    metrics::ATTEMPTS
+                        .with_label_values(&[model.as_str(), outcome.as_str()])
+                        .inc();
+                    tracing::warn!(model = %model, attempt = n, %outcome, error = %status.message(), "generation attempt failed");
+                    attempts.push(Attempt {
+                        model: model.clone(),
+                        outcome,
+                        latency_ms,
+                        error: Some(status.message().to_owned()),
+                    });
+                    match next_after(status.code()) {
+                        Next::Retry => {}
+                        Next::NextModel => continue 'models,
+                        Next::Fail => {
+                            return Err(ApiError::Upstream {
+                                service: "generation",
+                                status,
+                            });
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        deadline_hit = true;
+                        break 'models;
+                    }
+                }
+            }
+        }
+    }
+    let summary = attempts
+        .iter()
+        .map(|a| format!("{}: {}", a.model, a.outcome))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ApiError::AllAttemptsFailed {
+        route: route.to_owned(),
+        summary: if summary.is_empty() {
+            "no attempt fitted in the deadline".to_owned()
+        } else {
+            summary
+        },
+        deadline: deadline_hit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_names_are_snake_case() {
+        assert_eq!(outcome_name(tonic::Code::DeadlineExceeded), "deadline_exceeded");
+        assert_eq!(outcome_name(tonic::Code::Unavailable), "unavailable");
+        assert_eq!(next_after(tonic::Code::NotFound), Next::NextModel);
+        assert_eq!(next_after(tonic::Code::InvalidArgument), Next::Fail);
+    }
+}

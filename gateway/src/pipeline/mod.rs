@@ -1,0 +1,615 @@
+//! The chat pipeline (DESIGN.md, "The request path"): load the session's
+//! history, classify the message and search the route's collection
+//! concurrently, pick the route, assemble the prompt within the model's
+//! context window, generate with retries and fallback, then append both turns
+//! to the session idempotently.
+//!
+//! Understanding and retrieval are enrichments: when one fails or misses its
+//! deadline the turn goes on and `moltbot.degraded` names it. Context and
+//! generation are required. Nothing is written to the session unless the
+//! answer was generated completely.
+
+mod enrich;
+pub mod generate;
+pub mod metrics;
+pub mod prompt;
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use moltbot_proto::{
+    context::v1::{self as ctx, context_service_client::ContextServiceClient},
+    generation::v1::{
+        self as gen_pb, ChatMessage, GenerateRequest, ListModelsRequest, ModelInfo, SamplingParams,
+        generation_service_client::GenerationServiceClient,
+    },
+};
+use moltbot_runtime::grpc::client::TracedChannel;
+use rand::Rng;
+
+use crate::{
+    ApiError, Upstreams,
+    openai::{ChatCompletionRequest, Content, Extension, IntentInfo, Stop},
+    routing::{
+        IntentKey, Route, Router,
+        config::{Candidate, RetryPolicy},
+        model_chain,
+    },
+};
+
+/// How long the generation service's model list is reused, for resolving
+/// request models no route names.
+const MODEL_LIST_TTL: Duration = Duration::from_secs(30);
+
+/// Most history turns loaded per turn (the token budget trims further).
+const MAX_HISTORY_TURNS: u32 = 200;
+
+/// The pipeline's upstreams and settings.
+pub struct Pipeline {
+    context: TracedChannel,
+    generation: TracedChannel,
+    understanding: TracedChannel,
+    retrieval: TracedChannel,
+    router: Router,
+    tenant: String,
+    enrichment_timeout: Duration,
+    request_timeout: Duration,
+    models: Mutex<Option<(Instant, Vec<ModelInfo>)>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("router", &self.router)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of [`Pipeline::new`].
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// Tenant of the gateway's sessions.
+    pub tenant: String,
+    /// Deadline of each enrichment and of the history load.
+    pub enrichment_timeout: Duration,
+    /// Default (and largest) deadline of a whole turn.
+    pub request_timeout: Duration,
+}
+
+/// A turn ready to generate.
+#[derive(Debug)]
+pub struct Prepared {
+    /// `chatcmpl-…`, also the idempotency key of the session write.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Route name.
+    pub route: String,
+    /// Models to try, in order.
+    pub chain: Vec<String>,
+    /// Retry policy of the route.
+    pub retry: RetryPolicy,
+    /// The generation request (model filled per attempt).
+    pub request: GenerateRequest,
+    /// The request's own messages, as they will be stored.
+    pub new_turns: Vec<ctx::Turn>,
+    /// The response extension so far.
+    pub ext: Extension,
+    /// When the turn must be done.
+    pub deadline: Instant,
+    /// When the request arrived.
+    pub arrived: Instant,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random lower-case hex id with a prefix.
+pub fn new_id(prefix: &str) -> String {
+    let bytes: [u8; 12] = rand::rng().random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
+}
+
+/// Validated request messages.
+struct Messages {
+    system: Vec<String>,
+    new: Vec<ChatMessage>,
+    new_turns: Vec<ctx::Turn>,
+    last_user: String,
+}
+
+fn text_of(index: usize, content: Option<&Content>) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut out = Vec::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => out.push(t.as_str()),
+                    (kind, _) => {
+                        return Err(ApiError::InvalidRequest(format!(
+                            "messages[{index}].content: part type `{kind}` is not supported; send text parts"
+                        )));
+                    }
+                }
+            }
+            Ok(out.join("\n"))
+        }
+    }
+}
+
+fn validate_messages(req: &ChatCompletionRequest) -> Result<Messages, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::InvalidRequest(
+            "messages is empty; send at least one user message".to_owned(),
+        ));
+    }
+    let mut m = Messages {
+        system: Vec::new(),
+        new: Vec::new(),
+        new_turns: Vec::new(),
+        last_user: String::new(),
+    };
+    for (i, msg) in req.messages.iter().enumerate() {
+        let text = text_of(i, msg.content.as_ref())?;
+        let (gen_role, ctx_role) = match msg.role.as_str() {
+            "system" | "developer" => {
+                m.system.push(text);
+                continue;
+            }
+            "user" => (gen_pb::Role::User, ctx::Role::User),
+            "assistant" => (gen_pb::Role::Assistant, ctx::Role::Assistant),
+            "tool" => (gen_pb::Role::Tool, ctx::Role::Tool),
+            other => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "messages[{i}].role `{other}` is not one of system, developer, user, assistant, tool"
+                )));
+            }
+        };
+        if gen_role == gen_pb::Role::User {
+            if text.trim().is_empty() {
+                return Err(ApiError::InvalidRequest(format!(
+                    "messages[{i}].content is empty"
+                )));
+            }
+            m.last_user = text.clone();
+        }
+        m.new.push(ChatMessage {
+            role: gen_role as i32,
+            content: text.clone(),
+        });
+        m.new_turns.push(ctx::Turn {
+            role: ctx_role as i32,
+            content: text,
+            token_count: 0,
+            created_at: None,
+        });
+    }
+    match m.new.last() {
+        Some(last) if last.role == gen_pb::Role::User as i32 => Ok(m),
+        _ => Err(ApiError::InvalidRequest(
+            "the last non-system message must have role `user`".to_owned(),
+        )),
+    }
+}
+
+fn validate_sampling(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::InvalidRequest("n: only 1 choice is supported".to_owned()));
+    }
+    if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::InvalidRequest("temperature must be in [0, 2]".to_owned()));
+    }
+    if req.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(ApiError::InvalidRequest("top_p must be in (0, 1]".to_owned()));
+    }
+    if req.max_completion_tokens.or(req.max_tokens) == Some(0) {
+        return Err(ApiError::InvalidRequest("max_tokens must be at least 1".to_owned()));
+    }
+    if let Some(Stop::Many(list)) = &req.stop
+        && list.len() > 4
+    {
+        return Err(ApiError::InvalidRequest("stop: at most 4 sequences".to_owned()));
+    }
+    if let Some(id) = &req.session_id
+        && id.is_empty()
+    {
+        return Err(ApiError::InvalidRequest("session_id is empty".to_owned()));
+    }
+    Ok(())
+}
+
+fn upstream(service: &'static str) -> impl FnOnce(tonic::Status) -> ApiError {
+    move |status| ApiError::Upstream { service, status }
+}
+
+impl Pipeline {
+    /// Wires the pipeline to `upstreams` with `router`.
+    pub fn new(upstreams: &Upstreams, router: Router, settings: PipelineSettings) -> Self {
+        Self {
+            context: upstreams.channel("context"),
+            generation: upstreams.channel("generation"),
+            understanding: upstreams.channel("understanding"),
+            retrieval: upstreams.channel("retrieval"),
+            router,
+            tenant: settings.tenant,
+            enrichment_timeout: settings.enrichment_timeout,
+            request_timeout: settings.request_timeout,
+            models: Mutex::new(None),
+        }
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The generation service's models, cached for [`MODEL_LIST_TTL`].
+    /// Errors with [`ApiError::Upstream`] when generation is unreachable.
+    pub async fn served_models(&self) -> Result<Vec<ModelInfo>, ApiError> {
+        if let Ok(cache) = self.models.lock()
+            && let Some((at, models)) = cache.as_ref()
+            && at.elapsed() < MODEL_LIST_TTL
+        {
+            return Ok(models.clone());
+        }
+        let mut request = tonic::Request::new(ListModelsRequest {});
+        request.set_timeout(self.enrichment_timeout);
+        let models = GenerationServiceClient::new(self.generation.clone())
+            .list_models(request)
+            .await
+            .map_err(upstream("generation"))?
+            .into_inner()
+            .models;
+        if let Ok(mut cache) = self.models.lock() {
+            *cache = Some((Instant::now(), models.clone()));
+        }
+        Ok(models)
+    }
+
+    /// The routes a request model may take; a model no route names but the
+    /// generation service serves gets a direct route of its own.
+    async fn routes_for(&self, model: &str) -> Result<Vec<Route>, ApiError> {
+        let routes: Vec<Route> = self.router.for_model(model).into_iter().cloned().collect();
+        if !routes.is_empty() {
+            return Ok(routes);
+        }
+        let served = self.served_models().await?;
+        if served.iter().any(|m| m.name == model) {
+            return Ok(vec![Route {
+                name: model.to_owned(),
+                matches: Default::default(),
+                system_prompt: None,
+                retrieval: None,
+                candidates: vec![Candidate {
+                    model: model.to_owned(),
+                    weight: 1,
+                }],
+                fallbacks: Vec::new(),
+                retry: RetryPolicy::default(),
+                default_max_tokens: 256,
+            }]);
+        }
+        Err(ApiError::ModelNotFound(model.to_owned()))
+    }
+
+    async fn load_history(
+        &self,
+        session_id: &str,
+        timeout: Duration,
+    ) -> Result<Vec<ctx::Turn>, ApiError> {
+        let mut request = tonic::Request::new(ctx::GetHistoryRequest {
+            tenant: self.tenant.clone(),
+            session_id: session_id.to_owned(),
+            max_turns: MAX_HISTORY_TURNS,
+            max_tokens: 0,
+        });
+        request.set_timeout(timeout);
+        let call = async {
+            ContextServiceClient::new(self.context.clone())
+                .get_history(request)
+                .await
+                .map(|r| r.into_inner().turns)
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r.map_err(upstream("context")),
+            Err(_) => Err(ApiError::Upstream {
+                service: "context",
+                status: tonic::Status::deadline_exceeded(format!(
+                    "no history within {} ms",
+                    timeout.as_millis()
+                )),
+            }),
+        }
+    }
+
+    /// Validates the request and runs everything before generation.
+    ///
+    /// `session_header` is `x-session-id`; `timeout` the client's deadline
+    /// (bounded by the configured request timeout). Without a session id a
+    /// new session is started and returned in `moltbot.session_id`.
+    ///
+    /// Errors: 400 for invalid fields, 404 for an unknown model, 422 for a
+    /// prompt longer than the context window, 503/504 when context or
+    /// generation cannot be reached.
+    pub async fn prepare(
+        &self,
+        req: &ChatCompletionRequest,
+        session_header: Option<String>,
+        timeout: Option<Duration>,
+    ) -> Result<Prepared, ApiError> {
+        let arrived = Instant::now();
+        let timeout = timeout.map_or(self.request_timeout, |t| t.min(self.request_timeout));
+        let deadline = arrived + timeout;
+        validate_sampling(req)?;
+        let messages = validate_messages(req)?;
+        let routes = self.routes_for(&req.model).await?;
+        let refs: Vec<&Route> = routes.iter().collect();
+        let session_id = req
+            .session_id
+            .clone()
+            .or(session_header)
+            .unwrap_or_else(|| new_id("sess-"));
+
+        let hop = self
+            .enrichment_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let provisional = Router::provisional(&refs).and_then(|r| r.retrieval.clone());
+        let (history, intent, provisional_sources) = tokio::join!(
+            self.load_history(&session_id, hop),
+            enrich::classify(self.understanding.clone(), &messages.last_user, hop),
+            async {
+                match &provisional {
+                    Some(cfg) => Some(
+                        enrich::retrieve(self.retrieval.clone(), cfg, &messages.last_user, hop)
+                            .await,
+                    ),
+                    None => None,
+                }
+            }
+        );
+        let history = history?;
+        let mut degraded = Vec::new();
+        let intent: Option<IntentInfo> = match intent {
+            Ok(i) => Some(i),
+            Err(reason) => {
+                tracing::warn!(%reason, "understanding skipped");
+                degraded.push("understanding".to_owned());
+                None
+            }
+        };
+        let key = IntentKey {
+            domain: intent
+                .as_ref()
+                .filter(|i| !i.out_of_scope)
+                .map(|i| i.domain.as_str()),
+            intent: intent
+                .as_ref()
+                .filter(|i| !i.out_of_scope)
+                .map(|i| i.name.as_str()),
+        };
+        let route = Router::select(&refs, &key)
+            .or(Router::provisional(&refs))
+            .ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?;
+        let same_collection = match (&route.retrieval, &provisional) {
+            (Some(a), Some(b)) => a.collection == b.collection,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        let sources = match (&route.retrieval, provisional_sources) {
+            (None, _) => Ok(Vec::new()),
+            (Some(_), Some(found)) if same_collection => found,
+            (Some(cfg), _) => {
+                let hop = self
+                    .enrichment_timeout
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                enrich::retrieve(self.retrieval.clone(), cfg, &messages.last_user, hop).await
+            }
+        };
+        let sources = match sources {
+            Ok(s) => s,
+            Err(reason) => {
+                tracing::warn!(%reason, "retrieval skipped");
+                degraded.push("retrieval".to_owned());
+                Vec::new()
+            }
+        };
+        for d in &degraded {
+            metrics::DEGRADED.with_label_values(&[d.as_str()]).inc();
+        }
+
+        let chain = model_chain(route, &mut rand::rng());
+        let system = prompt::system_message(route.system_prompt.as_deref(), &messages.system, &sources);
+        let wanted = req
+            .max_completion_tokens
+            .or(req.max_tokens)
+            .unwrap_or(route.default_max_tokens);
+        let count_timeout = deadline.saturating_duration_since(Instant::now());
+        let mut assembled = None;
+        let mut last_err = None;
+        for model in &chain {
+            match prompt::assemble(
+                self.generation.clone(),
+                model,
+                system.clone(),
+                &history,
+                messages.new.clone(),
+                wanted,
+                count_timeout,
+            )
+            .await
+            {
+                Ok(a) => {
+                    assembled = Some(a);
+                    break;
+                }
+                // A model this generation service does not count (a remote
+                // one it cannot tokenize, or one not loaded): try the next.
+                Err(ApiError::Upstream { status, .. })
+                    if matches!(status.code(), tonic::Code::NotFound | tonic::Code::Unimplemented) =>
+                {
+                    last_err = Some(ApiError::Upstream {
+                        service: "generation",
+                        status,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(assembled) = assembled else {
+            return Err(last_err.unwrap_or_else(|| ApiError::ModelNotFound(req.model.clone())));
+        };
+        let mut new_turns = messages.new_turns;
+        for (turn, tokens) in new_turns.iter_mut().zip(&assembled.new_message_tokens) {
+            turn.token_count = *tokens;
+        }
+        let id = new_id("chatcmpl-");
+        let stop = match &req.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let request = GenerateRequest {
+            model: String::new(),
+            messages: assembled.messages,
+            sampling: Some(SamplingParams {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                top_k: None,
+                repetition_penalty: None,
+                seed: req.seed,
+                max_tokens: assembled.max_tokens,
+                stop,
+            }),
+            request_id: id.clone(),
+            session_id: session_id.clone(),
+        };
+        tracing::info!(
+            route = %route.name,
+            session_id = %session_id,
+            history_kept = assembled.history_kept,
+            sources = sources.len(),
+            degraded = ?degraded,
+            "turn prepared"
+        );
+        Ok(Prepared {
+            id,
+            created: unix_now(),
+            route: route.name.clone(),
+            chain,
+            retry: route.retry,
+            request,
+            new_turns,
+            ext: Extension {
+                session_id,
+                intent,
+                sources,
+                route: route.name.clone(),
+                attempts: Vec::new(),
+                degraded,
+            },
+            deadline,
+            arrived,
+        })
+    }
+
+    /// Starts generation on the route's chain, recording attempts in
+    /// `prepared.ext.attempts`.
+    pub async fn start(&self, prepared: &mut Prepared) -> Result<generate::Started, ApiError> {
+        generate::start(
+            &self.generation,
+            &prepared.route,
+            &prepared.chain,
+            &prepared.retry,
+            prepared.request.clone(),
+            prepared.deadline,
+            &mut prepared.ext.attempts,
+        )
+        .await
+    }
+
+    /// Appends the request's messages and the answer to the session in one
+    /// idempotent call (key: the completion id). A failure does not fail the
+    /// answered turn: `context_write` is added to `degraded`.
+    pub async fn finish(&self, prepared: &mut Prepared, answer: &str, completion_tokens: u32) {
+        let mut turns = std::mem::take(&mut prepared.new_turns);
+        turns.push(ctx::Turn {
+            role: ctx::Role::Assistant as i32,
+            content: answer.to_owned(),
+            token_count: completion_tokens,
+            created_at: None,
+        });
+        let mut request = tonic::Request::new(ctx::AppendTurnsRequest {
+            tenant: self.tenant.clone(),
+            session_id: prepared.ext.session_id.clone(),
+            turns,
+            idempotency_key: prepared.id.clone(),
+            ttl_seconds: None,
+        });
+        request.set_timeout(self.enrichment_timeout);
+        if let Err(status) = ContextServiceClient::new(self.context.clone())
+            .append_turns(request)
+            .await
+        {
+            tracing::warn!(code = ?status.code(), error = %status.message(), "context write failed");
+            metrics::DEGRADED.with_label_values(&["context_write"]).inc();
+            prepared.ext.degraded.push("context_write".to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn request(json: serde_json::Value) -> ChatCompletionRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn messages_are_validated() {
+        let ok = request(serde_json::json!({"model": "default", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+        ]}));
+        let m = validate_messages(&ok).unwrap();
+        assert_eq!(m.system, vec!["Be brief."]);
+        assert_eq!(m.last_user, "hi");
+        assert_eq!(m.new_turns.len(), 1);
+
+        for (body, want) in [
+            (serde_json::json!({"model": "d", "messages": []}), "empty"),
+            (
+                serde_json::json!({"model": "d", "messages": [{"role": "wizard", "content": "x"}]}),
+                "wizard",
+            ),
+            (
+                serde_json::json!({"model": "d", "messages": [{"role": "user", "content": " "}]}),
+                "empty",
+            ),
+            (
+                serde_json::json!({"model": "d", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+                "last non-system",
+            ),
+            (
+                serde_json::json!({"model": "d", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "image_url",
+            ),
+        ] {
+            let err = validate_messages(&request(body)).err().unwrap();
+            assert!(err.to_string().contains(want), "{err}");
+        }
+        let bad_t = request(serde_json::json!({"model": "d", "messages": [], "temperature": 3.0}));
+        assert!(validate_sampling(&bad_t).unwrap_err().to_string().contains("temperature"));
+    }
+}

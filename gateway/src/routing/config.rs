@@ -1,0 +1,332 @@
+//! The gateway's YAML configuration: routes and client API keys.
+//!
+//! ```yaml
+//! default_model: qwen2.5-coder-0.5b-instruct   # what `"model": "default"` names
+//! routes:
+//!   - name: banking
+//!     match: { models: [default], domains: [banking] }
+//!     system_prompt: You are a careful banking assistant.
+//!     retrieval: { collection: docs, top_k: 4, min_score: 0.25 }
+//!     candidates: [{ model: qwen2.5-coder-0.5b-instruct, weight: 1 }]
+//!     fallbacks: [fake-openai/gpt-4o-mini]
+//!     retry: { max_attempts: 3, backoff_factor: 1.5, initial_backoff_ms: 100, jitter: 0.2 }
+//! api_keys:
+//!   - { name: app, sha256: "<hex of SHA-256(key)>", requests_per_minute: 60, tokens_per_minute: 20000 }
+//! allow_anonymous: true   # honoured only when the gateway listens on loopback
+//! ```
+
+use serde::Deserialize;
+
+use crate::GatewayError;
+
+/// The name requests use for the default route (`"model": "default"`).
+pub const DEFAULT_MODEL_ALIAS: &str = "default";
+
+/// The local generation model `moltbot up` serves.
+pub const LOCAL_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Routes, tried in file order: the first whose `match` fits wins.
+    pub routes: Vec<Route>,
+    /// Client API keys; empty means anonymous access only.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Accept requests without `Authorization` (only honoured on loopback).
+    #[serde(default = "yes")]
+    pub allow_anonymous: bool,
+    /// Limits of anonymous callers, shared by all of them.
+    #[serde(default)]
+    pub anonymous_limits: Limits,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// When a route applies. Every listed condition must hold; an empty list holds
+/// for anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Request `model` names (`default` is the alias for the default route).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Intent domains from understanding (e.g. `banking`).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Intents from understanding (e.g. `balance`).
+    #[serde(default)]
+    pub intents: Vec<String>,
+}
+
+/// Retrieval of one route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrievalConfig {
+    /// Collection to search.
+    pub collection: String,
+    /// Passages put in the prompt.
+    #[serde(default = "default_top_k")]
+    pub top_k: u32,
+    /// Passages below this cosine similarity are left out.
+    #[serde(default)]
+    pub min_score: Option<f32>,
+}
+
+fn default_top_k() -> u32 {
+    3
+}
+
+/// A weighted candidate model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    /// Model name as the generation service knows it (`provider/model` for a
+    /// remote provider).
+    pub model: String,
+    /// Relative weight among the route's candidates; 0 disables it.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Retry policy per candidate (DESIGN.md "Reliability semantics").
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts per candidate model, the first included.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Each backoff is the previous one times this factor.
+    #[serde(default = "default_factor")]
+    pub backoff_factor: f64,
+    /// Backoff before the second attempt, in milliseconds.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff_ms: u64,
+    /// Relative jitter applied to each backoff, in [0, 1].
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_factor() -> f64 {
+    1.5
+}
+fn default_initial_backoff() -> u64 {
+    100
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            backoff_factor: default_factor(),
+            initial_backoff_ms: default_initial_backoff(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name reported in `moltbot.route` and in metrics.
+    pub name: String,
+    /// When it applies.
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// System prompt put first in every prompt of this route.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// Knowledge retrieval; none when unset.
+    #[serde(default)]
+    pub retrieval: Option<RetrievalConfig>,
+    /// Weighted primary models (one is picked per turn by weight).
+    pub candidates: Vec<Candidate>,
+    /// Models tried in order after every candidate failed.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Retries per model.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// `max_tokens` when the request gives none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+}
+
+fn default_max_tokens() -> u32 {
+    256
+}
+
+/// Rate limits; unset means unlimited.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Requests per minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens per minute.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+}
+
+/// One client API key, stored hashed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Name used in logs and metrics (never the key).
+    pub name: String,
+    /// Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+    pub sha256: String,
+    /// The key's limits.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+const DEFAULT_SYSTEM_PROMPT: &str = "You are MoltBot, a helpful assistant. Answer briefly and accurately. \
+When knowledge-base passages are given, use them and cite their ids in square brackets.";
+
+impl Default for GatewayConfig {
+    /// One `default` route (also serving the local model by name) to the local
+    /// model with the `docs` collection; anonymous access.
+    fn default() -> Self {
+        Self {
+            routes: vec![Route {
+                name: "default".to_owned(),
+                matches: RouteMatch {
+                    models: vec![DEFAULT_MODEL_ALIAS.to_owned(), LOCAL_MODEL.to_owned()],
+                    ..RouteMatch::default()
+                },
+                system_prompt: Some(DEFAULT_SYSTEM_PROMPT.to_owned()),
+                retrieval: Some(RetrievalConfig {
+                    collection: "docs".to_owned(),
+                    top_k: default_top_k(),
+                    min_score: Some(0.3),
+                }),
+                candidates: vec![Candidate {
+                    model: LOCAL_MODEL.to_owned(),
+                    weight: 1,
+                }],
+                fallbacks: Vec::new(),
+                retry: RetryPolicy::default(),
+                default_max_tokens: default_max_tokens(),
+            }],
+            api_keys: Vec::new(),
+            allow_anonymous: true,
+            anonymous_limits: Limits::default(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and validates a YAML file. Errors with [`GatewayError::Config`]
+    /// naming the file and what to fix.
+    pub fn load(path: &std::path::Path) -> Result<Self, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            config_error(format!(
+                "cannot read MOLTBOT_GATEWAY_CONFIG {}: {e}",
+                path.display()
+            ))
+        })?;
+        let config: Self = serde_yaml_ng::from_str(&text)
+            .map_err(|e| config_error(format!("{}: {e}", path.display())))?;
+        config
+            .validate()
+            .map_err(|e| config_error(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: non-empty candidates, positive weights,
+    /// sane retry policies, well-formed key hashes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.routes.is_empty() {
+            return Err("`routes` is empty; add at least one route".to_owned());
+        }
+        for r in &self.routes {
+            if r.candidates.iter().all(|c| c.weight == 0) {
+                return Err(format!(
+                    "route `{}` has no candidate with a positive weight",
+                    r.name
+                ));
+            }
+            if r.retry.max_attempts == 0 || r.retry.backoff_factor < 1.0 {
+                return Err(format!(
+                    "route `{}`: retry.max_attempts must be ≥ 1 and backoff_factor ≥ 1.0",
+                    r.name
+                ));
+            }
+            if !(0.0..=1.0).contains(&r.retry.jitter) {
+                return Err(format!("route `{}`: retry.jitter must be in [0, 1]", r.name));
+            }
+            if r.default_max_tokens == 0 {
+                return Err(format!("route `{}`: default_max_tokens must be ≥ 1", r.name));
+            }
+        }
+        for k in &self.api_keys {
+            let hex_ok = k.sha256.len() == 64
+                && k.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !hex_ok {
+                return Err(format!(
+                    "api key `{}`: sha256 must be 64 lower-case hex digits (printf %s KEY | sha256sum)",
+                    k.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn config_error(message: String) -> GatewayError {
+    GatewayError::Config(moltbot_runtime::RuntimeError::Config(message))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file_and_rejects_bad_ones() {
+        let yaml = r#"
+routes:
+  - name: banking
+    match: { models: [default], domains: [banking] }
+    candidates: [{ model: a, weight: 2 }, { model: b }]
+    fallbacks: [remote/c]
+    retry: { max_attempts: 2 }
+api_keys:
+  - { name: app, sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", requests_per_minute: 5 }
+"#;
+        let c: GatewayConfig = serde_yaml_ng::from_str(yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.routes[0].candidates[1].weight, 1);
+        assert_eq!(c.routes[0].retry.backoff_factor, 1.5);
+        assert_eq!(c.api_keys[0].limits.requests_per_minute, Some(5));
+        assert!(c.allow_anonymous);
+
+        let typo = "routes: [{ name: x, candidates: [{model: a}], retries: {} }]";
+        assert!(serde_yaml_ng::from_str::<GatewayConfig>(typo).is_err());
+        let zero: GatewayConfig =
+            serde_yaml_ng::from_str("routes: [{ name: x, candidates: [{model: a, weight: 0}] }]")
+                .unwrap();
+        assert!(zero.validate().unwrap_err().contains("positive weight"));
+        let bad_hash: GatewayConfig = serde_yaml_ng::from_str(
+            "routes: [{ name: x, candidates: [{model: a}] }]\napi_keys: [{name: k, sha256: ABC}]",
+        )
+        .unwrap();
+        assert!(bad_hash.validate().unwrap_err().contains("sha256"));
+        GatewayConfig::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,328 @@
+//! The chat API end to end on real models: every service as a real process on
+//! ephemeral ports (context in memory, the trained intent head, the real
+//! Qwen2.5 model), the gateway in front, OTLP spans into an in-process
+//! collector. One mesh serves every scenario in turn (loading the models once).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
+
+use std::time::Duration;
+
+use moltbot_e2e::{collector::Collector, grpc, process::ServiceProcess};
+use moltbot_proto::context::v1::{GetHistoryRequest, context_service_client::ContextServiceClient};
+use serde_json::{Value, json};
+
+/// The test's API key (`test`) and its SHA-256, as the config stores it.
+const KEY: &str = "test";
+const KEY_SHA256: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+struct Mesh {
+    _collector: Collector,
+    context: ServiceProcess,
+    understanding: Option<ServiceProcess>,
+    generation: ServiceProcess,
+    retrieval: ServiceProcess,
+    auth: ServiceProcess,
+    gateway: ServiceProcess,
+    config_dir: std::path::PathBuf,
+}
+
+async fn start_mesh(collector: Collector) -> Mesh {
+    let otel = |name: &str| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()),
+            ("OTEL_SERVICE_NAME", name.to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ]
+    };
+    let mut ctx_env = otel("moltbot-context");
+    ctx_env.push(("MOLTBOT_CONTEXT_STORE", "memory".to_owned()));
+    let context = ServiceProcess::start("moltbot-context", &ctx_env);
+    let understanding = ServiceProcess::start("moltbot-understanding", &otel("moltbot-understanding"));
+    let generation = ServiceProcess::start("moltbot-generation", &otel("moltbot-generation"));
+    let retrieval = ServiceProcess::start("moltbot-retrieval", &otel("moltbot-retrieval"));
+    let auth = ServiceProcess::start("moltbot-auth-rotation", &otel("moltbot-auth-rotation"));
+
+    let config_dir = std::env::temp_dir().join(format!("moltbot-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let config = config_dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+routes:
+  - name: banking
+    match: {{ models: [default], domains: [banking] }}
+    system_prompt: You are a careful banking assistant. Answer in one sentence.
+    candidates: [{{ model: qwen2.5-coder-0.5b-instruct }}]
+    retry: {{ max_attempts: 2, initial_backoff_ms: 50 }}
+  - name: default
+    match: {{ models: [default, qwen2.5-coder-0.5b-instruct] }}
+    system_prompt: You are a helpful assistant. Answer briefly.
+    retrieval: {{ collection: docs, top_k: 3 }}
+    candidates: [{{ model: qwen2.5-coder-0.5b-instruct }}]
+    retry: {{ max_attempts: 2, initial_backoff_ms: 50 }}
+api_keys:
+  - {{ name: test, sha256: "{KEY_SHA256}" }}
+  - {{ name: limited, sha256: "{}", requests_per_minute: 2 }}
+allow_anonymous: false
+"#,
+            // sha256("limited")
+            "7b508dace774f8adc1b121c1812b740904be6dfd37e3b5e3579bc81fbf6f5553"
+        ),
+    )
+    .unwrap();
+    let mut gw_env = otel("moltbot-gateway");
+    gw_env.push(("MOLTBOT_CONTEXT_URL", context.grpc_url()));
+    gw_env.push(("MOLTBOT_GENERATION_URL", generation.grpc_url()));
+    gw_env.push(("MOLTBOT_UNDERSTANDING_URL", understanding.grpc_url()));
+    gw_env.push(("MOLTBOT_RETRIEVAL_URL", retrieval.grpc_url()));
+    gw_env.push(("MOLTBOT_AUTH_URL", auth.grpc_url()));
+    gw_env.push(("MOLTBOT_GATEWAY_CONFIG", config.display().to_string()));
+    gw_env.push(("MOLTBOT_MAX_BODY_BYTES", "1048576".to_owned()));
+    let gateway = ServiceProcess::start("moltbot-gateway", &gw_env);
+    // The models load before the services report SERVING.
+    for p in [&context, &understanding, &generation] {
+        let channel = grpc::connect(&p.grpc_url()).await;
+        grpc::wait_serving(&channel, "", Duration::from_secs(120)).await;
+    }
+    Mesh {
+        _collector: collector,
+        context,
+        understanding: Some(understanding),
+        generation,
+        retrieval,
+        auth,
+        gateway,
+        config_dir,
+    }
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn post_raw(&self, body: Vec<u8>, key: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"raw": text}));
+        (status, headers, value)
+    }
+
+    async fn chat(&self, body: Value) -> (u16, Value) {
+        let (status, _, v) = self.post_raw(serde_json::to_vec(&body).unwrap(), Some(KEY)).await;
+        (status, v)
+    }
+}
+
+fn turn(session: &str, text: &str) -> Value {
+    json!({
+        "model": "default",
+        "session_id": session,
+        "messages": [{"role": "user", "content": text}],
+        "temperature": 0,
+        "max_tokens": 24,
+    })
+}
+
+fn answer(v: &Value) -> String {
+    v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
+}
+
+fn assert_envelope(status: u16, v: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{v}");
+    assert_eq!(v["error"]["code"], want_code, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(v["error"]["type"].is_string(), "{v}");
+}
+
+async fn history_len(mesh: &Mesh, session: &str) -> usize {
+    let channel = grpc::connect(&mesh.context.grpc_url()).await;
+    ContextServiceClient::new(channel)
+        .get_history(GetHistoryRequest {
+            tenant: "default".to_owned(),
+            session_id: session.to_owned(),
+            max_turns: 0,
+            max_tokens: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .turns
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_turns_through_the_whole_mesh() {
+    let collector = Collector::start().await;
+    let mut mesh = start_mesh(collector).await;
+    let api = Api {
+        base: mesh.gateway.http_url(),
+        http: reqwest::Client::new(),
+    };
+
+    // --- Memory: the second turn of a session sees the first. -------------
+    let (status, first) = api.chat(turn("ada-1", "My name is Ada and I live in Lisbon.")).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["moltbot"]["session_id"], "ada-1");
+    assert!(first["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "{first}");
+    let (status, second) = api.chat(turn("ada-1", "What is my name?")).await;
+    assert_eq!(status, 200, "{second}");
+    assert!(answer(&second).contains("Ada"), "{second}");
+    assert_eq!(history_len(&mesh, "ada-1").await, 4);
+    let (status, stranger) = api.chat(turn("someone-else", "What is my name?")).await;
+    assert_eq!(status, 200, "{stranger}");
+    assert!(!answer(&stranger).contains("Ada"), "{stranger}");
+
+    // --- Intent: classified, and routed on its domain. ---------------------
+    let (status, bank) = api
+        .chat(turn("bank-1", "what's my checking account balance"))
+        .await;
+    assert_eq!(status, 200, "{bank}");
+    assert_eq!(bank["moltbot"]["intent"]["domain"], "banking", "{bank}");
+    assert_eq!(bank["moltbot"]["intent"]["name"], "balance", "{bank}");
+    assert_eq!(bank["moltbot"]["route"], "banking", "{bank}");
+    let attempts = bank["moltbot"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{bank}");
+    assert_eq!(attempts[0]["outcome"], "ok");
+
+    // --- Streaming with the official OpenAI SDK. ----------------------------
+    let python = std::env::var("MOLTBOT_PYTHON").unwrap_or_else(|_| ".venv/bin/python".to_owned());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_stream.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args([&api.base, KEY, "sdk-1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK stream failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sdk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(sdk["chunks"].as_u64().unwrap() >= 3, "{sdk}");
+    assert!(sdk["text"].as_str().unwrap().contains('1'), "{sdk}");
+    assert!(sdk["usage"]["completion_tokens"].as_u64().unwrap() >= 3, "{sdk}");
+    assert!(sdk["finish"].is_string(), "{sdk}");
+    assert_eq!(sdk["moltbot"]["session_id"], "sdk-1", "{sdk}");
+    // The streamed turn was stored once it completed.
+    assert_eq!(history_len(&mesh, "sdk-1").await, 2);
+
+    // --- Bad input: envelopes, right codes, no session write. --------------
+    let (status, _, v) = api.post_raw(b"{not json".to_vec(), Some(KEY)).await;
+    assert_envelope(status, &v, 400, "invalid_json");
+    let (status, v) = api
+        .chat(json!({"model": "no-such-model", "session_id": "bad-1", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_envelope(status, &v, 404, "model_not_found");
+    let big = vec![b'a'; 2 * 1024 * 1024];
+    let (status, _, v) = api.post_raw(big, Some(KEY)).await;
+    assert_envelope(status, &v, 413, "request_too_large");
+    let long = "hello ".repeat(40_000);
+    let (status, v) = api
+        .chat(json!({"model": "default", "session_id": "bad-1", "messages": [{"role": "user", "content": long}]}))
+        .await;
+    assert_envelope(status, &v, 422, "context_length_exceeded");
+    let (status, _, v) = api
+        .post_raw(serde_json::to_vec(&turn("bad-1", "hi")).unwrap(), Some("wrong-key"))
+        .await;
+    assert_envelope(status, &v, 401, "invalid_api_key");
+    let (status, _, v) = api
+        .post_raw(serde_json::to_vec(&turn("bad-1", "hi")).unwrap(), None)
+        .await;
+    assert_envelope(status, &v, 401, "invalid_api_key");
+    assert_eq!(history_len(&mesh, "bad-1").await, 0, "a failed turn wrote to its session");
+
+    // --- Rate limit: 2 requests a minute, then 429 with Retry-After. -------
+    for _ in 0..2 {
+        let (status, _, v) = api.post_raw(b"{}".to_vec(), Some("limited")).await;
+        assert_eq!(status, 400, "{v}");
+    }
+    let (status, headers, v) = api.post_raw(b"{}".to_vec(), Some("limited")).await;
+    assert_envelope(status, &v, 429, "rate_limit_exceeded");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+
+    // --- /v1/models lists the alias and the local model. -------------------
+    let models: Value = api
+        .http
+        .get(format!("{}/v1/models", api.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids[0], "default", "{models}");
+    assert!(ids.contains(&"qwen2.5-coder-0.5b-instruct"), "{models}");
+
+    // --- One trace per request across every service. ----------------------
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = api
+        .http
+        .post(format!("{}/v1/chat/completions", api.base))
+        .bearer_auth(KEY)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&turn("trace-1", "Say hi."))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let want_services = [
+        "moltbot-gateway",
+        "moltbot-context",
+        "moltbot-understanding",
+        "moltbot-retrieval",
+        "moltbot-generation",
+    ];
+    let trace_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let spans = mesh
+        ._collector
+        .wait_for(Duration::from_secs(20), |spans| {
+            want_services.iter().all(|svc| {
+                spans
+                    .iter()
+                    .any(|s| &s.service_name == svc && s.trace_id == trace_bytes && s.kind == 2)
+            })
+        })
+        .await;
+    for svc in want_services {
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.service_name == svc && s.trace_id == trace_bytes && s.kind == 2),
+            "no server span of {svc} in trace {trace_id}"
+        );
+    }
+
+    // --- Degradation: understanding stopped, the turn still answers. -------
+    mesh.understanding.take().unwrap().stop();
+    let (status, v) = api.chat(turn("degraded-1", "Say hello.")).await;
+    assert_eq!(status, 200, "{v}");
+    let degraded: Vec<&str> = v["moltbot"]["degraded"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert!(degraded.contains(&"understanding"), "{v}");
+    assert!(v["moltbot"]["intent"].is_null(), "{v}");
+    assert!(!answer(&v).is_empty(), "{v}");
+
+    for p in [mesh.gateway, mesh.generation, mesh.retrieval, mesh.auth, mesh.context] {
+        p.stop();
+    }
+    let _ = std::fs::remove_dir_all(&mesh.config_dir);
+}
