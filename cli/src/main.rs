@@ -3,9 +3,11 @@
 //! - `moltbot up` runs the whole mesh on this machine (every service and the
 //!   gateway on their default ports) and stops it cleanly on Ctrl-C;
 //! - `moltbot doctor` checks binaries, ports and stores and says what to fix;
-//! - `moltbot models prepare|list` makes the generation model ready.
+//! - `moltbot models prepare|list` makes the generation model ready;
+//! - `moltbot kb ingest PATH --collection NAME` fills a knowledge base.
 
 mod doctor;
+mod kb;
 mod models;
 mod up;
 
@@ -29,6 +31,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Prepare or list the local models.
     Models(models::ModelsArgs),
+    /// Knowledge bases: ingest documents into a retrieval collection.
+    Kb(kb::KbArgs),
 }
 
 /// Errors of the CLI.
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Doctor(args) => doctor::run(args).await,
             Command::Models(args) => models::run(args).await,
+            Command::Kb(args) => kb::run(args).await,
         }
     });
     match result {

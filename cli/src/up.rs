@@ -34,6 +34,29 @@ pub struct UpArgs {
         default_value = "services/understanding/data/clinc150"
     )]
     pub intent_data_dir: std::path::PathBuf,
+    /// Files or directories ingested into the `docs` collection when it is
+    /// empty.
+    #[arg(long, env = "MOLTBOT_DOCS", value_delimiter = ',', default_value = "README.md,BENCHMARKS.md")]
+    pub docs: Vec<std::path::PathBuf>,
+}
+
+/// Ingests `docs` into the `docs` collection when it has no documents yet.
+async fn ensure_docs(docs: &[std::path::PathBuf]) -> Result<(), CliError> {
+    let url = format!("http://{}", ports::RETRIEVAL.grpc_addr);
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .map_err(|e| CliError::Setup(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| CliError::Setup(format!("cannot reach retrieval: {e}")))?;
+    let mut client =
+        moltbot_proto::retrieval::v1::retrieval_service_client::RetrievalServiceClient::new(channel);
+    if crate::kb::ensure_collection(&mut client, "docs").await? {
+        return Ok(());
+    }
+    let present: Vec<std::path::PathBuf> = docs.iter().filter(|p| p.exists()).cloned().collect();
+    let (documents, chunks) = crate::kb::ingest(&url, "docs", &present).await?;
+    eprintln!("up: ingested {documents} documents ({chunks} chunks) into the `docs` collection");
+    Ok(())
 }
 
 /// Trains the intent head into `<models_dir>/intent-head` with
@@ -107,12 +130,16 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         children.push(spawn(spec.binary, &args.models_dir)?);
     }
     children.push(spawn("moltbot-gateway", &args.models_dir)?);
-    let result = supervise(&mut children, args.ready_timeout_s).await;
+    let result = supervise(&mut children, args.ready_timeout_s, &args.docs).await;
     stop_all(&mut children).await;
     result
 }
 
-async fn supervise(children: &mut [Running], ready_timeout_s: u64) -> Result<(), CliError> {
+async fn supervise(
+    children: &mut [Running],
+    ready_timeout_s: u64,
+    docs: &[std::path::PathBuf],
+) -> Result<(), CliError> {
     let url = format!("http://{}", ports::GATEWAY_HTTP);
     let deadline = Instant::now() + Duration::from_secs(ready_timeout_s);
     let client = reqwest::Client::new();
@@ -135,6 +162,9 @@ async fn supervise(children: &mut [Running], ready_timeout_s: u64) -> Result<(),
                 .unwrap_or(false);
             if ready {
                 announced = true;
+                if let Err(e) = ensure_docs(docs).await {
+                    eprintln!("up: the `docs` knowledge base is not ingested ({e}); answers go without it");
+                }
                 eprintln!(
                     "\nMoltBot is up at {url}\n\n  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"default\", \"session_id\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is MoltBot?\"}}]}}'\n\n  curl {url}/readyz    curl {url}/metrics\nPress Ctrl-C to stop.\n"
                 );

@@ -18,6 +18,20 @@ pub const DEFAULT_OVERLAP_TOKENS: u32 = 40;
 /// `[SEP]` (its `max_seq_length` in sentence-transformers' config).
 pub const MAX_CHUNK_TOKENS: u32 = 254;
 
+/// Loads the encoder's `tokenizer.json` for counting: its padding and
+/// truncation settings (all-MiniLM-L6-v2 ships `truncation: 128` and fixed
+/// padding) are turned off, so every text gets its true token count. Errors
+/// with [`RetrievalError::InvalidArgument`] for an unreadable file.
+pub fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer, RetrievalError> {
+    let mut t = Tokenizer::from_file(path).map_err(|e| {
+        RetrievalError::InvalidArgument(format!("cannot load {}: {e}", path.display()))
+    })?;
+    t.with_padding(None);
+    t.with_truncation(None)
+        .map_err(|e| RetrievalError::InvalidArgument(format!("tokenizer: {e}")))?;
+    Ok(t)
+}
+
 /// Chunk size and overlap, in encoder tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunking {
@@ -161,7 +175,9 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
     let mut chunks: Vec<Range<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut tokens = 0u32;
-    let close = |current: &mut Vec<usize>, tokens: &mut u32, chunks: &mut Vec<Range<usize>>| {
+    // Closes the current chunk; with `carry`, its trailing units that fit in
+    // the overlap start the next one (not across a paragraph break).
+    let close = |current: &mut Vec<usize>, tokens: &mut u32, chunks: &mut Vec<Range<usize>>, carry: bool| {
         if let (Some(&first), Some(&last)) = (current.first(), current.last()) {
             chunks.push(units[first].span.start..units[last].span.end);
         }
@@ -169,8 +185,8 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
         // (each chunk must add something new).
         let mut keep = Vec::new();
         let mut kept = 0;
-        for &u in current.iter().rev().skip(0) {
-            if kept + units[u].tokens > cfg.overlap_tokens || keep.len() + 1 >= current.len() {
+        for &u in current.iter().rev() {
+            if !carry || kept + units[u].tokens > cfg.overlap_tokens || keep.len() + 1 >= current.len() {
                 break;
             }
             kept += units[u].tokens;
@@ -187,7 +203,7 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
         let over = tokens + u.tokens > cfg.chunk_tokens;
         let paragraph_break = new_paragraph && tokens * 2 >= cfg.chunk_tokens;
         if !current.is_empty() && (over || paragraph_break) {
-            close(&mut current, &mut tokens, &mut chunks);
+            close(&mut current, &mut tokens, &mut chunks, !paragraph_break);
             // The carried overlap must leave room for this unit.
             while !current.is_empty() && tokens + u.tokens > cfg.chunk_tokens {
                 tokens -= units[current.remove(0)].tokens;
@@ -197,7 +213,7 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
         tokens += u.tokens;
     }
     if current.iter().any(|&u| chunks.last().is_none_or(|c| units[u].span.end > c.end)) {
-        close(&mut current, &mut tokens, &mut chunks);
+        close(&mut current, &mut tokens, &mut chunks, false);
     }
     Ok(chunks
         .into_iter()

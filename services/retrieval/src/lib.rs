@@ -137,8 +137,8 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
     let encoder_dir = args.encoder_dir();
     let encoder = Encoder::load(&encoder_dir, tch::Device::Cpu)
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
-    let tokenizer = tokenizers::Tokenizer::from_file(encoder_dir.join("tokenizer.json"))
-        .map_err(|e| RuntimeError::NotReady(format!("cannot load the encoder's tokenizer: {e}")))?;
+    let tokenizer = chunk::load_tokenizer(&encoder_dir.join("tokenizer.json"))
+        .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     let batcher = Batcher::start(
         encoder,
         BatchConfig {
@@ -177,6 +177,11 @@ fn state_backend_name(b: Backend) -> &'static str {
     }
 }
 
+/// The gRPC service (with its server name for health) over a loaded state.
+pub fn grpc_service(state: Arc<state::State>) -> GrpcService {
+    GrpcService::new(RetrievalServiceServer::new(RetrievalApi::new(state)))
+}
+
 /// Serves until SIGTERM/SIGINT, snapshotting changed indexes every
 /// `snapshot_interval_s` and once more after the last request. Errors with
 /// [`RuntimeError`] for bad flags, an unreachable store, a missing encoder or
@@ -196,7 +201,7 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             }
         })
     };
-    let service = GrpcService::new(RetrievalServiceServer::new(RetrievalApi::new(state.clone())));
+    let service = grpc_service(state.clone());
     let result = grpc::serve(&ports::RETRIEVAL, &args.server, service, async { Ok(()) }).await;
     snapshots.abort();
     let s = state.clone();
