@@ -1,13 +1,24 @@
-//! `moltbot-auth-rotation`: remote-provider credentials with rotation, health checks and circuit breakers.
+//! `moltbot-auth-rotation`: remote-provider credentials with rotation, health
+//! checks and circuit breakers.
 //!
-//! The service serves `moltbot.auth.v1.AuthRotationService` with gRPC health and
-//! reflection through `moltbot-runtime`. RPCs not implemented yet answer
-//! `UNIMPLEMENTED` (the generated default stubs), never a made-up result.
+//! Providers and credentials live in the [`store`] (SQLite by default,
+//! PostgreSQL with `DATABASE_URL`), secrets encrypted with AES-256-GCM under
+//! `MOLTBOT_MASTER_KEY` ([`crypto`]). The [`registry`] leases credentials,
+//! applies reported outcomes to per-credential and per-endpoint breakers,
+//! cools rate-limited keys, invalidates rejected ones, health-checks
+//! providers and refreshes OAuth2 tokens. Serves
+//! `moltbot.auth.v1.AuthRotationService` with gRPC health and reflection.
+
+pub mod crypto;
+mod error;
+pub mod registry;
+mod service;
+pub mod store;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
-use moltbot_proto::auth::v1::auth_rotation_service_server::{
-    AuthRotationService, AuthRotationServiceServer,
-};
+use moltbot_proto::auth::v1::auth_rotation_service_server::AuthRotationServiceServer;
 use moltbot_runtime::{
     RuntimeError,
     config::{ServerArgs, TelemetryArgs},
@@ -15,8 +26,20 @@ use moltbot_runtime::{
     ports,
 };
 
+pub use error::AuthError;
+pub use service::AuthApi;
+
+/// Which store backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// One SQLite file under the data directory.
+    Sqlite,
+    /// PostgreSQL at `DATABASE_URL`.
+    Postgres,
+}
+
 /// Command-line flags and environment of `moltbot-auth-rotation`.
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(
     name = "moltbot-auth-rotation",
     version,
@@ -29,21 +52,104 @@ pub struct Args {
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    /// 32-byte key encrypting secrets at rest, base64 or hex
+    /// (`openssl rand -base64 32`). Required.
+    #[arg(long, env = "MOLTBOT_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Token of the admin RPCs (`authorization: Bearer <token>`); unset
+    /// disables them.
+    #[arg(long, env = "MOLTBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Data directory of the SQLite store.
+    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
+    pub data_dir: PathBuf,
+    /// Store [default: postgres when DATABASE_URL is set, else sqlite].
+    #[arg(long, env = "MOLTBOT_AUTH_STORE", value_enum)]
+    pub store: Option<Backend>,
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// First breaker cool-down, in milliseconds (doubles on each re-opening).
+    #[arg(long, env = "MOLTBOT_BREAKER_COOLDOWN_MS", default_value_t = 5_000)]
+    pub breaker_cooldown_ms: u64,
+    /// Longest breaker cool-down, in milliseconds.
+    #[arg(long, env = "MOLTBOT_BREAKER_MAX_COOLDOWN_MS", default_value_t = 300_000)]
+    pub breaker_max_cooldown_ms: u64,
+    /// Life of a credential lease, in seconds.
+    #[arg(long, env = "MOLTBOT_LEASE_TTL_S", default_value_t = 600)]
+    pub lease_ttl_s: u64,
+    /// Granularity of the health-check scheduler, in milliseconds.
+    #[arg(long, env = "MOLTBOT_HEALTH_TICK_MS", default_value_t = 250)]
+    pub health_tick_ms: u64,
 }
 
-/// The `AuthRotationService` implementation.
-#[derive(Debug, Clone, Default)]
-pub struct Service;
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Args")
+            .field("server", &self.server)
+            .field("data_dir", &self.data_dir)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
 
-#[tonic::async_trait]
-impl AuthRotationService for Service {}
+/// Opens the store and loads the registry. Errors with
+/// [`RuntimeError::Config`] when the master key is missing or invalid (the
+/// message says how to make one) or the store cannot be opened.
+pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> {
+    let key_text = args.master_key.as_deref().ok_or_else(|| {
+        RuntimeError::Config(format!("MOLTBOT_MASTER_KEY is not set; {}", crypto::HOW_TO_MAKE_A_KEY))
+    })?;
+    let key = crypto::MasterKey::parse(key_text).map_err(|e| RuntimeError::Config(e.to_string()))?;
+    let backend = args.store.unwrap_or(if args.database_url.is_some() {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    });
+    let store = match backend {
+        Backend::Sqlite => store::Store::sqlite(&args.data_dir.join("auth.db")).await,
+        Backend::Postgres => {
+            let url = args.database_url.as_deref().ok_or_else(|| {
+                RuntimeError::Config("MOLTBOT_AUTH_STORE=postgres needs DATABASE_URL".into())
+            })?;
+            store::Store::postgres(url).await
+        }
+    }
+    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let settings = registry::Settings {
+        cooldown: registry::breaker::Cooldown {
+            base: Duration::from_millis(args.breaker_cooldown_ms.max(1)),
+            max: Duration::from_millis(args.breaker_max_cooldown_ms.max(args.breaker_cooldown_ms)),
+        },
+        lease_ttl: Duration::from_secs(args.lease_ttl_s.max(1)),
+        default_retry_after: Duration::from_secs(1),
+        token_refresh_margin: Duration::from_secs(60),
+    };
+    let registry = registry::Registry::load(store, key, settings)
+        .await
+        .map_err(|e| RuntimeError::Config(e.to_string()))?;
+    Ok(Arc::new(registry))
+}
 
-/// Serves until SIGTERM/SIGINT. Errors with [`RuntimeError`] when an address
-/// cannot be bound or the server fails.
+/// The gRPC service over a loaded registry.
+pub fn grpc_service(registry: Arc<registry::Registry>, admin_token: Option<String>) -> GrpcService {
+    GrpcService::new(AuthRotationServiceServer::new(AuthApi::new(
+        registry,
+        admin_token.map(crypto::Secret::new),
+    )))
+}
+
+/// Serves until SIGTERM/SIGINT, health-checking providers in the background.
+/// Errors with [`RuntimeError`] for a missing master key, an unreachable
+/// store, or an address in use.
 pub async fn serve(args: Args) -> Result<(), RuntimeError> {
-    let service = GrpcService::new(AuthRotationServiceServer::new(Service));
-    grpc::serve(&ports::AUTH_ROTATION, &args.server, service, async {
-        Ok(())
-    })
-    .await
+    let registry = load(&args).await?;
+    let checker = tokio::spawn(registry::health::run(
+        registry.clone(),
+        Duration::from_millis(args.health_tick_ms.max(10)),
+    ));
+    let service = grpc_service(registry, args.admin_token.clone());
+    let result = grpc::serve(&ports::AUTH_ROTATION, &args.server, service, async { Ok(()) }).await;
+    checker.abort();
+    result
 }

@@ -1,0 +1,22 @@
+-- Providers and their credentials. Secrets are AES-256-GCM ciphertext
+-- (nonce || ciphertext || tag); nothing here is plaintext key material.
+CREATE TABLE providers (
+    name                 TEXT PRIMARY KEY,
+    kind                 INTEGER NOT NULL,
+    base_url             TEXT NOT NULL,
+    models               TEXT NOT NULL,
+    health_interval_s    INTEGER NOT NULL
+);
+
+CREATE TABLE credentials (
+    id           TEXT PRIMARY KEY,
+    provider     TEXT NOT NULL REFERENCES providers (name) ON DELETE CASCADE,
+    slot         INTEGER NOT NULL,
+    secret       BLOB NOT NULL,
+    state        INTEGER NOT NULL,
+    token_url    TEXT,
+    client_id    TEXT,
+    scopes       TEXT,
+    updated_at_ms INTEGER NOT NULL,
+    UNIQUE (provider, slot)
+);

@@ -1,0 +1,68 @@
+//! Background work: a health check of every provider at its interval (`GET
+//! <base_url>/models`, the listing endpoint of OpenAI-compatible APIs and of
+//! Anthropic's), and OAuth2 token refresh before expiry.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::Registry;
+
+/// Deadline of one health check.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Probes one provider; `Ok` when it answered 2xx.
+async fn probe(registry: &Registry, name: &str, base_url: &str) -> Result<(), String> {
+    let mut request = registry
+        .http()
+        .get(format!("{base_url}/models"))
+        .timeout(PROBE_TIMEOUT);
+    if let Some((header, value)) = registry.probe_auth(name) {
+        request = request.header(header, value);
+    }
+    match request.send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("health check failed: HTTP {}", r.status().as_u16())),
+        Err(e) if e.is_timeout() => Err(format!("health check failed: no answer within {} s", PROBE_TIMEOUT.as_secs())),
+        Err(e) => Err(format!("health check failed: {}", e.without_url())),
+    }
+}
+
+/// Runs forever: checks each provider when its interval has passed (the first
+/// check right away), and refreshes OAuth2 tokens every second tick.
+pub async fn run(registry: Arc<Registry>, tick: Duration) {
+    let mut next_due: HashMap<String, Instant> = HashMap::new();
+    let mut ticks = 0u64;
+    loop {
+        let now = Instant::now();
+        let due: Vec<(String, String, u32)> = registry
+            .snapshot()
+            .into_iter()
+            .filter(|p| next_due.get(&p.row.name).is_none_or(|t| *t <= now))
+            .map(|p| (p.row.name, p.row.base_url, p.row.health_interval_s))
+            .collect();
+        let checks = due.iter().map(|(name, url, _)| {
+            let registry = registry.clone();
+            async move {
+                let result = probe(&registry, name, url).await;
+                (name.clone(), result)
+            }
+        });
+        for (name, result) in futures::future::join_all(checks).await {
+            match result {
+                Ok(()) => registry.record_health(&name, true, "health check ok".into()),
+                Err(reason) => registry.record_health(&name, false, reason),
+            }
+        }
+        for (name, _, interval) in due {
+            next_due.insert(name, now + Duration::from_secs(u64::from(interval.max(1))));
+        }
+        ticks += 1;
+        if ticks % 2 == 0 {
+            registry.refresh_tokens().await;
+        }
+        tokio::time::sleep(tick).await;
+    }
+}

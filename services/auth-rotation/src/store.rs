@@ -1,0 +1,252 @@
+//! The durable store of providers and credentials: SQLite (embedded default)
+//! or PostgreSQL (sqlx, schema `moltbot_auth`), same SQL on both. Secrets are
+//! stored only as AES-256-GCM ciphertext ([`crate::crypto`]).
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    PgPool, Row, SqlitePool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
+};
+
+use crate::AuthError;
+
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// PostgreSQL schema of the auth tables.
+pub const PG_SCHEMA: &str = "moltbot_auth";
+
+/// A provider row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRow {
+    /// Name.
+    pub name: String,
+    /// `ProviderKind` as its proto number.
+    pub kind: i32,
+    /// Validated base URL.
+    pub base_url: String,
+    /// Models served.
+    pub models: Vec<String>,
+    /// Health-check interval, seconds.
+    pub health_interval_s: u32,
+}
+
+/// A credential row; `secret` is ciphertext.
+#[derive(Debug, Clone)]
+pub struct CredentialRow {
+    /// Id (`<provider>-<slot>`).
+    pub id: String,
+    /// Provider name.
+    pub provider: String,
+    /// `CredentialSlot` as its proto number.
+    pub slot: i32,
+    /// AES-256-GCM ciphertext of the key or client secret.
+    pub secret: Vec<u8>,
+    /// `CredentialState` as its proto number (active, invalid, revoked;
+    /// cooling is not persisted).
+    pub state: i32,
+    /// OAuth2 token endpoint.
+    pub token_url: Option<String>,
+    /// OAuth2 client id.
+    pub client_id: Option<String>,
+    /// OAuth2 scopes, space-separated.
+    pub scopes: Option<String>,
+}
+
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The store.
+pub struct Store {
+    pool: Pool,
+}
+
+/// Runs the same code on whichever pool the store has (both backends read
+/// `$N` parameters).
+macro_rules! on_pool {
+    ($store:expr, $p:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating) the SQLite file at `path` and migrates it.
+    pub async fn sqlite(path: &std::path::Path) -> Result<Self, AuthError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AuthError::StoreUnavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(|e| AuthError::StoreUnavailable(format!("cannot open {}: {e}", path.display())))?;
+        SQLITE_MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| AuthError::Store(format!("migration failed: {e}")))?;
+        Ok(Self { pool: Pool::Sqlite(pool) })
+    }
+
+    /// Connects to PostgreSQL, creates [`PG_SCHEMA`] and migrates it.
+    pub async fn postgres(url: &str) -> Result<Self, AuthError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| AuthError::Config(format!("DATABASE_URL is not a PostgreSQL URL ({e})")))?
+            .options([("search_path", PG_SCHEMA)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| AuthError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('moltbot.auth.schema'))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        PG_MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| AuthError::Store(format!("migration failed: {e}")))?;
+        Ok(Self { pool: Pool::Postgres(pool) })
+    }
+
+    /// Inserts or updates a provider.
+    pub async fn upsert_provider(&self, p: &ProviderRow) -> Result<(), AuthError> {
+        let models = serde_json::to_string(&p.models).unwrap_or_else(|_| "[]".into());
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO providers (name, kind, base_url, models, health_interval_s) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, base_url = excluded.base_url, \
+                 models = excluded.models, health_interval_s = excluded.health_interval_s",
+            )
+            .bind(&p.name)
+            .bind(i64::from(p.kind))
+            .bind(&p.base_url)
+            .bind(models)
+            .bind(i64::from(p.health_interval_s))
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Every provider.
+    pub async fn providers(&self) -> Result<Vec<ProviderRow>, AuthError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query("SELECT name, kind, base_url, models, health_interval_s FROM providers ORDER BY name")
+                .fetch_all(pool)
+                .await?;
+            let mut out = Vec::new();
+            for r in &rows {
+                let models: String = r.try_get("models")?;
+                out.push(ProviderRow {
+                    name: r.try_get("name")?,
+                    kind: r.try_get::<i64, _>("kind")? as i32,
+                    base_url: r.try_get("base_url")?,
+                    models: serde_json::from_str(&models).unwrap_or_default(),
+                    health_interval_s: r.try_get::<i64, _>("health_interval_s")? as u32,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Inserts or replaces the credential in its (provider, slot).
+    pub async fn put_credential(&self, c: &CredentialRow) -> Result<(), AuthError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO credentials (id, provider, slot, secret, state, token_url, client_id, scopes, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (provider, slot) DO UPDATE SET id = excluded.id, secret = excluded.secret, \
+                 state = excluded.state, token_url = excluded.token_url, client_id = excluded.client_id, \
+                 scopes = excluded.scopes, updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(&c.id)
+            .bind(&c.provider)
+            .bind(i64::from(c.slot))
+            .bind(&c.secret)
+            .bind(i64::from(c.state))
+            .bind(&c.token_url)
+            .bind(&c.client_id)
+            .bind(&c.scopes)
+            .bind(now_ms())
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Persists a credential's state (active, invalid, revoked).
+    pub async fn set_state(&self, id: &str, state: i32) -> Result<(), AuthError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE credentials SET state = $1, updated_at_ms = $2 WHERE id = $3")
+                .bind(i64::from(state))
+                .bind(now_ms())
+                .bind(id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Every credential.
+    pub async fn credentials(&self) -> Result<Vec<CredentialRow>, AuthError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT id, provider, slot, secret, state, token_url, client_id, scopes FROM credentials ORDER BY provider, slot",
+            )
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::new();
+            for r in &rows {
+                out.push(CredentialRow {
+                    id: r.try_get("id")?,
+                    provider: r.try_get("provider")?,
+                    slot: r.try_get::<i64, _>("slot")? as i32,
+                    secret: r.try_get("secret")?,
+                    state: r.try_get::<i64, _>("state")? as i32,
+                    token_url: r.try_get("token_url")?,
+                    client_id: r.try_get("client_id")?,
+                    scopes: r.try_get("scopes")?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The raw ciphertext of a credential (for tests proving it is not
+    /// plaintext).
+    pub async fn raw_secret(&self, id: &str) -> Result<Option<Vec<u8>>, AuthError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query("SELECT secret FROM credentials WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            Ok(match row { Some(r) => Some(r.try_get("secret")?), None => None })
+        })
+    }
+}
