@@ -46,6 +46,7 @@ pub struct ServiceProcess {
     child: Child,
     pub addrs: Listening,
     output: Arc<Mutex<Vec<String>>>,
+    data_dir: PathBuf,
 }
 
 fn parse_addr(v: &serde_json::Value, key: &str) -> Option<SocketAddr> {
@@ -57,6 +58,18 @@ impl ServiceProcess {
     /// through `env`) and waits for its `listening` line.
     pub fn start(binary_name: &str, env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(binary(binary_name));
+        // Each process gets its own data directory (SQLite stores, index
+        // snapshots) and a test master key for auth-rotation's secrets.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let data_dir = std::env::temp_dir().join(format!(
+            "moltbot-e2e-{}-{}-{binary_name}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        cmd.env("MOLTBOT_DATA_DIR", &data_dir)
+            .env("MOLTBOT_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL");
         cmd.env("MOLTBOT_GRPC_ADDR", "127.0.0.1:0")
             .env("MOLTBOT_METRICS_ADDR", "127.0.0.1:0")
             .env("MOLTBOT_HTTP_ADDR", "127.0.0.1:0")
@@ -137,6 +150,7 @@ impl ServiceProcess {
             child,
             addrs,
             output,
+            data_dir,
         }
     }
 
@@ -217,5 +231,6 @@ impl Drop for ServiceProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }

@@ -321,6 +321,8 @@ impl Pipeline {
                 .map(|r| r.into_inner().turns)
         };
         match tokio::time::timeout(timeout, call).await {
+            // A session's first turn: no history yet.
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(Vec::new()),
             Ok(r) => r.map_err(upstream("context")),
             Err(_) => Err(ApiError::Upstream {
                 service: "context",

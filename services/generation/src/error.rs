@@ -47,6 +47,15 @@ pub enum GenerationError {
     /// The model's scheduler stopped (the service is shutting down).
     #[error("the model's scheduler is not running")]
     EngineStopped,
+    /// A remote provider (or auth-rotation) cannot serve the request now:
+    /// every credential failed, the endpoint's breaker is open, it timed out
+    /// or answered 5xx. The caller's route may retry or fall back.
+    #[error("remote provider unavailable: {0}")]
+    RemoteUnavailable(String),
+    /// The operation does not apply to this backend (token counting of a
+    /// remote model).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<tch::TchError> for GenerationError {
@@ -76,7 +85,10 @@ impl From<GenerationError> for Status {
             GenerationError::Load { .. } => Status::failed_precondition(message),
             GenerationError::Tokenizer(_) => Status::invalid_argument(message),
             GenerationError::Tensor(_) => Status::internal(message),
-            GenerationError::EngineStopped => Status::unavailable(message),
+            GenerationError::EngineStopped | GenerationError::RemoteUnavailable(_) => {
+                Status::unavailable(message)
+            }
+            GenerationError::Unsupported(_) => Status::unimplemented(message),
         }
     }
 }

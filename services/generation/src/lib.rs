@@ -15,6 +15,7 @@ pub mod engine;
 mod error;
 pub mod metrics;
 pub mod model;
+pub mod remote;
 pub mod sampling;
 pub mod service;
 pub mod text;
@@ -83,6 +84,23 @@ pub struct Args {
     /// Completion tokens when a request sets no max_tokens.
     #[arg(long, env = "MOLTBOT_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: usize,
+    /// Auth-rotation service, which leases the credentials of remote models
+    /// (`<provider>/<model>`).
+    #[arg(long, env = "MOLTBOT_AUTH_URL", default_value = "http://127.0.0.1:50055")]
+    pub auth_url: String,
+    /// Longest wait for a remote provider's first token, in milliseconds.
+    #[arg(long, env = "MOLTBOT_REMOTE_TTFT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub remote_ttft_timeout_ms: u64,
+    /// Longest gap between a remote stream's events, in milliseconds.
+    #[arg(long, env = "MOLTBOT_REMOTE_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub remote_idle_timeout_ms: u64,
+    /// Credentials tried per remote request when they answer 401/403/429.
+    #[arg(long, env = "MOLTBOT_REMOTE_MAX_CREDENTIALS", default_value_t = 3)]
+    pub remote_max_credentials: usize,
+    /// Fault injection for failover drills: models (comma-separated) whose
+    /// Generate answers UNAVAILABLE. Token counting still works.
+    #[arg(long, env = "MOLTBOT_FAULT_UNAVAILABLE_MODELS", value_delimiter = ',')]
+    pub fault_unavailable_models: Vec<String>,
 }
 
 impl Args {
@@ -141,7 +159,22 @@ impl Args {
 pub async fn serve(args: Args) -> Result<(), RuntimeError> {
     args.engine_config()?;
     let server = args.server.clone();
-    let api = GenerationApi::new();
+    let auth = moltbot_runtime::config::parse_upstream_url("MOLTBOT_AUTH_URL", &args.auth_url)?;
+    let remote = service::RemoteConfig {
+        auth: moltbot_runtime::grpc::client::channel(&auth)?,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(32)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| RuntimeError::Config(format!("HTTP client: {e}")))?,
+        settings: remote::RemoteSettings {
+            ttft_timeout: std::time::Duration::from_millis(args.remote_ttft_timeout_ms.max(1)),
+            idle_timeout: std::time::Duration::from_millis(args.remote_idle_timeout_ms.max(1)),
+            max_credentials: args.remote_max_credentials.max(1),
+        },
+    };
+    let api = GenerationApi::with_remote(remote, args.fault_unavailable_models.clone());
     let service = GrpcService::new(GenerationServiceServer::new(api.clone()));
     let ready = async move {
         let models = tokio::task::spawn_blocking(move || args.load_models())

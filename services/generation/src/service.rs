@@ -5,12 +5,16 @@
 use std::{
     collections::BTreeMap,
     pin::Pin,
-    sync::{Arc, OnceLock},
-    time::Instant,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
 };
 
 use futures::Stream;
-use moltbot_proto::generation::v1::{self as pb, generation_service_server::GenerationService};
+use moltbot_proto::{
+    auth::v1::{ListProvidersRequest, auth_rotation_service_client::AuthRotationServiceClient},
+    generation::v1::{self as pb, generation_service_server::GenerationService},
+};
+use moltbot_runtime::grpc::client::TracedChannel;
 use tokio_stream::{StreamExt, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
@@ -18,6 +22,7 @@ use crate::{
     GenerationError,
     backend::{Backend, GenerateInput},
     engine::{Event, Finish},
+    remote::{self, RemoteBackend, RemoteSettings},
     sampling::SamplingConfig,
     text::ChatMessage,
 };
@@ -36,6 +41,19 @@ pub type Models = BTreeMap<String, Arc<dyn Backend>>;
 #[derive(Clone, Default)]
 pub struct GenerationApi {
     models: Arc<OnceLock<Models>>,
+    remote: Option<Arc<RemoteConfig>>,
+    remotes: Arc<Mutex<BTreeMap<String, Arc<dyn Backend>>>>,
+    faulty: Arc<Vec<String>>,
+}
+
+/// How remote models (`<provider>/<model>`) are reached.
+pub struct RemoteConfig {
+    /// The auth-rotation service.
+    pub auth: TracedChannel,
+    /// The pooled HTTP client for providers.
+    pub http: reqwest::Client,
+    /// Timeouts and credential attempts.
+    pub settings: RemoteSettings,
 }
 
 impl GenerationApi {
@@ -55,6 +73,16 @@ impl GenerationApi {
             .ok_or_else(|| Status::unavailable("models are still loading"))
     }
 
+    /// Serves local models and, through `remote`, `<provider>/<model>` names;
+    /// `faulty` models answer UNAVAILABLE to Generate (failover drills).
+    pub fn with_remote(remote: RemoteConfig, faulty: Vec<String>) -> Self {
+        Self {
+            remote: Some(Arc::new(remote)),
+            faulty: Arc::new(faulty),
+            ..Self::default()
+        }
+    }
+
     fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Status> {
         let models = self.models()?;
         let name = if name == "default" || name.is_empty() {
@@ -62,10 +90,47 @@ impl GenerationApi {
         } else {
             name
         };
-        models
-            .get(name)
-            .cloned()
-            .ok_or_else(|| GenerationError::UnknownModel(name.to_owned()).into())
+        if let Some(b) = models.get(name) {
+            return Ok(b.clone());
+        }
+        match (&self.remote, remote::split_name(name)) {
+            (Some(cfg), Some(_)) => {
+                let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(b) = remotes.get(name) {
+                    return Ok(b.clone());
+                }
+                let backend: Arc<dyn Backend> = Arc::new(RemoteBackend::new(
+                    name,
+                    AuthRotationServiceClient::new(cfg.auth.clone()),
+                    cfg.http.clone(),
+                    cfg.settings,
+                )?);
+                remotes.insert(name.to_owned(), backend.clone());
+                Ok(backend)
+            }
+            _ => Err(GenerationError::UnknownModel(name.to_owned()).into()),
+        }
+    }
+
+    /// Remote models the auth-rotation service knows, as `<provider>/<model>`
+    /// (empty when it cannot be asked within 500 ms).
+    async fn remote_models(&self) -> Vec<(String, String)> {
+        let Some(cfg) = &self.remote else { return Vec::new() };
+        let mut client = AuthRotationServiceClient::new(cfg.auth.clone());
+        let mut request = Request::new(ListProvidersRequest {});
+        request.set_timeout(Duration::from_millis(500));
+        match tokio::time::timeout(Duration::from_millis(500), client.list_providers(request)).await {
+            Ok(Ok(r)) => r
+                .into_inner()
+                .providers
+                .into_iter()
+                .flat_map(|p| {
+                    let name = p.name.clone();
+                    p.models.into_iter().map(move |m| (format!("{name}/{m}"), format!("remote:{name}")))
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -150,6 +215,12 @@ impl GenerationService for GenerationApi {
         let messages = messages(&r.messages)?;
         let (sampling, max_tokens, stop) = sampling(r.sampling.as_ref())?;
         let card = backend.card();
+        if self.faulty.contains(&card.name) {
+            return Err(Status::unavailable(format!(
+                "model {} is made to fail (MOLTBOT_FAULT_UNAVAILABLE_MODELS)",
+                card.name
+            )));
+        }
         let rx = backend
             .generate(GenerateInput {
                 messages,
@@ -191,7 +262,7 @@ impl GenerationService for GenerationApi {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self
+        let mut models: Vec<pb::ModelInfo> = self
             .models()?
             .values()
             .map(|b| {
@@ -208,6 +279,15 @@ impl GenerationService for GenerationApi {
                 }
             })
             .collect();
+        for (name, backend) in self.remote_models().await {
+            models.push(pb::ModelInfo {
+                name,
+                device: "remote".into(),
+                dtype: "-".into(),
+                backend,
+                ..Default::default()
+            });
+        }
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 

@@ -1,0 +1,146 @@
+//! Request bodies and stream events of the two provider APIs: OpenAI Chat
+//! Completions (any OpenAI-compatible server) and Anthropic Messages.
+
+use serde_json::{Value, json};
+
+use crate::{backend::GenerateInput, text::ChatMessage};
+
+/// What one stream event of a provider means to us.
+#[derive(Debug, Default, PartialEq)]
+pub struct Parsed {
+    /// New text.
+    pub text: Option<String>,
+    /// The provider's finish reason, when it sent one (`stop`, `length`,
+    /// `end_turn`, `max_tokens`).
+    pub finish: Option<String>,
+    /// Prompt tokens, when reported.
+    pub prompt_tokens: Option<usize>,
+    /// Completion tokens, when reported.
+    pub completion_tokens: Option<usize>,
+    /// The stream is over.
+    pub done: bool,
+}
+
+/// `POST {base}/chat/completions` body (streaming, usage requested).
+pub fn openai_body(model: &str, input: &GenerateInput) -> Value {
+    let messages: Vec<Value> = input
+        .messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect();
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "temperature": input.sampling.temperature,
+        "top_p": input.sampling.top_p,
+    });
+    if let Some(n) = input.max_tokens {
+        body["max_tokens"] = json!(n);
+    }
+    if !input.stop.is_empty() {
+        body["stop"] = json!(input.stop);
+    }
+    if let Some(seed) = input.sampling.seed {
+        body["seed"] = json!(seed);
+    }
+    body
+}
+
+/// Parses one OpenAI `data:` payload.
+pub fn openai_event(data: &str) -> Parsed {
+    if data.trim() == "[DONE]" {
+        return Parsed { done: true, ..Parsed::default() };
+    }
+    let Ok(v) = serde_json::from_str::<Value>(data) else {
+        return Parsed::default();
+    };
+    let choice = &v["choices"][0];
+    Parsed {
+        text: choice["delta"]["content"].as_str().filter(|s| !s.is_empty()).map(str::to_owned),
+        finish: choice["finish_reason"].as_str().map(str::to_owned),
+        prompt_tokens: v["usage"]["prompt_tokens"].as_u64().map(|n| n as usize),
+        completion_tokens: v["usage"]["completion_tokens"].as_u64().map(|n| n as usize),
+        done: false,
+    }
+}
+
+/// Anthropic Messages API version header value.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// `POST {base}/messages` body: system messages go to `system`.
+pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
+    let system: Vec<&str> = input
+        .messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
+    let messages: Vec<Value> = input
+        .messages
+        .iter()
+        .filter(|m: &&ChatMessage| m.role != "system")
+        .map(|m| {
+            let role = if m.role == "assistant" { "assistant" } else { "user" };
+            json!({"role": role, "content": m.content})
+        })
+        .collect();
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "max_tokens": input.max_tokens.unwrap_or(1024),
+        "temperature": input.sampling.temperature,
+    });
+    if !system.is_empty() {
+        body["system"] = json!(system.join("\n\n"));
+    }
+    if !input.stop.is_empty() {
+        body["stop_sequences"] = json!(input.stop);
+    }
+    body
+}
+
+/// Parses one Anthropic `data:` payload.
+pub fn anthropic_event(data: &str) -> Parsed {
+    let Ok(v) = serde_json::from_str::<Value>(data) else {
+        return Parsed::default();
+    };
+    match v["type"].as_str() {
+        Some("message_start") => Parsed {
+            prompt_tokens: v["message"]["usage"]["input_tokens"].as_u64().map(|n| n as usize),
+            ..Parsed::default()
+        },
+        Some("content_block_delta") => Parsed {
+            text: v["delta"]["text"].as_str().map(str::to_owned),
+            ..Parsed::default()
+        },
+        Some("message_delta") => Parsed {
+            finish: v["delta"]["stop_reason"].as_str().map(str::to_owned),
+            completion_tokens: v["usage"]["output_tokens"].as_u64().map(|n| n as usize),
+            ..Parsed::default()
+        },
+        Some("message_stop") => Parsed { done: true, ..Parsed::default() },
+        _ => Parsed::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_apis() {
+        let p = openai_event(r#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null}]}"#);
+        assert_eq!(p.text.as_deref(), Some("Hi"));
+        let p = openai_event(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#);
+        assert_eq!((p.prompt_tokens, p.completion_tokens), (Some(5), Some(2)));
+        assert!(openai_event("[DONE]").done);
+        let p = anthropic_event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Yo"}}"#);
+        assert_eq!(p.text.as_deref(), Some("Yo"));
+        let p = anthropic_event(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#);
+        assert_eq!((p.finish.as_deref(), p.completion_tokens), (Some("end_turn"), Some(7)));
+        assert!(anthropic_event(r#"{"type":"message_stop"}"#).done);
+    }
+}
