@@ -272,6 +272,28 @@ async fn chat_turns_through_the_whole_mesh() {
     assert_eq!(ids[0], "default", "{models}");
     assert!(ids.contains(&"qwen2.5-coder-0.5b-instruct"), "{models}");
 
+    // --- Knowledge: the project's README ingested with the CLI, then asked
+    // about; the answer cites passages of the `docs` collection. ---------
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let out = std::process::Command::new(moltbot_e2e::process::binary("moltbot"))
+        .args(["kb", "ingest", "--collection", "docs", "--retrieval-url", &mesh.retrieval.grpc_url()])
+        .arg(&readme)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kb ingest: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("README.md"), "{}", String::from_utf8_lossy(&out.stdout));
+    let (status, kb) = api
+        .chat(turn("kb-1", "How do I run the MoltBot test suite?"))
+        .await;
+    assert_eq!(status, 200, "{kb}");
+    let sources = kb["moltbot"]["sources"].as_array().unwrap();
+    assert!(!sources.is_empty(), "{kb}");
+    for s in sources {
+        assert!(s["id"].as_str().unwrap().starts_with("docs:README.md#"), "{kb}");
+        assert!(s["score"].as_f64().unwrap() > 0.0);
+    }
+    assert!(kb["moltbot"]["degraded"].as_array().unwrap().is_empty(), "{kb}");
+
     // --- One trace per request across every service. ----------------------
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let resp = api

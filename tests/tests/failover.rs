@@ -1,0 +1,173 @@
+//! Failover end to end: the local model is made to fail (fault injection in
+//! the generation service), so the route falls back to a remote
+//! OpenAI-compatible provider — a local fake, reached through a credential
+//! leased from the auth-rotation service — and `moltbot.attempts` records
+//! every attempt.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
+
+use std::{
+    sync::{Arc, atomic::{AtomicU32, Ordering}},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use moltbot_e2e::{grpc, process::ServiceProcess};
+use moltbot_proto::auth::v1::{
+    AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest, add_credential_request,
+    auth_rotation_service_client::AuthRotationServiceClient,
+};
+use serde_json::{Value, json};
+
+const FAKE_KEY: &str = "sk-fake-provider-key";
+
+/// A fake OpenAI-compatible provider: streams "Hello from fake" to callers
+/// with the right key, 401 to others.
+async fn start_fake(calls: Arc<AtomicU32>) -> String {
+    let chat = move |headers: HeaderMap| {
+        let calls = calls.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {FAKE_KEY}")) {
+                return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
+            }
+            let mut body = String::new();
+            for piece in ["Hello", " from", " fake"] {
+                let chunk = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+                body.push_str(&format!("data: {chunk}\n\n"));
+            }
+            let end = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+            body.push_str(&format!("data: {end}\n\n"));
+            let usage = json!({"id": "x", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}});
+            body.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
+            let mut h = HeaderMap::new();
+            h.insert("content-type", "text/event-stream".parse().unwrap());
+            (StatusCode::OK, h, body)
+        }
+    };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(|| async { StatusCode::OK.into_response() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let fake_url = start_fake(calls.clone()).await;
+    let auth = ServiceProcess::start("moltbot-auth-rotation", &[("MOLTBOT_ADMIN_TOKEN", "admin".to_owned())]);
+    let channel = grpc::connect(&auth.grpc_url()).await;
+    let mut admin = AuthRotationServiceClient::new(channel);
+    let with_token = |msg| {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("authorization", "Bearer admin".parse().unwrap());
+        r
+    };
+    admin
+        .upsert_provider(with_token(UpsertProviderRequest {
+            name: "fake".into(),
+            kind: ProviderKind::Openai as i32,
+            base_url: fake_url,
+            models: vec!["gpt-fake".into()],
+            health_check_interval_seconds: 30,
+        }))
+        .await
+        .unwrap();
+    let mut add = tonic::Request::new(AddCredentialRequest {
+        provider: "fake".into(),
+        secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
+            primary: FAKE_KEY.into(),
+            secondary: String::new(),
+        })),
+    });
+    add.metadata_mut().insert("authorization", "Bearer admin".parse().unwrap());
+    admin.add_credential(add).await.unwrap();
+
+    let context = ServiceProcess::start("moltbot-context", &[]);
+    let generation = ServiceProcess::start(
+        "moltbot-generation",
+        &[
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_FAULT_UNAVAILABLE_MODELS", "qwen2.5-coder-0.5b-instruct".to_owned()),
+        ],
+    );
+    let config = std::env::temp_dir().join(format!("moltbot-failover-{}.yaml", std::process::id()));
+    std::fs::write(
+        &config,
+        r#"
+routes:
+  - name: default
+    match: { models: [default] }
+    candidates: [{ model: qwen2.5-coder-0.5b-instruct }]
+    fallbacks: [fake/gpt-fake]
+    retry: { max_attempts: 2, initial_backoff_ms: 50 }
+"#,
+    )
+    .unwrap();
+    let gateway = ServiceProcess::start(
+        "moltbot-gateway",
+        &[
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            // Enrichments are not running: the turn goes on degraded.
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_GATEWAY_CONFIG", config.display().to_string()),
+        ],
+    );
+    let gen_channel = grpc::connect(&generation.grpc_url()).await;
+    grpc::wait_serving(&gen_channel, "", Duration::from_secs(120)).await;
+
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("{}/v1/chat/completions", gateway.http_url()))
+        .json(&json!({
+            "model": "default",
+            "session_id": "failover-1",
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello from fake", "{body}");
+    assert_eq!(body["model"], "fake/gpt-fake");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    let attempts = body["moltbot"]["attempts"].as_array().unwrap();
+    let summary: Vec<(String, String)> = attempts
+        .iter()
+        .map(|a| (a["model"].as_str().unwrap().to_owned(), a["outcome"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("qwen2.5-coder-0.5b-instruct".to_owned(), "unavailable".to_owned()),
+            ("qwen2.5-coder-0.5b-instruct".to_owned(), "unavailable".to_owned()),
+            ("fake/gpt-fake".to_owned(), "ok".to_owned()),
+        ],
+        "{body}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let degraded = body["moltbot"]["degraded"].as_array().unwrap();
+    assert!(degraded.iter().any(|d| d == "understanding"), "{body}");
+
+    // The remote model is listed next to the local one.
+    let models: Value = http.get(format!("{}/v1/models", gateway.http_url())).send().await.unwrap().json().await.unwrap();
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "fake/gpt-fake"), "{models}");
+
+    for p in [gateway, generation, context, auth] {
+        p.stop();
+    }
+    let _ = std::fs::remove_file(&config);
+}
