@@ -36,13 +36,20 @@ pub struct IngestArgs {
     #[arg(long, default_value = "docs")]
     pub collection: String,
     /// The retrieval service.
-    #[arg(long, env = "MOLTBOT_RETRIEVAL_URL", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "MOLTBOT_RETRIEVAL_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
     pub retrieval_url: String,
 }
 
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     if path.is_file() {
-        if matches!(path.extension().and_then(|e| e.to_str()), Some("md" | "txt")) {
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("md" | "txt")
+        ) {
             out.push(path.to_path_buf());
         }
         return Ok(());
@@ -98,12 +105,20 @@ pub async fn ensure_collection(
 }
 
 /// Ingests `paths` into `collection` at `url`; returns (documents, chunks).
-pub async fn ingest(url: &str, collection: &str, paths: &[PathBuf]) -> Result<(u32, u32), CliError> {
+pub async fn ingest(
+    url: &str,
+    collection: &str,
+    paths: &[PathBuf],
+) -> Result<(u32, u32), CliError> {
     let channel = Channel::from_shared(url.to_owned())
         .map_err(|e| CliError::Setup(format!("MOLTBOT_RETRIEVAL_URL {url}: {e}")))?
         .connect()
         .await
-        .map_err(|e| CliError::Setup(format!("cannot reach retrieval at {url}: {e}; is it running (`moltbot up`)?")))?;
+        .map_err(|e| {
+            CliError::Setup(format!(
+                "cannot reach retrieval at {url}: {e}; is it running (`moltbot up`)?"
+            ))
+        })?;
     let mut client = RetrievalServiceClient::new(channel).max_decoding_message_size(64 << 20);
     ensure_collection(&mut client, collection).await?;
     let (mut docs, mut chunks) = (0, 0);
@@ -150,10 +165,15 @@ pub async fn run(args: KbArgs) -> Result<(), CliError> {
     match args.command {
         KbCommand::Ingest(a) => {
             if a.paths.is_empty() {
-                return Err(CliError::Setup("give at least one file or directory to ingest".into()));
+                return Err(CliError::Setup(
+                    "give at least one file or directory to ingest".into(),
+                ));
             }
             let (docs, chunks) = ingest(&a.retrieval_url, &a.collection, &a.paths).await?;
-            println!("ingested {docs} documents ({chunks} chunks) into `{}`", a.collection);
+            println!(
+                "ingested {docs} documents ({chunks} chunks) into `{}`",
+                a.collection
+            );
             Ok(())
         }
     }

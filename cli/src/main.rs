@@ -4,10 +4,13 @@
 //!   gateway on their default ports) and stops it cleanly on Ctrl-C;
 //! - `moltbot doctor` checks binaries, ports and stores and says what to fix;
 //! - `moltbot models prepare|list` makes the generation model ready;
-//! - `moltbot kb ingest PATH --collection NAME` fills a knowledge base.
+//! - `moltbot kb ingest PATH --collection NAME` fills a knowledge base;
+//! - `moltbot keys add|rotate|revoke|list` manages provider credentials.
 
+mod devkeys;
 mod doctor;
 mod kb;
+mod keys;
 mod models;
 mod up;
 
@@ -33,6 +36,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// Knowledge bases: ingest documents into a retrieval collection.
     Kb(kb::KbArgs),
+    /// Remote-provider credentials in the auth-rotation service.
+    Keys(keys::KeysArgs),
 }
 
 /// Errors of the CLI.
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
             Command::Doctor(args) => doctor::run(args).await,
             Command::Models(args) => models::run(args).await,
             Command::Kb(args) => kb::run(args).await,
+            Command::Keys(args) => keys::run(args).await,
         }
     });
     match result {

@@ -34,9 +34,18 @@ pub struct UpArgs {
         default_value = "services/understanding/data/clinc150"
     )]
     pub intent_data_dir: std::path::PathBuf,
+    /// Data directory of the embedded stores (SQLite files, index snapshots)
+    /// and of the dev-mode secrets.
+    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
+    pub data_dir: std::path::PathBuf,
     /// Files or directories ingested into the `docs` collection when it is
     /// empty.
-    #[arg(long, env = "MOLTBOT_DOCS", value_delimiter = ',', default_value = "README.md,BENCHMARKS.md")]
+    #[arg(
+        long,
+        env = "MOLTBOT_DOCS",
+        value_delimiter = ',',
+        default_value = "README.md,BENCHMARKS.md"
+    )]
     pub docs: Vec<std::path::PathBuf>,
 }
 
@@ -49,7 +58,9 @@ async fn ensure_docs(docs: &[std::path::PathBuf]) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::Setup(format!("cannot reach retrieval: {e}")))?;
     let mut client =
-        moltbot_proto::retrieval::v1::retrieval_service_client::RetrievalServiceClient::new(channel);
+        moltbot_proto::retrieval::v1::retrieval_service_client::RetrievalServiceClient::new(
+            channel,
+        );
     if crate::kb::ensure_collection(&mut client, "docs").await? {
         return Ok(());
     }
@@ -88,7 +99,10 @@ async fn ensure_intent_head(args: &UpArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::Spawn("moltbot-understanding train".to_owned(), e))?;
     if !status.success() {
-        return Err(CliError::Step("moltbot-understanding train".to_owned(), status));
+        return Err(CliError::Step(
+            "moltbot-understanding train".to_owned(),
+            status,
+        ));
     }
     std::fs::rename(&tmp, &head)?;
     Ok(())
@@ -99,7 +113,11 @@ struct Running {
     child: Child,
 }
 
-fn spawn(name: &'static str, models_dir: &std::path::Path) -> Result<Running, CliError> {
+fn spawn(
+    name: &'static str,
+    models_dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> Result<Running, CliError> {
     let dir = bin_dir()?;
     let path = dir.join(name);
     if !path.exists() {
@@ -108,6 +126,9 @@ fn spawn(name: &'static str, models_dir: &std::path::Path) -> Result<Running, Cl
     // Children inherit stdout/stderr: their JSON log lines interleave on ours.
     let mut command = Command::new(&path);
     command.env("MOLTBOT_MODELS_DIR", models_dir);
+    for (k, v) in env {
+        command.env(k, v);
+    }
     let child = command
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -125,11 +146,32 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         crate::models::prepare(&args.models_dir, &args.python).await?;
     }
     ensure_intent_head(&args).await?;
+    let (master_key, made) =
+        crate::devkeys::dev_secret("MOLTBOT_MASTER_KEY", &args.data_dir, "master.key")?;
+    if let Some(path) = made {
+        eprintln!(
+            "up: dev mode: generated MOLTBOT_MASTER_KEY in {} (it encrypts provider keys; keep it, or set your own)",
+            path.display()
+        );
+    }
+    let (admin_token, made) =
+        crate::devkeys::dev_secret("MOLTBOT_ADMIN_TOKEN", &args.data_dir, "admin.token")?;
+    if let Some(path) = made {
+        eprintln!(
+            "up: dev mode: generated MOLTBOT_ADMIN_TOKEN in {} (used by `moltbot keys`)",
+            path.display()
+        );
+    }
+    let env = [
+        ("MOLTBOT_MASTER_KEY", master_key),
+        ("MOLTBOT_ADMIN_TOKEN", admin_token),
+        ("MOLTBOT_DATA_DIR", args.data_dir.display().to_string()),
+    ];
     let mut children = Vec::new();
     for spec in ports::ALL {
-        children.push(spawn(spec.binary, &args.models_dir)?);
+        children.push(spawn(spec.binary, &args.models_dir, &env)?);
     }
-    children.push(spawn("moltbot-gateway", &args.models_dir)?);
+    children.push(spawn("moltbot-gateway", &args.models_dir, &[])?);
     let result = supervise(&mut children, args.ready_timeout_s, &args.docs).await;
     stop_all(&mut children).await;
     result
@@ -163,7 +205,9 @@ async fn supervise(
             if ready {
                 announced = true;
                 if let Err(e) = ensure_docs(docs).await {
-                    eprintln!("up: the `docs` knowledge base is not ingested ({e}); answers go without it");
+                    eprintln!(
+                        "up: the `docs` knowledge base is not ingested ({e}); answers go without it"
+                    );
                 }
                 eprintln!(
                     "\nMoltBot is up at {url}\n\n  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"default\", \"session_id\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is MoltBot?\"}}]}}'\n\n  curl {url}/readyz    curl {url}/metrics\nPress Ctrl-C to stop.\n"

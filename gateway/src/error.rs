@@ -123,7 +123,11 @@ impl ApiError {
     /// HTTP status, OpenAI error `type` and `code`.
     pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_json"),
+            Self::InvalidJson(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+            ),
             Self::InvalidRequest(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -158,10 +162,14 @@ impl ApiError {
                 let (code, kind) = upstream_status(status.code());
                 (code, kind, "upstream_error")
             }
-            Self::AllAttemptsFailed { deadline: true, .. } => {
-                (StatusCode::GATEWAY_TIMEOUT, "timeout_error", "deadline_exceeded")
-            }
-            Self::AllAttemptsFailed { deadline: false, .. } => (
+            Self::AllAttemptsFailed { deadline: true, .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                "deadline_exceeded",
+            ),
+            Self::AllAttemptsFailed {
+                deadline: false, ..
+            } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 "all_models_failed",

@@ -67,7 +67,10 @@ impl ServiceProcess {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         cmd.env("MOLTBOT_DATA_DIR", &data_dir)
-            .env("MOLTBOT_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+            .env(
+                "MOLTBOT_MASTER_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL");
         cmd.env("MOLTBOT_GRPC_ADDR", "127.0.0.1:0")

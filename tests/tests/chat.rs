@@ -37,7 +37,8 @@ async fn start_mesh(collector: Collector) -> Mesh {
     let mut ctx_env = otel("moltbot-context");
     ctx_env.push(("MOLTBOT_CONTEXT_STORE", "memory".to_owned()));
     let context = ServiceProcess::start("moltbot-context", &ctx_env);
-    let understanding = ServiceProcess::start("moltbot-understanding", &otel("moltbot-understanding"));
+    let understanding =
+        ServiceProcess::start("moltbot-understanding", &otel("moltbot-understanding"));
     let generation = ServiceProcess::start("moltbot-generation", &otel("moltbot-generation"));
     let retrieval = ServiceProcess::start("moltbot-retrieval", &otel("moltbot-retrieval"));
     let auth = ServiceProcess::start("moltbot-auth-rotation", &otel("moltbot-auth-rotation"));
@@ -103,7 +104,11 @@ struct Api {
 }
 
 impl Api {
-    async fn post_raw(&self, body: Vec<u8>, key: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+    async fn post_raw(
+        &self,
+        body: Vec<u8>,
+        key: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let mut req = self
             .http
             .post(format!("{}/v1/chat/completions", self.base))
@@ -121,7 +126,9 @@ impl Api {
     }
 
     async fn chat(&self, body: Value) -> (u16, Value) {
-        let (status, _, v) = self.post_raw(serde_json::to_vec(&body).unwrap(), Some(KEY)).await;
+        let (status, _, v) = self
+            .post_raw(serde_json::to_vec(&body).unwrap(), Some(KEY))
+            .await;
         (status, v)
     }
 }
@@ -137,13 +144,21 @@ fn turn(session: &str, text: &str) -> Value {
 }
 
 fn answer(v: &Value) -> String {
-    v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn assert_envelope(status: u16, v: &Value, want_status: u16, want_code: &str) {
     assert_eq!(status, want_status, "{v}");
     assert_eq!(v["error"]["code"], want_code, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     assert!(v["error"]["type"].is_string(), "{v}");
 }
 
@@ -174,11 +189,16 @@ async fn chat_turns_through_the_whole_mesh() {
     };
 
     // --- Memory: the second turn of a session sees the first. -------------
-    let (status, first) = api.chat(turn("ada-1", "My name is Ada and I live in Lisbon.")).await;
+    let (status, first) = api
+        .chat(turn("ada-1", "My name is Ada and I live in Lisbon."))
+        .await;
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["object"], "chat.completion");
     assert_eq!(first["moltbot"]["session_id"], "ada-1");
-    assert!(first["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "{first}");
+    assert!(
+        first["usage"]["prompt_tokens"].as_u64().unwrap() > 10,
+        "{first}"
+    );
     let (status, second) = api.chat(turn("ada-1", "What is my name?")).await;
     assert_eq!(status, 200, "{second}");
     assert!(answer(&second).contains("Ada"), "{second}");
@@ -216,7 +236,10 @@ async fn chat_turns_through_the_whole_mesh() {
     let sdk: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(sdk["chunks"].as_u64().unwrap() >= 3, "{sdk}");
     assert!(sdk["text"].as_str().unwrap().contains('1'), "{sdk}");
-    assert!(sdk["usage"]["completion_tokens"].as_u64().unwrap() >= 3, "{sdk}");
+    assert!(
+        sdk["usage"]["completion_tokens"].as_u64().unwrap() >= 3,
+        "{sdk}"
+    );
     assert!(sdk["finish"].is_string(), "{sdk}");
     assert_eq!(sdk["moltbot"]["session_id"], "sdk-1", "{sdk}");
     // The streamed turn was stored once it completed.
@@ -238,14 +261,21 @@ async fn chat_turns_through_the_whole_mesh() {
         .await;
     assert_envelope(status, &v, 422, "context_length_exceeded");
     let (status, _, v) = api
-        .post_raw(serde_json::to_vec(&turn("bad-1", "hi")).unwrap(), Some("wrong-key"))
+        .post_raw(
+            serde_json::to_vec(&turn("bad-1", "hi")).unwrap(),
+            Some("wrong-key"),
+        )
         .await;
     assert_envelope(status, &v, 401, "invalid_api_key");
     let (status, _, v) = api
         .post_raw(serde_json::to_vec(&turn("bad-1", "hi")).unwrap(), None)
         .await;
     assert_envelope(status, &v, 401, "invalid_api_key");
-    assert_eq!(history_len(&mesh, "bad-1").await, 0, "a failed turn wrote to its session");
+    assert_eq!(
+        history_len(&mesh, "bad-1").await,
+        0,
+        "a failed turn wrote to its session"
+    );
 
     // --- Rate limit: 2 requests a minute, then 429 with Retry-After. -------
     for _ in 0..2 {
@@ -268,7 +298,12 @@ async fn chat_turns_through_the_whole_mesh() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids[0], "default", "{models}");
     assert!(ids.contains(&"qwen2.5-coder-0.5b-instruct"), "{models}");
 
@@ -276,12 +311,27 @@ async fn chat_turns_through_the_whole_mesh() {
     // about; the answer cites passages of the `docs` collection. ---------
     let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
     let out = std::process::Command::new(moltbot_e2e::process::binary("moltbot"))
-        .args(["kb", "ingest", "--collection", "docs", "--retrieval-url", &mesh.retrieval.grpc_url()])
+        .args([
+            "kb",
+            "ingest",
+            "--collection",
+            "docs",
+            "--retrieval-url",
+            &mesh.retrieval.grpc_url(),
+        ])
         .arg(&readme)
         .output()
         .unwrap();
-    assert!(out.status.success(), "kb ingest: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("README.md"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "kb ingest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("README.md"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let (status, kb) = api
         .chat(turn("kb-1", "How do I run the MoltBot test suite?"))
         .await;
@@ -289,10 +339,16 @@ async fn chat_turns_through_the_whole_mesh() {
     let sources = kb["moltbot"]["sources"].as_array().unwrap();
     assert!(!sources.is_empty(), "{kb}");
     for s in sources {
-        assert!(s["id"].as_str().unwrap().starts_with("docs:README.md#"), "{kb}");
+        assert!(
+            s["id"].as_str().unwrap().starts_with("docs:README.md#"),
+            "{kb}"
+        );
         assert!(s["score"].as_f64().unwrap() > 0.0);
     }
-    assert!(kb["moltbot"]["degraded"].as_array().unwrap().is_empty(), "{kb}");
+    assert!(
+        kb["moltbot"]["degraded"].as_array().unwrap().is_empty(),
+        "{kb}"
+    );
 
     // --- One trace per request across every service. ----------------------
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -339,12 +395,23 @@ async fn chat_turns_through_the_whole_mesh() {
     mesh.understanding.take().unwrap().stop();
     let (status, v) = api.chat(turn("degraded-1", "Say hello.")).await;
     assert_eq!(status, 200, "{v}");
-    let degraded: Vec<&str> = v["moltbot"]["degraded"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    let degraded: Vec<&str> = v["moltbot"]["degraded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
     assert!(degraded.contains(&"understanding"), "{v}");
     assert!(v["moltbot"]["intent"].is_null(), "{v}");
     assert!(!answer(&v).is_empty(), "{v}");
 
-    for p in [mesh.gateway, mesh.generation, mesh.retrieval, mesh.auth, mesh.context] {
+    for p in [
+        mesh.gateway,
+        mesh.generation,
+        mesh.retrieval,
+        mesh.auth,
+        mesh.context,
+    ] {
         p.stop();
     }
     let _ = std::fs::remove_dir_all(&mesh.config_dir);

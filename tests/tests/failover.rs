@@ -7,7 +7,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
 use std::{
-    sync::{Arc, atomic::{AtomicU32, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -33,7 +36,9 @@ async fn start_fake(calls: Arc<AtomicU32>) -> String {
         let calls = calls.clone();
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
-            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {FAKE_KEY}")) {
+            if headers.get("authorization").and_then(|v| v.to_str().ok())
+                != Some(&format!("Bearer {FAKE_KEY}"))
+            {
                 return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
             }
             let mut body = String::new();
@@ -52,7 +57,10 @@ async fn start_fake(calls: Arc<AtomicU32>) -> String {
     };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
-        .route("/v1/models", get(|| async { StatusCode::OK.into_response() }));
+        .route(
+            "/v1/models",
+            get(|| async { StatusCode::OK.into_response() }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -63,12 +71,16 @@ async fn start_fake(calls: Arc<AtomicU32>) -> String {
 async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
     let calls = Arc::new(AtomicU32::new(0));
     let fake_url = start_fake(calls.clone()).await;
-    let auth = ServiceProcess::start("moltbot-auth-rotation", &[("MOLTBOT_ADMIN_TOKEN", "admin".to_owned())]);
+    let auth = ServiceProcess::start(
+        "moltbot-auth-rotation",
+        &[("MOLTBOT_ADMIN_TOKEN", "admin".to_owned())],
+    );
     let channel = grpc::connect(&auth.grpc_url()).await;
     let mut admin = AuthRotationServiceClient::new(channel);
     let with_token = |msg| {
         let mut r = tonic::Request::new(msg);
-        r.metadata_mut().insert("authorization", "Bearer admin".parse().unwrap());
+        r.metadata_mut()
+            .insert("authorization", "Bearer admin".parse().unwrap());
         r
     };
     admin
@@ -88,7 +100,8 @@ async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
             secondary: String::new(),
         })),
     });
-    add.metadata_mut().insert("authorization", "Bearer admin".parse().unwrap());
+    add.metadata_mut()
+        .insert("authorization", "Bearer admin".parse().unwrap());
     admin.add_credential(add).await.unwrap();
 
     let context = ServiceProcess::start("moltbot-context", &[]);
@@ -96,7 +109,10 @@ async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
         "moltbot-generation",
         &[
             ("MOLTBOT_AUTH_URL", auth.grpc_url()),
-            ("MOLTBOT_FAULT_UNAVAILABLE_MODELS", "qwen2.5-coder-0.5b-instruct".to_owned()),
+            (
+                "MOLTBOT_FAULT_UNAVAILABLE_MODELS",
+                "qwen2.5-coder-0.5b-instruct".to_owned(),
+            ),
         ],
     );
     let config = std::env::temp_dir().join(format!("moltbot-failover-{}.yaml", std::process::id()));
@@ -141,19 +157,33 @@ routes:
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], "Hello from fake", "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "Hello from fake",
+        "{body}"
+    );
     assert_eq!(body["model"], "fake/gpt-fake");
     assert_eq!(body["usage"]["completion_tokens"], 3);
     let attempts = body["moltbot"]["attempts"].as_array().unwrap();
     let summary: Vec<(String, String)> = attempts
         .iter()
-        .map(|a| (a["model"].as_str().unwrap().to_owned(), a["outcome"].as_str().unwrap().to_owned()))
+        .map(|a| {
+            (
+                a["model"].as_str().unwrap().to_owned(),
+                a["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
         vec![
-            ("qwen2.5-coder-0.5b-instruct".to_owned(), "unavailable".to_owned()),
-            ("qwen2.5-coder-0.5b-instruct".to_owned(), "unavailable".to_owned()),
+            (
+                "qwen2.5-coder-0.5b-instruct".to_owned(),
+                "unavailable".to_owned()
+            ),
+            (
+                "qwen2.5-coder-0.5b-instruct".to_owned(),
+                "unavailable".to_owned()
+            ),
             ("fake/gpt-fake".to_owned(), "ok".to_owned()),
         ],
         "{body}"
@@ -163,8 +193,22 @@ routes:
     assert!(degraded.iter().any(|d| d == "understanding"), "{body}");
 
     // The remote model is listed next to the local one.
-    let models: Value = http.get(format!("{}/v1/models", gateway.http_url())).send().await.unwrap().json().await.unwrap();
-    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "fake/gpt-fake"), "{models}");
+    let models: Value = http
+        .get(format!("{}/v1/models", gateway.http_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "fake/gpt-fake"),
+        "{models}"
+    );
 
     for p in [gateway, generation, context, auth] {
         p.stop();

@@ -71,10 +71,12 @@ impl KeyRing {
             limiter: Arc::new(RateLimiter::new(&config.anonymous_limits)),
         });
         if anonymous.is_none() && by_hash.is_empty() {
-            return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(format!(
-                "the gateway listens on {http_addr}, which is not loopback, and no api_keys are configured: \
+            return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(
+                format!(
+                    "the gateway listens on {http_addr}, which is not loopback, and no api_keys are configured: \
                  add api_keys to MOLTBOT_GATEWAY_CONFIG (sha256 of each key) or bind MOLTBOT_HTTP_ADDR to 127.0.0.1"
-            ))));
+                ),
+            )));
         }
         Ok(Self { by_hash, anonymous })
     }

@@ -60,7 +60,10 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// Parses the body. Errors: 413 over the limit, 400 for bad JSON or a body
 /// that is not a chat completion request (the message names the field).
-fn parse(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<ChatCompletionRequest, ApiError> {
+fn parse(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<ChatCompletionRequest, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(limit)
@@ -207,7 +210,12 @@ fn event_of<T: serde::Serialize>(value: &T) -> Event {
 /// Streams the answer as SSE. A task drives generation and sends events into
 /// a bounded channel; when the client disconnects the channel closes, the
 /// task returns and drops the generation stream (cancelling it upstream).
-fn stream(pipeline: Arc<Pipeline>, caller: Caller, mut prepared: Prepared, started: Started) -> Response {
+fn stream(
+    pipeline: Arc<Pipeline>,
+    caller: Caller,
+    mut prepared: Prepared,
+    started: Started,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
     let task = async move {
         let Started {
@@ -285,7 +293,11 @@ fn stream(pipeline: Arc<Pipeline>, caller: Caller, mut prepared: Prepared, start
         let mut usage_chunk = chunk(Vec::new());
         usage_chunk.usage = Some(usage);
         usage_chunk.moltbot = Some(prepared.ext.clone());
-        for e in [event_of(&last), event_of(&usage_chunk), Event::default().data("[DONE]")] {
+        for e in [
+            event_of(&last),
+            event_of(&usage_chunk),
+            Event::default().data("[DONE]"),
+        ] {
             if tx.send(Ok(e)).await.is_err() {
                 return;
             }

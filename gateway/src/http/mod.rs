@@ -36,7 +36,11 @@ async fn not_found() -> axum::response::Response {
     let err = ApiError::InvalidRequest(
         "no such endpoint; the API is POST /v1/chat/completions and GET /v1/models".to_owned(),
     );
-    (axum::http::StatusCode::NOT_FOUND, axum::Json(err.envelope())).into_response()
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        axum::Json(err.envelope()),
+    )
+        .into_response()
 }
 
 /// The gateway's router with its middleware.

@@ -5,8 +5,12 @@
 use std::time::Duration;
 
 use moltbot_proto::{
-    retrieval::v1::{SearchRequest, retrieval_service_client::RetrievalServiceClient, search_request},
-    understanding::v1::{ClassifyRequest, understanding_service_client::UnderstandingServiceClient},
+    retrieval::v1::{
+        SearchRequest, retrieval_service_client::RetrievalServiceClient, search_request,
+    },
+    understanding::v1::{
+        ClassifyRequest, understanding_service_client::UnderstandingServiceClient,
+    },
 };
 use moltbot_runtime::grpc::client::TracedChannel;
 

@@ -35,7 +35,7 @@ enum Next {
     /// Try the same model again (after backoff).
     Retry,
     /// This model cannot serve the request; go to the next one.
-    NextModel,
+    OtherModel,
     /// The request itself is wrong; no model will do better.
     Fail,
 }
@@ -52,7 +52,7 @@ fn next_after(code: tonic::Code) -> Next {
         | Code::DataLoss
         | Code::Cancelled => Next::Retry,
         Code::NotFound | Code::Unimplemented | Code::Unauthenticated | Code::PermissionDenied => {
-            Next::NextModel
+            Next::OtherModel
         }
         Code::Ok
         | Code::InvalidArgument
@@ -139,7 +139,9 @@ pub async fn start(
             let latency_ms = began.elapsed().as_millis() as u64;
             match result {
                 Ok(started) => {
-                    metrics::ATTEMPTS.with_label_values(&[model.as_str(), "ok"]).inc();
+                    metrics::ATTEMPTS
+                        .with_label_values(&[model.as_str(), "ok"])
+                        .inc();
                     attempts.push(Attempt {
                         model: model.clone(),
                         outcome: "ok".to_owned(),
@@ -162,7 +164,7 @@ pub async fn start(
                     });
                     match next_after(status.code()) {
                         Next::Retry => {}
-                        Next::NextModel => continue 'models,
+                        Next::OtherModel => continue 'models,
                         Next::Fail => {
                             return Err(ApiError::Upstream {
                                 service: "generation",
@@ -200,9 +202,12 @@ mod tests {
 
     #[test]
     fn outcome_names_are_snake_case() {
-        assert_eq!(outcome_name(tonic::Code::DeadlineExceeded), "deadline_exceeded");
+        assert_eq!(
+            outcome_name(tonic::Code::DeadlineExceeded),
+            "deadline_exceeded"
+        );
         assert_eq!(outcome_name(tonic::Code::Unavailable), "unavailable");
-        assert_eq!(next_after(tonic::Code::NotFound), Next::NextModel);
+        assert_eq!(next_after(tonic::Code::NotFound), Next::OtherModel);
         assert_eq!(next_after(tonic::Code::InvalidArgument), Next::Fail);
     }
 }

@@ -17,7 +17,10 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
 pub static TURNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("moltbot_gateway_turns_total", "Chat turns by route and outcome"),
+            Opts::new(
+                "moltbot_gateway_turns_total",
+                "Chat turns by route and outcome",
+            ),
             &["route", "outcome"],
         )
         .expect("valid metric"),
@@ -46,7 +49,10 @@ pub static DEGRADED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("moltbot_gateway_tokens_total", "Tokens in and out, by route"),
+            Opts::new(
+                "moltbot_gateway_tokens_total",
+                "Tokens in and out, by route",
+            ),
             &["route", "direction"],
         )
         .expect("valid metric"),

@@ -204,21 +204,31 @@ fn validate_messages(req: &ChatCompletionRequest) -> Result<Messages, ApiError> 
 
 fn validate_sampling(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::InvalidRequest("n: only 1 choice is supported".to_owned()));
+        return Err(ApiError::InvalidRequest(
+            "n: only 1 choice is supported".to_owned(),
+        ));
     }
     if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-        return Err(ApiError::InvalidRequest("temperature must be in [0, 2]".to_owned()));
+        return Err(ApiError::InvalidRequest(
+            "temperature must be in [0, 2]".to_owned(),
+        ));
     }
     if req.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-        return Err(ApiError::InvalidRequest("top_p must be in (0, 1]".to_owned()));
+        return Err(ApiError::InvalidRequest(
+            "top_p must be in (0, 1]".to_owned(),
+        ));
     }
     if req.max_completion_tokens.or(req.max_tokens) == Some(0) {
-        return Err(ApiError::InvalidRequest("max_tokens must be at least 1".to_owned()));
+        return Err(ApiError::InvalidRequest(
+            "max_tokens must be at least 1".to_owned(),
+        ));
     }
     if let Some(Stop::Many(list)) = &req.stop
         && list.len() > 4
     {
-        return Err(ApiError::InvalidRequest("stop: at most 4 sequences".to_owned()));
+        return Err(ApiError::InvalidRequest(
+            "stop: at most 4 sequences".to_owned(),
+        ));
     }
     if let Some(id) = &req.session_id
         && id.is_empty()
@@ -430,7 +440,8 @@ impl Pipeline {
         }
 
         let chain = model_chain(route, &mut rand::rng());
-        let system = prompt::system_message(route.system_prompt.as_deref(), &messages.system, &sources);
+        let system =
+            prompt::system_message(route.system_prompt.as_deref(), &messages.system, &sources);
         let wanted = req
             .max_completion_tokens
             .or(req.max_tokens)
@@ -438,6 +449,7 @@ impl Pipeline {
         let count_timeout = deadline.saturating_duration_since(Instant::now());
         let mut assembled = None;
         let mut last_err = None;
+        let mut uncountable = false;
         for model in &chain {
             match prompt::assemble(
                 self.generation.clone(),
@@ -457,8 +469,12 @@ impl Pipeline {
                 // A model this generation service does not count (a remote
                 // one it cannot tokenize, or one not loaded): try the next.
                 Err(ApiError::Upstream { status, .. })
-                    if matches!(status.code(), tonic::Code::NotFound | tonic::Code::Unimplemented) =>
+                    if matches!(
+                        status.code(),
+                        tonic::Code::NotFound | tonic::Code::Unimplemented
+                    ) =>
                 {
+                    uncountable |= status.code() == tonic::Code::Unimplemented;
                     last_err = Some(ApiError::Upstream {
                         service: "generation",
                         status,
@@ -467,8 +483,15 @@ impl Pipeline {
                 Err(e) => return Err(e),
             }
         }
-        let Some(assembled) = assembled else {
-            return Err(last_err.unwrap_or_else(|| ApiError::ModelNotFound(req.model.clone())));
+        let assembled = match assembled {
+            Some(a) => a,
+            // Only remote models on this route: they count for themselves.
+            None if uncountable => {
+                prompt::uncounted(system, &history, messages.new.clone(), wanted)
+            }
+            None => {
+                return Err(last_err.unwrap_or_else(|| ApiError::ModelNotFound(req.model.clone())));
+            }
         };
         let mut new_turns = messages.new_turns;
         for (turn, tokens) in new_turns.iter_mut().zip(&assembled.new_message_tokens) {
@@ -563,7 +586,9 @@ impl Pipeline {
             .await
         {
             tracing::warn!(code = ?status.code(), error = %status.message(), "context write failed");
-            metrics::DEGRADED.with_label_values(&["context_write"]).inc();
+            metrics::DEGRADED
+                .with_label_values(&["context_write"])
+                .inc();
             prepared.ext.degraded.push("context_write".to_owned());
         }
     }
@@ -612,6 +637,11 @@ mod tests {
             assert!(err.to_string().contains(want), "{err}");
         }
         let bad_t = request(serde_json::json!({"model": "d", "messages": [], "temperature": 3.0}));
-        assert!(validate_sampling(&bad_t).unwrap_err().to_string().contains("temperature"));
+        assert!(
+            validate_sampling(&bad_t)
+                .unwrap_err()
+                .to_string()
+                .contains("temperature")
+        );
     }
 }

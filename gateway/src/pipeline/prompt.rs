@@ -22,7 +22,11 @@ pub const PER_MESSAGE_OVERHEAD_TOKENS: u32 = 5;
 
 /// The system message: the route's prompt, the client's system messages, then
 /// the passages, each headed by the id the answer may cite.
-pub fn system_message(route_prompt: Option<&str>, client_system: &[String], sources: &[Source]) -> String {
+pub fn system_message(
+    route_prompt: Option<&str>,
+    client_system: &[String],
+    sources: &[Source],
+) -> String {
     let mut parts: Vec<String> = Vec::new();
     if let Some(p) = route_prompt {
         parts.push(p.to_owned());
@@ -143,6 +147,34 @@ pub async fn assemble(
         new_message_tokens: counted.text_tokens[history_tokens.len()..].to_vec(),
         context_length,
     })
+}
+
+/// The prompt when no model of the chain can count tokens (every one is
+/// remote): the system message, the whole loaded history, the new messages;
+/// the provider enforces its own context window.
+pub fn uncounted(
+    system: String,
+    history: &[ctx::Turn],
+    new: Vec<ChatMessage>,
+    max_tokens: u32,
+) -> Assembled {
+    let mut messages = vec![ChatMessage {
+        role: Role::System as i32,
+        content: system,
+    }];
+    messages.extend(history.iter().map(|t| ChatMessage {
+        role: gen_role(t.role()) as i32,
+        content: t.content.clone(),
+    }));
+    let new_len = new.len();
+    messages.extend(new);
+    Assembled {
+        messages,
+        max_tokens,
+        history_kept: history.len(),
+        new_message_tokens: vec![0; new_len],
+        context_length: 0,
+    }
 }
 
 #[cfg(test)]

@@ -268,15 +268,23 @@ impl GatewayConfig {
                 ));
             }
             if !(0.0..=1.0).contains(&r.retry.jitter) {
-                return Err(format!("route `{}`: retry.jitter must be in [0, 1]", r.name));
+                return Err(format!(
+                    "route `{}`: retry.jitter must be in [0, 1]",
+                    r.name
+                ));
             }
             if r.default_max_tokens == 0 {
-                return Err(format!("route `{}`: default_max_tokens must be ≥ 1", r.name));
+                return Err(format!(
+                    "route `{}`: default_max_tokens must be ≥ 1",
+                    r.name
+                ));
             }
         }
         for k in &self.api_keys {
             let hex_ok = k.sha256.len() == 64
-                && k.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                && k.sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
             if !hex_ok {
                 return Err(format!(
                     "api key `{}`: sha256 must be 64 lower-case hex digits (printf %s KEY | sha256sum)",

@@ -63,7 +63,10 @@ impl Router {
     pub fn select<'a>(routes: &[&'a Route], intent: &IntentKey<'_>) -> Option<&'a Route> {
         routes
             .iter()
-            .find(|r| listed(&r.matches.domains, intent.domain) && listed(&r.matches.intents, intent.intent))
+            .find(|r| {
+                listed(&r.matches.domains, intent.domain)
+                    && listed(&r.matches.intents, intent.intent)
+            })
             .copied()
     }
 

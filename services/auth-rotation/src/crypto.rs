@@ -51,8 +51,7 @@ impl std::fmt::Debug for MasterKey {
 }
 
 /// How to make a master key, quoted in errors.
-pub const HOW_TO_MAKE_A_KEY: &str =
-    "set MOLTBOT_MASTER_KEY to 32 random bytes in base64, e.g. `export MOLTBOT_MASTER_KEY=$(openssl rand -base64 32)`";
+pub const HOW_TO_MAKE_A_KEY: &str = "set MOLTBOT_MASTER_KEY to 32 random bytes in base64, e.g. `export MOLTBOT_MASTER_KEY=$(openssl rand -base64 32)`";
 
 impl MasterKey {
     /// Parses 32 bytes given as base64 (standard alphabet) or 64 hex digits.
@@ -63,11 +62,19 @@ impl MasterKey {
             (0..32)
                 .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
                 .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| AuthError::Config(format!("MOLTBOT_MASTER_KEY is not valid hex; {HOW_TO_MAKE_A_KEY}")))?
+                .map_err(|_| {
+                    AuthError::Config(format!(
+                        "MOLTBOT_MASTER_KEY is not valid hex; {HOW_TO_MAKE_A_KEY}"
+                    ))
+                })?
         } else {
             base64::engine::general_purpose::STANDARD
                 .decode(text)
-                .map_err(|_| AuthError::Config(format!("MOLTBOT_MASTER_KEY is neither base64 nor hex; {HOW_TO_MAKE_A_KEY}")))?
+                .map_err(|_| {
+                    AuthError::Config(format!(
+                        "MOLTBOT_MASTER_KEY is neither base64 nor hex; {HOW_TO_MAKE_A_KEY}"
+                    ))
+                })?
         };
         if bytes.len() != 32 {
             return Err(AuthError::Config(format!(
@@ -75,8 +82,9 @@ impl MasterKey {
                 bytes.len()
             )));
         }
-        let cipher = Aes256Gcm::new_from_slice(&bytes)
-            .map_err(|_| AuthError::Config(format!("bad MOLTBOT_MASTER_KEY; {HOW_TO_MAKE_A_KEY}")))?;
+        let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| {
+            AuthError::Config(format!("bad MOLTBOT_MASTER_KEY; {HOW_TO_MAKE_A_KEY}"))
+        })?;
         Ok(Self { cipher })
     }
 
@@ -149,6 +157,11 @@ mod tests {
         let other = MasterKey::parse(&"ab".repeat(32)).unwrap();
         assert!(other.open("cred-1", &sealed).is_err());
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
-        assert!(MasterKey::parse("short").unwrap_err().to_string().contains("openssl rand"));
+        assert!(
+            MasterKey::parse("short")
+                .unwrap_err()
+                .to_string()
+                .contains("openssl rand")
+        );
     }
 }

@@ -73,7 +73,11 @@ pub struct Args {
     #[arg(long, env = "MOLTBOT_BREAKER_COOLDOWN_MS", default_value_t = 5_000)]
     pub breaker_cooldown_ms: u64,
     /// Longest breaker cool-down, in milliseconds.
-    #[arg(long, env = "MOLTBOT_BREAKER_MAX_COOLDOWN_MS", default_value_t = 300_000)]
+    #[arg(
+        long,
+        env = "MOLTBOT_BREAKER_MAX_COOLDOWN_MS",
+        default_value_t = 300_000
+    )]
     pub breaker_max_cooldown_ms: u64,
     /// Life of a credential lease, in seconds.
     #[arg(long, env = "MOLTBOT_LEASE_TTL_S", default_value_t = 600)]
@@ -98,9 +102,13 @@ impl std::fmt::Debug for Args {
 /// message says how to make one) or the store cannot be opened.
 pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> {
     let key_text = args.master_key.as_deref().ok_or_else(|| {
-        RuntimeError::Config(format!("MOLTBOT_MASTER_KEY is not set; {}", crypto::HOW_TO_MAKE_A_KEY))
+        RuntimeError::Config(format!(
+            "MOLTBOT_MASTER_KEY is not set; {}",
+            crypto::HOW_TO_MAKE_A_KEY
+        ))
     })?;
-    let key = crypto::MasterKey::parse(key_text).map_err(|e| RuntimeError::Config(e.to_string()))?;
+    let key =
+        crypto::MasterKey::parse(key_text).map_err(|e| RuntimeError::Config(e.to_string()))?;
     let backend = args.store.unwrap_or(if args.database_url.is_some() {
         Backend::Postgres
     } else {
@@ -149,7 +157,10 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
         Duration::from_millis(args.health_tick_ms.max(10)),
     ));
     let service = grpc_service(registry, args.admin_token.clone());
-    let result = grpc::serve(&ports::AUTH_ROTATION, &args.server, service, async { Ok(()) }).await;
+    let result = grpc::serve(&ports::AUTH_ROTATION, &args.server, service, async {
+        Ok(())
+    })
+    .await;
     checker.abort();
     result
 }

@@ -5,11 +5,12 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use moltbot_proto::auth::v1::{
-    AcquireCredentialRequest, AcquireCredentialResponse, AddCredentialRequest, AddCredentialResponse,
-    CredentialSlot, ListProvidersRequest, ListProvidersResponse, Outcome, ProviderKind,
-    ReportOutcomeRequest, ReportOutcomeResponse, RevokeCredentialRequest, RevokeCredentialResponse,
-    RotateCredentialRequest, RotateCredentialResponse, UpsertProviderRequest, UpsertProviderResponse,
-    WatchProviderHealthRequest, WatchProviderHealthResponse, add_credential_request,
+    AcquireCredentialRequest, AcquireCredentialResponse, AddCredentialRequest,
+    AddCredentialResponse, CredentialSlot, ListProvidersRequest, ListProvidersResponse, Outcome,
+    ProviderKind, ReportOutcomeRequest, ReportOutcomeResponse, RevokeCredentialRequest,
+    RevokeCredentialResponse, RotateCredentialRequest, RotateCredentialResponse,
+    UpsertProviderRequest, UpsertProviderResponse, WatchProviderHealthRequest,
+    WatchProviderHealthResponse, add_credential_request,
     auth_rotation_service_server::AuthRotationService,
 };
 use tonic::{Request, Response, Status};
@@ -33,7 +34,10 @@ pub struct AuthApi {
 impl AuthApi {
     /// Serves `registry`; admin RPCs need `admin_token` (disabled when `None`).
     pub fn new(registry: Arc<Registry>, admin_token: Option<Secret>) -> Self {
-        Self { registry, admin_token }
+        Self {
+            registry,
+            admin_token,
+        }
     }
 
     fn admin<T>(&self, request: &Request<T>) -> Result<(), AuthError> {
@@ -49,7 +53,8 @@ impl AuthApi {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(AuthError::Unauthenticated)?;
         let (a, b) = (given.as_bytes(), expected.expose().as_bytes());
-        let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        let same =
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
         if same {
             Ok(())
         } else {
@@ -61,11 +66,15 @@ impl AuthApi {
 fn validate_name(name: &str) -> Result<(), AuthError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
-        Err(AuthError::InvalidArgument(format!("provider name {name:?} must match [a-z0-9_-]{{1,64}}")))
+        Err(AuthError::InvalidArgument(format!(
+            "provider name {name:?} must match [a-z0-9_-]{{1,64}}"
+        )))
     }
 }
 
@@ -79,7 +88,9 @@ impl AuthRotationService for AuthApi {
     ) -> Result<Response<AcquireCredentialResponse>, Status> {
         let r = request.into_inner();
         let lease = self.registry.acquire(&r.provider, &r.model).await?;
-        Ok(Response::new(AcquireCredentialResponse { lease: Some(lease) }))
+        Ok(Response::new(AcquireCredentialResponse {
+            lease: Some(lease),
+        }))
     }
 
     async fn report_outcome(
@@ -128,7 +139,9 @@ impl AuthRotationService for AuthApi {
             loop {
                 match events.recv().await {
                     Ok(e) => {
-                        if e.provider.as_ref().is_some_and(|p| keep(&p.name)) && tx.send(Ok(e)).await.is_err() {
+                        if e.provider.as_ref().is_some_and(|p| keep(&p.name))
+                            && tx.send(Ok(e)).await.is_err()
+                        {
                             return;
                         }
                     }
@@ -151,11 +164,16 @@ impl AuthRotationService for AuthApi {
         validate_name(&r.name)?;
         let kind = ProviderKind::try_from(r.kind).unwrap_or(ProviderKind::Unspecified);
         if kind == ProviderKind::Unspecified {
-            return Err(AuthError::InvalidArgument("kind must be OPENAI or ANTHROPIC".into()).into());
+            return Err(
+                AuthError::InvalidArgument("kind must be OPENAI or ANTHROPIC".into()).into(),
+            );
         }
         let base_url = url::validate("base_url", &r.base_url)?;
         if r.models.is_empty() || r.models.iter().any(|m| m.is_empty()) {
-            return Err(AuthError::InvalidArgument("models must list at least one model name".into()).into());
+            return Err(AuthError::InvalidArgument(
+                "models must list at least one model name".into(),
+            )
+            .into());
         }
         let interval = if r.health_check_interval_seconds == 0 {
             DEFAULT_HEALTH_INTERVAL_S
@@ -172,7 +190,9 @@ impl AuthRotationService for AuthApi {
                 health_interval_s: interval,
             })
             .await?;
-        Ok(Response::new(UpsertProviderResponse { provider: Some(status) }))
+        Ok(Response::new(UpsertProviderResponse {
+            provider: Some(status),
+        }))
     }
 
     async fn add_credential(
@@ -184,21 +204,36 @@ impl AuthRotationService for AuthApi {
         match r.secret {
             Some(add_credential_request::Secret::ApiKeys(keys)) => {
                 if keys.primary.is_empty() {
-                    return Err(AuthError::InvalidArgument("api_keys.primary is empty".into()).into());
+                    return Err(
+                        AuthError::InvalidArgument("api_keys.primary is empty".into()).into(),
+                    );
                 }
                 self.registry
-                    .put_credential(&r.provider, CredentialSlot::Primary, Secret::new(keys.primary), None)
+                    .put_credential(
+                        &r.provider,
+                        CredentialSlot::Primary,
+                        Secret::new(keys.primary),
+                        None,
+                    )
                     .await?;
                 if !keys.secondary.is_empty() {
                     self.registry
-                        .put_credential(&r.provider, CredentialSlot::Secondary, Secret::new(keys.secondary), None)
+                        .put_credential(
+                            &r.provider,
+                            CredentialSlot::Secondary,
+                            Secret::new(keys.secondary),
+                            None,
+                        )
                         .await?;
                 }
             }
             Some(add_credential_request::Secret::Oauth2(o)) => {
                 let token_url = url::validate("oauth2.token_url", &o.token_url)?;
                 if o.client_id.is_empty() || o.client_secret.is_empty() {
-                    return Err(AuthError::InvalidArgument("oauth2 needs client_id and client_secret".into()).into());
+                    return Err(AuthError::InvalidArgument(
+                        "oauth2 needs client_id and client_secret".into(),
+                    )
+                    .into());
                 }
                 self.registry
                     .put_credential(
@@ -229,11 +264,17 @@ impl AuthRotationService for AuthApi {
         let r = request.into_inner();
         let slot = CredentialSlot::try_from(r.slot).unwrap_or(CredentialSlot::Unspecified);
         if slot == CredentialSlot::Unspecified || r.new_secret.is_empty() {
-            return Err(AuthError::InvalidArgument("give a slot and a non-empty new_secret".into()).into());
+            return Err(AuthError::InvalidArgument(
+                "give a slot and a non-empty new_secret".into(),
+            )
+            .into());
         }
         let oauth = if slot == CredentialSlot::Oauth2 {
             Some(self.registry.oauth_of(&r.provider, slot).ok_or_else(|| {
-                AuthError::NotFound(format!("provider `{}` has no OAuth2 credential to rotate", r.provider))
+                AuthError::NotFound(format!(
+                    "provider `{}` has no OAuth2 credential to rotate",
+                    r.provider
+                ))
             })?)
         } else {
             None
@@ -242,7 +283,9 @@ impl AuthRotationService for AuthApi {
             .registry
             .put_credential(&r.provider, slot, Secret::new(r.new_secret), oauth)
             .await?;
-        Ok(Response::new(RotateCredentialResponse { credential: Some(credential) }))
+        Ok(Response::new(RotateCredentialResponse {
+            credential: Some(credential),
+        }))
     }
 
     async fn revoke_credential(
@@ -252,7 +295,9 @@ impl AuthRotationService for AuthApi {
         self.admin(&request)?;
         let r = request.into_inner();
         let credential = self.registry.revoke(&r.provider, &r.credential_id).await?;
-        Ok(Response::new(RevokeCredentialResponse { credential: Some(credential) }))
+        Ok(Response::new(RevokeCredentialResponse {
+            credential: Some(credential),
+        }))
     }
 }
 

@@ -87,8 +87,9 @@ impl Store {
     /// Opens (creating) the SQLite file at `path` and migrates it.
     pub async fn sqlite(path: &std::path::Path) -> Result<Self, AuthError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| AuthError::StoreUnavailable(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                AuthError::StoreUnavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -100,12 +101,16 @@ impl Store {
             .max_connections(1)
             .connect_with(options)
             .await
-            .map_err(|e| AuthError::StoreUnavailable(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| {
+                AuthError::StoreUnavailable(format!("cannot open {}: {e}", path.display()))
+            })?;
         SQLITE_MIGRATOR
             .run(&pool)
             .await
             .map_err(|e| AuthError::Store(format!("migration failed: {e}")))?;
-        Ok(Self { pool: Pool::Sqlite(pool) })
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+        })
     }
 
     /// Connects to PostgreSQL, creates [`PG_SCHEMA`] and migrates it.
@@ -118,7 +123,9 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
-            .map_err(|e| AuthError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+            .map_err(|e| {
+                AuthError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}"))
+            })?;
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('moltbot.auth.schema'))")
             .execute(&mut *tx)
@@ -131,7 +138,9 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| AuthError::Store(format!("migration failed: {e}")))?;
-        Ok(Self { pool: Pool::Postgres(pool) })
+        Ok(Self {
+            pool: Pool::Postgres(pool),
+        })
     }
 
     /// Inserts or updates a provider.

@@ -56,7 +56,11 @@ struct Fake(Arc<Mutex<Script>>);
 
 impl Fake {
     fn set_chat(&self, key: &str, status: u16, retry_after: Option<u64>) {
-        self.0.lock().unwrap().chat.insert(key.to_owned(), (status, retry_after));
+        self.0
+            .lock()
+            .unwrap()
+            .chat
+            .insert(key.to_owned(), (status, retry_after));
     }
     fn calls(&self) -> u32 {
         self.0.lock().unwrap().calls
@@ -75,7 +79,11 @@ fn bearer(headers: &HeaderMap) -> String {
 async fn chat(State(fake): State<Fake>, headers: HeaderMap) -> impl IntoResponse {
     let mut s = fake.0.lock().unwrap();
     s.calls += 1;
-    let (status, retry) = s.chat.get(&bearer(&headers)).copied().unwrap_or((200, None));
+    let (status, retry) = s
+        .chat
+        .get(&bearer(&headers))
+        .copied()
+        .unwrap_or((200, None));
     let mut h = HeaderMap::new();
     if let Some(r) = retry {
         h.insert("retry-after", r.to_string().parse().unwrap());
@@ -89,8 +97,15 @@ async fn models(State(fake): State<Fake>) -> impl IntoResponse {
 }
 
 async fn token(body: String) -> impl IntoResponse {
-    if body.contains("client_secret=oauth-client-secret-DDDD4444") && body.contains("grant_type=client_credentials") {
-        (StatusCode::OK, format!(r#"{{"access_token":"{ACCESS_TOKEN}","token_type":"bearer","expires_in":3600}}"#))
+    if body.contains("client_secret=oauth-client-secret-DDDD4444")
+        && body.contains("grant_type=client_credentials")
+    {
+        (
+            StatusCode::OK,
+            format!(
+                r#"{{"access_token":"{ACCESS_TOKEN}","token_type":"bearer","expires_in":3600}}"#
+            ),
+        )
     } else {
         (StatusCode::UNAUTHORIZED, "{}".to_owned())
     }
@@ -151,14 +166,20 @@ fn args(backend: &str, dir: &std::path::Path, key: &str) -> Args {
     ];
     if backend == "postgres" {
         argv.push("--database-url".into());
-        argv.push(std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()));
+        argv.push(
+            std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+        );
     }
     Args::parse_from(argv)
 }
 
 async fn start(a: &Args) -> Service {
     let registry = moltbot_auth_rotation::load(a).await.unwrap();
-    let checker = tokio::spawn(moltbot_auth_rotation::registry::health::run(registry.clone(), Duration::from_millis(50)));
+    let checker = tokio::spawn(moltbot_auth_rotation::registry::health::run(
+        registry.clone(),
+        Duration::from_millis(50),
+    ));
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap();
@@ -173,7 +194,11 @@ async fn start(a: &Args) -> Service {
         },
         Duration::from_secs(2),
     ));
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     Service {
         client: AuthRotationServiceClient::new(channel),
         stop,
@@ -184,7 +209,8 @@ async fn start(a: &Args) -> Service {
 
 fn admin<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut().insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
     r
 }
 
@@ -197,7 +223,10 @@ async fn call_once(
     model: &str,
 ) -> Result<(u16, moltbot_proto::auth::v1::ReportOutcomeResponse, String), tonic::Status> {
     let lease = c
-        .acquire_credential(AcquireCredentialRequest { provider: provider.into(), model: model.into() })
+        .acquire_credential(AcquireCredentialRequest {
+            provider: provider.into(),
+            model: model.into(),
+        })
         .await?
         .into_inner()
         .lease
@@ -205,7 +234,10 @@ async fn call_once(
     let started = Instant::now();
     let response = http
         .post(format!("{}/chat/completions", lease.base_url))
-        .header(lease.auth_header_name.as_str(), lease.auth_header_value.as_str())
+        .header(
+            lease.auth_header_name.as_str(),
+            lease.auth_header_value.as_str(),
+        )
         .body("{}")
         .send()
         .await
@@ -271,7 +303,10 @@ async fn add_provider(s: &mut Service, name: &str, url: &str, interval: u32, key
 }
 
 fn unique(prefix: &str) -> String {
-    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     format!("{prefix}-{}-{}", std::process::id() % 10000, n % 100_000)
 }
 
@@ -286,14 +321,26 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     // -- admin auth and URL safety --
     let e = s
         .client
-        .upsert_provider(UpsertProviderRequest { name: "x".into(), ..Default::default() })
+        .upsert_provider(UpsertProviderRequest {
+            name: "x".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{backend}");
     let mut wrong = Request::new(RevokeCredentialRequest::default());
-    wrong.metadata_mut().insert("authorization", "Bearer nope".parse().unwrap());
-    assert_eq!(s.client.revoke_credential(wrong).await.unwrap_err().code(), Code::PermissionDenied);
-    for bad in ["http://169.254.169.254/v1", "http://api.example.com/v1", "https://metadata.google.internal/"] {
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(
+        s.client.revoke_credential(wrong).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    for bad in [
+        "http://169.254.169.254/v1",
+        "http://api.example.com/v1",
+        "https://metadata.google.internal/",
+    ] {
         let e = s
             .client
             .upsert_provider(admin(UpsertProviderRequest {
@@ -315,22 +362,39 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     add_provider(&mut s, &p, &url, 30, (PRIMARY, "")).await;
     fake.set_chat(PRIMARY, 500, None);
     for i in 1..=3 {
-        let (status, report, _) = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap();
+        let (status, report, _) = call_once(&mut s.client, &http, &p, "gpt-fake")
+            .await
+            .unwrap();
         assert_eq!(status, 500);
-        let want = if i < 3 { BreakerState::Closed } else { BreakerState::Open };
-        assert_eq!(report.endpoint_breaker, want as i32, "{backend} after {i} failures");
+        let want = if i < 3 {
+            BreakerState::Closed
+        } else {
+            BreakerState::Open
+        };
+        assert_eq!(
+            report.endpoint_breaker, want as i32,
+            "{backend} after {i} failures"
+        );
     }
     let calls = fake.calls();
-    let e = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap_err();
+    let e = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{backend}");
     assert!(e.message().contains("breaker open"), "{}", e.message());
     errors.push(e.message().to_owned());
-    assert_eq!(fake.calls(), calls, "traffic reached the endpoint while its breaker was open");
+    assert_eq!(
+        fake.calls(),
+        calls,
+        "traffic reached the endpoint while its breaker was open"
+    );
     tokio::time::sleep(Duration::from_millis(450)).await;
     let st = provider_status(&mut s.client, &p).await;
     assert_eq!(st.endpoints[0].breaker, BreakerState::HalfOpen as i32);
     fake.set_chat(PRIMARY, 200, None);
-    let (status, report, _) = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap();
+    let (status, report, _) = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     assert_eq!(report.endpoint_breaker, BreakerState::Closed as i32);
     assert_eq!(report.credential_breaker, BreakerState::Closed as i32);
@@ -343,16 +407,26 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     fake.set_chat(SECONDARY, 200, None);
     let mut answered = None;
     for _ in 0..2 {
-        let (status, _, cred) = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap();
+        let (status, _, cred) = call_once(&mut s.client, &http, &p, "gpt-fake")
+            .await
+            .unwrap();
         if status == 200 {
             answered = Some(cred);
             break;
         }
     }
-    assert_eq!(answered.as_deref(), Some(format!("{p}-secondary").as_str()), "{backend}");
+    assert_eq!(
+        answered.as_deref(),
+        Some(format!("{p}-secondary").as_str()),
+        "{backend}"
+    );
     let st = provider_status(&mut s.client, &p).await;
     assert_eq!(st.credentials[0].slot, CredentialSlot::Primary as i32);
-    assert_eq!(st.credentials[0].state, CredentialState::Invalid as i32, "{backend}");
+    assert_eq!(
+        st.credentials[0].state,
+        CredentialState::Invalid as i32,
+        "{backend}"
+    );
     assert_eq!(st.credentials[1].state, CredentialState::Active as i32);
     // Rotation brings the primary back.
     s.client
@@ -363,7 +437,9 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
         }))
         .await
         .unwrap();
-    let (status, _, cred) = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap();
+    let (status, _, cred) = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap();
     assert_eq!((status, cred), (200, format!("{p}-primary")));
 
     // -- 429: Retry-After 2 keeps that credential out ~2 s; breaker closed --
@@ -371,24 +447,35 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     add_provider(&mut s, &p, &url, 30, (PRIMARY, "")).await;
     fake.set_chat(PRIMARY, 429, Some(2));
     let limited_at = Instant::now();
-    let (status, report, _) = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap();
+    let (status, report, _) = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap();
     assert_eq!(status, 429);
     assert_eq!(report.credential_state, CredentialState::Cooling as i32);
     assert_eq!(report.credential_breaker, BreakerState::Closed as i32);
     assert_eq!(report.endpoint_breaker, BreakerState::Closed as i32);
     fake.set_chat(PRIMARY, 200, None);
-    let e = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap_err();
+    let e = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("retry after"), "{}", e.message());
     let st = provider_status(&mut s.client, &p).await;
     assert!(st.credentials[0].cooling_until.is_some());
     assert_eq!(st.credentials[0].breaker, BreakerState::Closed as i32);
     while limited_at.elapsed() < Duration::from_millis(1900) {
-        assert!(call_once(&mut s.client, &http, &p, "gpt-fake").await.is_err(), "leased before 2 s");
+        assert!(
+            call_once(&mut s.client, &http, &p, "gpt-fake")
+                .await
+                .is_err(),
+            "leased before 2 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(2100).saturating_sub(limited_at.elapsed())).await;
-    let (status, _, _) = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap();
+    let (status, _, _) = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{backend}: still cooling after 2 s");
 
     // -- health: a failing probe is reported within one interval and
@@ -398,7 +485,9 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     add_provider(&mut s, &p, &hurl, 1, (PRIMARY, "")).await;
     let mut watch = s
         .client
-        .watch_provider_health(WatchProviderHealthRequest { providers: vec![p.clone()] })
+        .watch_provider_health(WatchProviderHealthRequest {
+            providers: vec![p.clone()],
+        })
         .await
         .unwrap()
         .into_inner();
@@ -417,10 +506,16 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     })
     .await
     .expect("no unhealthy event within one interval");
-    assert!(flipped.elapsed() <= Duration::from_millis(1300), "{:?}", flipped.elapsed());
+    assert!(
+        flipped.elapsed() <= Duration::from_millis(1300),
+        "{:?}",
+        flipped.elapsed()
+    );
     assert!(unhealthy.reason.contains("503"), "{}", unhealthy.reason);
     assert!(!provider_status(&mut s.client, &p).await.healthy);
-    let e = call_once(&mut s.client, &http, &p, "gpt-fake").await.unwrap_err();
+    let e = call_once(&mut s.client, &http, &p, "gpt-fake")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
 
     // -- OAuth2 client credentials: a token is fetched and leased --
@@ -438,36 +533,52 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     s.client
         .add_credential(admin(AddCredentialRequest {
             provider: p.clone(),
-            secret: Some(add_credential_request::Secret::Oauth2(OAuth2ClientCredentials {
-                token_url: format!("{url}/oauth/token"),
-                client_id: "client-1".into(),
-                client_secret: CLIENT_SECRET.into(),
-                scopes: vec!["chat".into()],
-            })),
+            secret: Some(add_credential_request::Secret::Oauth2(
+                OAuth2ClientCredentials {
+                    token_url: format!("{url}/oauth/token"),
+                    client_id: "client-1".into(),
+                    client_secret: CLIENT_SECRET.into(),
+                    scopes: vec!["chat".into()],
+                },
+            )),
         }))
         .await
         .unwrap();
     let lease = s
         .client
-        .acquire_credential(AcquireCredentialRequest { provider: p.clone(), model: "gpt-fake".into() })
+        .acquire_credential(AcquireCredentialRequest {
+            provider: p.clone(),
+            model: "gpt-fake".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .lease
         .unwrap();
     assert_eq!(lease.auth_header_value, format!("Bearer {ACCESS_TOKEN}"));
-    assert!(provider_status(&mut s.client, &p).await.credentials[0].token_expires_at.is_some());
+    assert!(
+        provider_status(&mut s.client, &p).await.credentials[0]
+            .token_expires_at
+            .is_some()
+    );
 
     // -- unknown names, unknown leases --
     let e = s
         .client
-        .acquire_credential(AcquireCredentialRequest { provider: "nope".into(), model: "m".into() })
+        .acquire_credential(AcquireCredentialRequest {
+            provider: "nope".into(),
+            model: "m".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = s
         .client
-        .report_outcome(ReportOutcomeRequest { lease_id: "nope".into(), outcome: Outcome::Ok as i32, ..Default::default() })
+        .report_outcome(ReportOutcomeRequest {
+            lease_id: "nope".into(),
+            outcome: Outcome::Ok as i32,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -478,17 +589,35 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     let rot = s.registry.store.credentials().await.unwrap();
     for c in &rot {
         for secret in [PRIMARY, SECONDARY, ROTATED, CLIENT_SECRET] {
-            assert!(!c.secret.windows(secret.len()).any(|w| w == secret.as_bytes()), "{backend}: plaintext in the store");
+            assert!(
+                !c.secret
+                    .windows(secret.len())
+                    .any(|w| w == secret.as_bytes()),
+                "{backend}: plaintext in the store"
+            );
         }
     }
     let _ = s.stop.send(());
     s.checker.abort();
     drop(s.client);
     let mut again = start(&a).await;
-    let listed = again.client.list_providers(ListProvidersRequest {}).await.unwrap().into_inner();
-    let rotated = listed.providers.iter().find(|p| p.name.starts_with("rot-")).unwrap();
+    let listed = again
+        .client
+        .list_providers(ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let rotated = listed
+        .providers
+        .iter()
+        .find(|p| p.name.starts_with("rot-"))
+        .unwrap();
     assert_eq!(rotated.credentials[0].state, CredentialState::Active as i32);
-    let wrong_key = args(backend, &dir, &moltbot_auth_rotation::crypto::MasterKey::generate_base64());
+    let wrong_key = args(
+        backend,
+        &dir,
+        &moltbot_auth_rotation::crypto::MasterKey::generate_base64(),
+    );
     if backend == "sqlite" {
         let err = moltbot_auth_rotation::load(&wrong_key).await.err().unwrap();
         assert!(err.to_string().contains("MOLTBOT_MASTER_KEY"), "{err}");
@@ -520,12 +649,32 @@ async fn rotation_breakers_health_and_secret_hygiene() {
     }
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.lines().count() > 20, "too few log lines captured: {}", logs.lines().count());
-    assert!(logs.contains("outcome reported"), "debug logs were not captured");
-    for secret in [PRIMARY, SECONDARY, ROTATED, CLIENT_SECRET, ACCESS_TOKEN, ADMIN] {
-        assert!(!logs.contains(secret), "secret {secret} appears in a log line");
+    assert!(
+        logs.lines().count() > 20,
+        "too few log lines captured: {}",
+        logs.lines().count()
+    );
+    assert!(
+        logs.contains("outcome reported"),
+        "debug logs were not captured"
+    );
+    for secret in [
+        PRIMARY,
+        SECONDARY,
+        ROTATED,
+        CLIENT_SECRET,
+        ACCESS_TOKEN,
+        ADMIN,
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "secret {secret} appears in a log line"
+        );
         for e in &errors {
-            assert!(!e.contains(secret), "secret {secret} appears in an error: {e}");
+            assert!(
+                !e.contains(secret),
+                "secret {secret} appears in an error: {e}"
+            );
         }
     }
 }

@@ -86,7 +86,11 @@ pub struct Args {
     pub default_max_tokens: usize,
     /// Auth-rotation service, which leases the credentials of remote models
     /// (`<provider>/<model>`).
-    #[arg(long, env = "MOLTBOT_AUTH_URL", default_value = "http://127.0.0.1:50055")]
+    #[arg(
+        long,
+        env = "MOLTBOT_AUTH_URL",
+        default_value = "http://127.0.0.1:50055"
+    )]
     pub auth_url: String,
     /// Longest wait for a remote provider's first token, in milliseconds.
     #[arg(long, env = "MOLTBOT_REMOTE_TTFT_TIMEOUT_MS", default_value_t = 30_000)]

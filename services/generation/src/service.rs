@@ -115,18 +115,23 @@ impl GenerationApi {
     /// Remote models the auth-rotation service knows, as `<provider>/<model>`
     /// (empty when it cannot be asked within 500 ms).
     async fn remote_models(&self) -> Vec<(String, String)> {
-        let Some(cfg) = &self.remote else { return Vec::new() };
+        let Some(cfg) = &self.remote else {
+            return Vec::new();
+        };
         let mut client = AuthRotationServiceClient::new(cfg.auth.clone());
         let mut request = Request::new(ListProvidersRequest {});
         request.set_timeout(Duration::from_millis(500));
-        match tokio::time::timeout(Duration::from_millis(500), client.list_providers(request)).await {
+        match tokio::time::timeout(Duration::from_millis(500), client.list_providers(request)).await
+        {
             Ok(Ok(r)) => r
                 .into_inner()
                 .providers
                 .into_iter()
                 .flat_map(|p| {
                     let name = p.name.clone();
-                    p.models.into_iter().map(move |m| (format!("{name}/{m}"), format!("remote:{name}")))
+                    p.models
+                        .into_iter()
+                        .map(move |m| (format!("{name}/{m}"), format!("remote:{name}")))
                 })
                 .collect(),
             _ => Vec::new(),

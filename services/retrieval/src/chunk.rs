@@ -46,13 +46,17 @@ impl Chunking {
     /// [`RetrievalError::InvalidArgument`] for a size over
     /// [`MAX_CHUNK_TOKENS`] or an overlap not smaller than half the size.
     pub fn resolve(chunk_tokens: u32, overlap_tokens: u32) -> Result<Self, RetrievalError> {
-        let chunk_tokens = if chunk_tokens == 0 { DEFAULT_CHUNK_TOKENS } else { chunk_tokens };
+        let chunk_tokens = if chunk_tokens == 0 {
+            DEFAULT_CHUNK_TOKENS
+        } else {
+            chunk_tokens
+        };
         let overlap_tokens = if overlap_tokens == 0 {
             DEFAULT_OVERLAP_TOKENS.min(chunk_tokens / 4)
         } else {
             overlap_tokens
         };
-        if chunk_tokens > MAX_CHUNK_TOKENS || chunk_tokens < 8 {
+        if !(8..=MAX_CHUNK_TOKENS).contains(&chunk_tokens) {
             return Err(RetrievalError::InvalidArgument(format!(
                 "chunking.chunk_tokens is {chunk_tokens}; it must be in 8..={MAX_CHUNK_TOKENS} (the encoder reads 256 tokens)"
             )));
@@ -132,7 +136,11 @@ fn paragraphs(text: &str) -> Vec<Range<usize>> {
 
 /// Cuts `text` into chunks. Returns each chunk's text (trimmed). Errors with
 /// [`RetrievalError::InvalidArgument`] when the tokenizer fails.
-pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<String>, RetrievalError> {
+pub fn chunk(
+    tokenizer: &Tokenizer,
+    text: &str,
+    cfg: Chunking,
+) -> Result<Vec<String>, RetrievalError> {
     let mut units: Vec<Unit> = Vec::new();
     for (p, para) in paragraphs(text).into_iter().enumerate() {
         for sentence in sentences(text, para) {
@@ -177,7 +185,10 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
     let mut tokens = 0u32;
     // Closes the current chunk; with `carry`, its trailing units that fit in
     // the overlap start the next one (not across a paragraph break).
-    let close = |current: &mut Vec<usize>, tokens: &mut u32, chunks: &mut Vec<Range<usize>>, carry: bool| {
+    let close = |current: &mut Vec<usize>,
+                 tokens: &mut u32,
+                 chunks: &mut Vec<Range<usize>>,
+                 carry: bool| {
         if let (Some(&first), Some(&last)) = (current.first(), current.last()) {
             chunks.push(units[first].span.start..units[last].span.end);
         }
@@ -186,7 +197,10 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
         let mut keep = Vec::new();
         let mut kept = 0;
         for &u in current.iter().rev() {
-            if !carry || kept + units[u].tokens > cfg.overlap_tokens || keep.len() + 1 >= current.len() {
+            if !carry
+                || kept + units[u].tokens > cfg.overlap_tokens
+                || keep.len() + 1 >= current.len()
+            {
                 break;
             }
             kept += units[u].tokens;
@@ -212,7 +226,10 @@ pub fn chunk(tokenizer: &Tokenizer, text: &str, cfg: Chunking) -> Result<Vec<Str
         current.push(i);
         tokens += u.tokens;
     }
-    if current.iter().any(|&u| chunks.last().is_none_or(|c| units[u].span.end > c.end)) {
+    if current
+        .iter()
+        .any(|&u| chunks.last().is_none_or(|c| units[u].span.end > c.end))
+    {
         close(&mut current, &mut tokens, &mut chunks, false);
     }
     Ok(chunks
@@ -232,11 +249,17 @@ mod tests {
         let text = "# Title\n\nFirst one. Second one! Third?\nLine two\n\n\nLast para.";
         let p = paragraphs(text);
         assert_eq!(p.len(), 3);
-        let s: Vec<&str> = sentences(text, p[1].clone()).iter().map(|r| text[r.clone()].trim()).collect();
+        let s: Vec<&str> = sentences(text, p[1].clone())
+            .iter()
+            .map(|r| text[r.clone()].trim())
+            .collect();
         assert_eq!(s, vec!["First one.", "Second one!", "Third?", "Line two"]);
         // "e.g. this" is cut too (a known limit of the rule), "3.14" is not.
         let t = "Pi is 3.14 here. Done";
-        let s: Vec<&str> = sentences(t, 0..t.len()).iter().map(|r| t[r.clone()].trim()).collect();
+        let s: Vec<&str> = sentences(t, 0..t.len())
+            .iter()
+            .map(|r| t[r.clone()].trim())
+            .collect();
         assert_eq!(s, vec!["Pi is 3.14 here.", "Done"]);
     }
 

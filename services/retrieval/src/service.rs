@@ -93,7 +93,11 @@ impl RetrievalApi {
     }
 
     /// Chunks and embeds one document's text.
-    async fn prepare(&self, text: &str, chunking: Chunking) -> Result<Vec<NewChunk>, RetrievalError> {
+    async fn prepare(
+        &self,
+        text: &str,
+        chunking: Chunking,
+    ) -> Result<Vec<NewChunk>, RetrievalError> {
         let pieces = chunk::chunk(&self.state.tokenizer, text, chunking)?;
         if pieces.len() > MAX_CHUNKS_PER_DOCUMENT {
             return Err(RetrievalError::InvalidArgument(format!(
@@ -138,7 +142,10 @@ impl RetrievalService for RetrievalApi {
         let collection = Arc::new(Collection {
             row: row.clone(),
             chunking,
-            index: RwLock::new(CollectionIndex::new(row.dimension as usize, self.state.params)?),
+            index: RwLock::new(CollectionIndex::new(
+                row.dimension as usize,
+                self.state.params,
+            )?),
             writer: tokio::sync::Mutex::new(()),
             snapshot_at: std::sync::Mutex::new(None),
             dirty: Default::default(),
@@ -176,7 +183,10 @@ impl RetrievalService for RetrievalApi {
         Ok(Response::new(DeleteCollectionResponse { deleted_chunks }))
     }
 
-    async fn upsert(&self, request: Request<UpsertRequest>) -> Result<Response<UpsertResponse>, Status> {
+    async fn upsert(
+        &self,
+        request: Request<UpsertRequest>,
+    ) -> Result<Response<UpsertResponse>, Status> {
         let r = request.into_inner();
         let collection = self.state.collection(&r.collection)?;
         if r.documents.len() > MAX_DOCUMENTS_PER_UPSERT {
@@ -246,7 +256,10 @@ impl RetrievalService for RetrievalApi {
         }))
     }
 
-    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let r = request.into_inner();
         let collection = self.state.collection(&r.collection)?;
         let _writer = collection.writer.lock().await;
@@ -266,7 +279,10 @@ impl RetrievalService for RetrievalApi {
         }))
     }
 
-    async fn search(&self, request: Request<SearchRequest>) -> Result<Response<SearchResponse>, Status> {
+    async fn search(
+        &self,
+        request: Request<SearchRequest>,
+    ) -> Result<Response<SearchResponse>, Status> {
         let r = request.into_inner();
         if r.top_k == 0 || r.top_k > MAX_TOP_K {
             return Err(RetrievalError::InvalidArgument(format!(
@@ -286,7 +302,12 @@ impl RetrievalService for RetrievalApi {
         let collection = self.state.collection(&r.collection)?;
         let query: Vec<f32> = match r.query {
             Some(Query::Text(text)) if !text.trim().is_empty() => {
-                let mut e = self.state.batcher.embed(vec![text]).await.map_err(RetrievalError::from)?;
+                let mut e = self
+                    .state
+                    .batcher
+                    .embed(vec![text])
+                    .await
+                    .map_err(RetrievalError::from)?;
                 e.pop().map(|e| e.vector).unwrap_or_default()
             }
             Some(Query::Vector(v)) if !v.values.is_empty() => {
@@ -326,14 +347,21 @@ impl RetrievalService for RetrievalApi {
                     chunk_id: format!("{}#{}", e.document_id, e.ordinal),
                     text: e.text.to_string(),
                     score: s.score,
-                    metadata: e.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    metadata: e
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 })
             })
             .collect();
         Ok(Response::new(SearchResponse { hits, exact }))
     }
 
-    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
         let name = request.into_inner().collection;
         let collection = self.state.collection(&name)?;
         let pb = self.pb_collection(&collection).await?;

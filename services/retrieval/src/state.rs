@@ -88,7 +88,11 @@ impl State {
             let (mut index, snapshot_keys, at) =
                 match snapshot::load(&self.snapshot_dir, &row.name, dimension, self.params) {
                     Some((index, keys, at)) => (index, keys, Some(at)),
-                    None => (CollectionIndex::new(dimension, self.params)?, Vec::new(), None),
+                    None => (
+                        CollectionIndex::new(dimension, self.params)?,
+                        Vec::new(),
+                        None,
+                    ),
                 };
             let mut stale = 0;
             for key in &snapshot_keys {

@@ -17,7 +17,7 @@ use moltbot_proto::retrieval::v1::{
 };
 use tonic::Code;
 
-fn facts() -> Vec<(String, String, Vec<(&'static str, &'static str)>)> {
+fn facts() -> Vec<common::Doc> {
     vec![
         (
             "lisbon".into(),
@@ -48,20 +48,28 @@ async fn collections_upsert_search_and_errors_on_both_stores() {
         // Errors of collection management.
         let dup = h
             .client
-            .create_collection(CreateCollectionRequest { name: name.clone(), chunking: None })
+            .create_collection(CreateCollectionRequest {
+                name: name.clone(),
+                chunking: None,
+            })
             .await
             .unwrap_err();
         assert_eq!(dup.code(), Code::AlreadyExists, "{backend}");
         let bad = h
             .client
-            .create_collection(CreateCollectionRequest { name: "Bad Name!".into(), chunking: None })
+            .create_collection(CreateCollectionRequest {
+                name: "Bad Name!".into(),
+                chunking: None,
+            })
             .await
             .unwrap_err();
         assert_eq!(bad.code(), Code::InvalidArgument, "{backend}");
 
         let (docs, chunks) = h.upsert(&name, facts()).await;
         assert_eq!((docs, chunks), (3, 3), "{backend}");
-        let r = h.search_text(&name, "how do I make bread at home?", 2).await;
+        let r = h
+            .search_text(&name, "how do I make bread at home?", 2)
+            .await;
         assert_eq!(r.hits[0].document_id, "bread", "{backend}: {r:?}");
         assert_eq!(r.hits[0].chunk_id, "bread#0");
         assert_eq!(r.hits[0].metadata["topic"], "food");
@@ -88,7 +96,11 @@ async fn collections_upsert_search_and_errors_on_both_stores() {
         // Re-upserting replaces the document's chunks.
         h.upsert(
             &name,
-            vec![("bread".into(), "Sourdough uses a starter culture instead of yeast.".into(), vec![("topic", "food")])],
+            vec![(
+                "bread".into(),
+                "Sourdough uses a starter culture instead of yeast.".into(),
+                vec![("topic", "food")],
+            )],
         )
         .await;
         let r = h.search_text(&name, "sourdough starter", 3).await;
@@ -98,11 +110,53 @@ async fn collections_upsert_search_and_errors_on_both_stores() {
 
         // Errors of search.
         for (req, what) in [
-            (SearchRequest { collection: name.clone(), query: Some(Query::Text("  ".into())), top_k: 3, ..Default::default() }, "empty"),
-            (SearchRequest { collection: name.clone(), query: None, top_k: 3, ..Default::default() }, "empty"),
-            (SearchRequest { collection: name.clone(), query: Some(Query::Text("x".into())), top_k: 0, ..Default::default() }, "top_k"),
-            (SearchRequest { collection: name.clone(), query: Some(Query::Text("x".into())), top_k: 1001, ..Default::default() }, "top_k"),
-            (SearchRequest { collection: name.clone(), query: Some(Query::Vector(Vector { values: vec![0.1; 10] })), top_k: 3, ..Default::default() }, "dimension"),
+            (
+                SearchRequest {
+                    collection: name.clone(),
+                    query: Some(Query::Text("  ".into())),
+                    top_k: 3,
+                    ..Default::default()
+                },
+                "empty",
+            ),
+            (
+                SearchRequest {
+                    collection: name.clone(),
+                    query: None,
+                    top_k: 3,
+                    ..Default::default()
+                },
+                "empty",
+            ),
+            (
+                SearchRequest {
+                    collection: name.clone(),
+                    query: Some(Query::Text("x".into())),
+                    top_k: 0,
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SearchRequest {
+                    collection: name.clone(),
+                    query: Some(Query::Text("x".into())),
+                    top_k: 1001,
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SearchRequest {
+                    collection: name.clone(),
+                    query: Some(Query::Vector(Vector {
+                        values: vec![0.1; 10],
+                    })),
+                    top_k: 3,
+                    ..Default::default()
+                },
+                "dimension",
+            ),
         ] {
             let e = h.client.search(req).await.unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{backend}: {e:?}");
@@ -110,18 +164,30 @@ async fn collections_upsert_search_and_errors_on_both_stores() {
         }
         let e = h
             .client
-            .search(SearchRequest { collection: "nope".into(), query: Some(Query::Text("x".into())), top_k: 3, ..Default::default() })
+            .search(SearchRequest {
+                collection: "nope".into(),
+                query: Some(Query::Text("x".into())),
+                top_k: 3,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
 
         // Search by vector: the stored chunk's own embedding finds it first.
-        let lisbon = h.state.batcher.embed(vec![facts()[0].1.clone()]).await.unwrap();
+        let lisbon = h
+            .state
+            .batcher
+            .embed(vec![facts()[0].1.clone()])
+            .await
+            .unwrap();
         let r = h
             .client
             .search(SearchRequest {
                 collection: name.clone(),
-                query: Some(Query::Vector(Vector { values: lisbon[0].vector.clone() })),
+                query: Some(Query::Vector(Vector {
+                    values: lisbon[0].vector.clone(),
+                })),
                 top_k: 1,
                 min_score: Some(0.99),
                 exact: true,
@@ -137,21 +203,42 @@ async fn collections_upsert_search_and_errors_on_both_stores() {
         // Delete documents; stats follow.
         let d = h
             .client
-            .delete(DeleteRequest { collection: name.clone(), document_ids: vec!["redis".into(), "unknown".into()] })
+            .delete(DeleteRequest {
+                collection: name.clone(),
+                document_ids: vec!["redis".into(), "unknown".into()],
+            })
             .await
             .unwrap()
             .into_inner();
         assert_eq!((d.deleted_documents, d.deleted_chunks), (1, 1));
-        let stats = h.client.stats(StatsRequest { collection: name.clone() }).await.unwrap().into_inner();
+        let stats = h
+            .client
+            .stats(StatsRequest {
+                collection: name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(stats.indexed_vectors, 2, "{backend}");
         assert_eq!(stats.collection.as_ref().unwrap().document_count, 2);
         assert_eq!(stats.collection.as_ref().unwrap().dimension, 384);
         assert!(stats.index_memory_bytes > 2 * 384 * 4);
-        let listed = h.client.list_collections(ListCollectionsRequest {}).await.unwrap().into_inner();
+        let listed = h
+            .client
+            .list_collections(ListCollectionsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert!(listed.collections.iter().any(|c| c.name == name));
 
         h.drop_collection(&name).await;
-        let e = h.client.stats(StatsRequest { collection: name.clone() }).await.unwrap_err();
+        let e = h
+            .client
+            .stats(StatsRequest {
+                collection: name.clone(),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
         h.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -175,7 +262,11 @@ async fn filtered_search_still_returns_k_when_k_match() {
         let docs: Vec<_> = (0..300)
             .map(|i| {
                 let tag = if i % 25 == 0 { "rare" } else { "common" };
-                (format!("doc-{i}"), format!("Note number {i} about topic {}.", i % 7), vec![("tag", tag)])
+                (
+                    format!("doc-{i}"),
+                    format!("Note number {i} about topic {}.", i % 7),
+                    vec![("tag", tag)],
+                )
             })
             .collect();
         for batch in docs.chunks(100) {
@@ -194,7 +285,10 @@ async fn filtered_search_still_returns_k_when_k_match() {
             .unwrap()
             .into_inner();
         assert_eq!(r.hits.len(), 10, "{backend}: {r:?}");
-        assert!(r.hits.iter().all(|h| h.metadata["tag"] == "rare"), "{backend}");
+        assert!(
+            r.hits.iter().all(|h| h.metadata["tag"] == "rare"),
+            "{backend}"
+        );
         h.drop_collection(&name).await;
         h.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -213,29 +307,56 @@ async fn restart_keeps_hits_with_and_without_a_snapshot() {
         let before = h.search_text(&name, "capital of Portugal", 3).await;
         // Shut down: the index snapshot is written.
         h.shutdown().await;
-        assert!(dir.join(format!("retrieval-index-{backend}/{name}.keys")).exists());
+        assert!(
+            dir.join(format!("retrieval-index-{backend}/{name}.keys"))
+                .exists()
+        );
 
         let mut h = Harness::start(&a).await;
         let after = h.search_text(&name, "capital of Portugal", 3).await;
         assert_eq!(before, after, "{backend}: hits changed across a restart");
-        let stats = h.client.stats(StatsRequest { collection: name.clone() }).await.unwrap().into_inner();
-        assert!(stats.snapshot_at.is_some(), "{backend}: not loaded from the snapshot");
+        let stats = h
+            .client
+            .stats(StatsRequest {
+                collection: name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            stats.snapshot_at.is_some(),
+            "{backend}: not loaded from the snapshot"
+        );
         // A write after the snapshot, then a crash (no snapshot): the store
         // has it, and the next start adds it to the snapshot's graph.
-        h.upsert(&name, vec![("oslo".into(), "Oslo is the capital of Norway.".into(), vec![])]).await;
+        h.upsert(
+            &name,
+            vec![(
+                "oslo".into(),
+                "Oslo is the capital of Norway.".into(),
+                vec![],
+            )],
+        )
+        .await;
         drop(h);
         let mut h = Harness::start(&a).await;
         let r = h.search_text(&name, "capital of Norway", 1).await;
         assert_eq!(r.hits[0].document_id, "oslo", "{backend}: {r:?}");
         // And deletions made after the snapshot are not resurrected.
         h.client
-            .delete(DeleteRequest { collection: name.clone(), document_ids: vec!["lisbon".into()] })
+            .delete(DeleteRequest {
+                collection: name.clone(),
+                document_ids: vec!["lisbon".into()],
+            })
             .await
             .unwrap();
         drop(h);
         let mut h = Harness::start(&a).await;
         let r = h.search_text(&name, "capital of Portugal", 4).await;
-        assert!(r.hits.iter().all(|x| x.document_id != "lisbon"), "{backend}: {r:?}");
+        assert!(
+            r.hits.iter().all(|x| x.document_id != "lisbon"),
+            "{backend}: {r:?}"
+        );
         h.drop_collection(&name).await;
         h.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -253,11 +374,21 @@ async fn concurrent_upserts_never_show_a_partial_document() {
         // two versions whose every chunk names its version.
         let version = |v: &str| {
             (0..6)
-                .map(|i| format!("Version {v} paragraph {i}. {}", format!("Filler words of version {v}. ").repeat(40)))
+                .map(|i| {
+                    format!(
+                        "Version {v} paragraph {i}. {}",
+                        format!("Filler words of version {v}. ").repeat(40)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("\n\n")
         };
-        let (_, chunks) = h.upsert(&name, vec![("doc".into(), version("alpha"), vec![("d", "1")])]).await;
+        let (_, chunks) = h
+            .upsert(
+                &name,
+                vec![("doc".into(), version("alpha"), vec![("d", "1")])],
+            )
+            .await;
         assert!(chunks >= 6, "{chunks}");
         let writer = {
             let mut client = h.client.clone();
@@ -294,9 +425,17 @@ async fn concurrent_upserts_never_show_a_partial_document() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(r.hits.len() as u32, chunks, "{backend}: a partial document: {}", r.hits.len());
+            assert_eq!(
+                r.hits.len() as u32,
+                chunks,
+                "{backend}: a partial document: {}",
+                r.hits.len()
+            );
             let alpha = r.hits.iter().filter(|h| h.text.contains("alpha")).count();
-            assert!(alpha == 0 || alpha == r.hits.len(), "{backend}: versions mixed");
+            assert!(
+                alpha == 0 || alpha == r.hits.len(),
+                "{backend}: versions mixed"
+            );
             searches += 1;
         }
         writer.await.unwrap();
@@ -327,7 +466,13 @@ async fn long_documents_are_chunked_within_the_encoder_limit() {
     assert!(chunks > 100, "{chunks}");
     let r = h.search_text(&name, "sentence 1234", 5).await;
     for hit in &r.hits {
-        let tokens = h.state.tokenizer.encode(hit.text.as_str(), false).unwrap().get_ids().len();
+        let tokens = h
+            .state
+            .tokenizer
+            .encode(hit.text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .len();
         assert!(tokens <= 254, "chunk of {tokens} tokens");
     }
     h.drop_collection(&name).await;

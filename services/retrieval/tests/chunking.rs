@@ -38,12 +38,21 @@ fn long_text_is_cut_at_sentences_within_the_limit_with_overlap() {
         assert!(c.ends_with('.'), "cut inside a sentence: {c}");
     }
     // Each chunk advances by at least chunk - overlap tokens.
-    assert!(chunks.len() <= total / (64 - 16) + 2, "{} chunks for {total} tokens", chunks.len());
+    assert!(
+        chunks.len() <= total / (64 - 16) + 2,
+        "{} chunks for {total} tokens",
+        chunks.len()
+    );
     assert!(chunks.len() >= total / 64, "{} chunks", chunks.len());
     // Neighbours share their boundary sentence(s).
     for pair in chunks.windows(2) {
         let last_sentence = pair[0].rsplit(". ").next().unwrap();
-        assert!(pair[1].starts_with(last_sentence.trim_end_matches('.')), "no overlap:\n{}\n{}", pair[0], pair[1]);
+        assert!(
+            pair[1].starts_with(last_sentence.trim_end_matches('.')),
+            "no overlap:\n{}\n{}",
+            pair[0],
+            pair[1]
+        );
     }
 }
 
@@ -51,7 +60,12 @@ fn long_text_is_cut_at_sentences_within_the_limit_with_overlap() {
 fn paragraphs_are_kept_apart_when_chunks_are_full_enough() {
     let t = tokenizer();
     let cfg = Chunking::resolve(64, 8).unwrap();
-    let para = |n: usize| (0..5).map(|i| format!("Paragraph {n} line {i} has words.")).collect::<Vec<_>>().join(" ");
+    let para = |n: usize| {
+        (0..5)
+            .map(|i| format!("Paragraph {n} line {i} has words."))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let text = format!("{}\n\n{}\n\n{}", para(1), para(2), para(3));
     let chunks = chunk(&t, &text, cfg).unwrap();
     assert_eq!(chunks.len(), 3, "{chunks:#?}");

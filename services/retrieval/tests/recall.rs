@@ -13,7 +13,8 @@ use moltbot_retrieval::index::{CollectionIndex, Entry, HnswParams};
 fn utterances(split: &str, n: usize) -> Vec<String> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../understanding/data/clinc150/data_full_train_val.json");
-    let data: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     data[split]
         .as_array()
         .unwrap()
@@ -35,7 +36,11 @@ fn embed(encoder: &Encoder, texts: &[String]) -> Vec<Vec<f32>> {
 
 #[test]
 fn hnsw_recall_at_10_against_exact_is_at_least_0_95() {
-    let encoder = Encoder::load(&common::models_dir().join("all-minilm-l6-v2"), tch::Device::Cpu).unwrap();
+    let encoder = Encoder::load(
+        &common::models_dir().join("all-minilm-l6-v2"),
+        tch::Device::Cpu,
+    )
+    .unwrap();
     let corpus = utterances("train", 6000);
     let queries = utterances("val", 500);
     let vectors = embed(&encoder, &corpus);
@@ -59,12 +64,21 @@ fn hnsw_recall_at_10_against_exact_is_at_least_0_95() {
     let none = BTreeMap::new();
     let mut found = 0usize;
     for q in &query_vectors {
-        let exact: HashSet<u64> = index.exact(q, 10, &none).unwrap().iter().map(|s| s.key).collect();
+        let exact: HashSet<u64> = index
+            .exact(q, 10, &none)
+            .unwrap()
+            .iter()
+            .map(|s| s.key)
+            .collect();
         let approx = index.search(q, 10, &none).unwrap();
         assert_eq!(approx.len(), 10);
         found += approx.iter().filter(|s| exact.contains(&s.key)).count();
     }
     let recall = found as f64 / (10 * query_vectors.len()) as f64;
-    println!("recall@10 = {recall:.4} over {} queries, {} vectors", queries.len(), corpus.len());
+    println!(
+        "recall@10 = {recall:.4} over {} queries, {} vectors",
+        queries.len(),
+        corpus.len()
+    );
     assert!(recall >= 0.95, "recall@10 = {recall}");
 }

@@ -25,7 +25,10 @@ async fn probe(registry: &Registry, name: &str, base_url: &str) -> Result<(), St
     match request.send().await {
         Ok(r) if r.status().is_success() => Ok(()),
         Ok(r) => Err(format!("health check failed: HTTP {}", r.status().as_u16())),
-        Err(e) if e.is_timeout() => Err(format!("health check failed: no answer within {} s", PROBE_TIMEOUT.as_secs())),
+        Err(e) if e.is_timeout() => Err(format!(
+            "health check failed: no answer within {} s",
+            PROBE_TIMEOUT.as_secs()
+        )),
         Err(e) => Err(format!("health check failed: {}", e.without_url())),
     }
 }
@@ -60,7 +63,7 @@ pub async fn run(registry: Arc<Registry>, tick: Duration) {
             next_due.insert(name, now + Duration::from_secs(u64::from(interval.max(1))));
         }
         ticks += 1;
-        if ticks % 2 == 0 {
+        if ticks.is_multiple_of(2) {
             registry.refresh_tokens().await;
         }
         tokio::time::sleep(tick).await;

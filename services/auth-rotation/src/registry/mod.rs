@@ -169,7 +169,11 @@ fn cred_status(c: &Cred, now: Instant) -> CredentialStatus {
             (CredentialState::Cooling, Some((_, wall))) => Some(timestamp(wall)),
             _ => None,
         },
-        token_expires_at: c.oauth.as_ref().and_then(|o| o.token.as_ref()).map(|(_, at)| timestamp(*at)),
+        token_expires_at: c
+            .oauth
+            .as_ref()
+            .and_then(|o| o.token.as_ref())
+            .map(|(_, at)| timestamp(*at)),
     }
 }
 
@@ -190,7 +194,11 @@ impl Registry {
     pub async fn load(store: Store, key: MasterKey, settings: Settings) -> Result<Self, AuthError> {
         let mut inner = Inner::default();
         for row in store.providers().await? {
-            let endpoints = row.models.iter().map(|m| (m.clone(), Breaker::default())).collect();
+            let endpoints = row
+                .models
+                .iter()
+                .map(|m| (m.clone(), Breaker::default()))
+                .collect();
             inner.providers.insert(
                 row.name.clone(),
                 ProviderState {
@@ -245,7 +253,11 @@ impl Registry {
     /// Every provider's status, by name.
     pub fn list(&self) -> Vec<ProviderStatus> {
         let now = Instant::now();
-        lock(&self.inner).providers.values().map(|p| status_of(p, now)).collect()
+        lock(&self.inner)
+            .providers
+            .values()
+            .map(|p| status_of(p, now))
+            .collect()
     }
 
     /// Providers with their health-check due time, for the checker.
@@ -259,13 +271,16 @@ impl Registry {
         let now = Instant::now();
         let status = {
             let mut inner = lock(&self.inner);
-            let p = inner.providers.entry(row.name.clone()).or_insert_with(|| ProviderState {
-                row: row.clone(),
-                healthy: true,
-                last_checked: None,
-                creds: Vec::new(),
-                endpoints: BTreeMap::new(),
-            });
+            let p = inner
+                .providers
+                .entry(row.name.clone())
+                .or_insert_with(|| ProviderState {
+                    row: row.clone(),
+                    healthy: true,
+                    last_checked: None,
+                    creds: Vec::new(),
+                    endpoints: BTreeMap::new(),
+                });
             p.row = row.clone();
             p.endpoints.retain(|m, _| row.models.contains(m));
             for m in &row.models {
@@ -286,7 +301,9 @@ impl Registry {
         oauth: Option<OAuth>,
     ) -> Result<CredentialStatus, AuthError> {
         if !lock(&self.inner).providers.contains_key(provider) {
-            return Err(AuthError::NotFound(format!("provider `{provider}` does not exist")));
+            return Err(AuthError::NotFound(format!(
+                "provider `{provider}` does not exist"
+            )));
         }
         let id = format!("{provider}-{}", slot_name(slot));
         let row = CredentialRow {
@@ -303,19 +320,22 @@ impl Registry {
         let now = Instant::now();
         let (status, pstatus) = {
             let mut inner = lock(&self.inner);
-            let p = inner
-                .providers
-                .get_mut(provider)
-                .ok_or_else(|| AuthError::NotFound(format!("provider `{provider}` does not exist")))?;
+            let p = inner.providers.get_mut(provider).ok_or_else(|| {
+                AuthError::NotFound(format!("provider `{provider}` does not exist"))
+            })?;
             p.creds.retain(|c| c.slot != slot);
             p.creds.push(cred_from(&row, secret));
             p.creds.sort_by_key(|c| c.slot as i32);
-            let c = p.creds.iter().find(|c| c.slot == slot).map(|c| cred_status(c, now));
+            let c = p
+                .creds
+                .iter()
+                .find(|c| c.slot == slot)
+                .map(|c| cred_status(c, now));
             (c, status_of(p, now))
         };
         tracing::info!(provider, credential_id = %id, "credential stored");
         self.emit(pstatus, format!("credential {id} set"));
-        status.ok_or_else(|| AuthError::NotFound(id))
+        status.ok_or(AuthError::NotFound(id))
     }
 
     /// Credential statuses of a provider.
@@ -345,8 +365,18 @@ impl Registry {
     }
 
     /// Revokes a credential: it is never leased again until rotated.
-    pub async fn revoke(&self, provider: &str, credential_id: &str) -> Result<CredentialStatus, AuthError> {
-        self.set_state(provider, credential_id, CredentialState::Revoked, "credential revoked").await
+    pub async fn revoke(
+        &self,
+        provider: &str,
+        credential_id: &str,
+    ) -> Result<CredentialStatus, AuthError> {
+        self.set_state(
+            provider,
+            credential_id,
+            CredentialState::Revoked,
+            "credential revoked",
+        )
+        .await
     }
 
     async fn set_state(
@@ -359,15 +389,16 @@ impl Registry {
         let now = Instant::now();
         let (status, pstatus) = {
             let mut inner = lock(&self.inner);
-            let p = inner
-                .providers
-                .get_mut(provider)
-                .ok_or_else(|| AuthError::NotFound(format!("provider `{provider}` does not exist")))?;
+            let p = inner.providers.get_mut(provider).ok_or_else(|| {
+                AuthError::NotFound(format!("provider `{provider}` does not exist"))
+            })?;
             let c = p
                 .creds
                 .iter_mut()
                 .find(|c| c.id == credential_id)
-                .ok_or_else(|| AuthError::NotFound(format!("credential `{credential_id}` does not exist")))?;
+                .ok_or_else(|| {
+                    AuthError::NotFound(format!("credential `{credential_id}` does not exist"))
+                })?;
             c.state = state;
             (cred_status(c, now), status_of(p, now))
         };
@@ -388,10 +419,9 @@ impl Registry {
         let chosen = {
             let mut inner = lock(&self.inner);
             inner.leases.retain(|_, l| l.expires > now);
-            let p = inner
-                .providers
-                .get_mut(provider)
-                .ok_or_else(|| AuthError::NotFound(format!("provider `{provider}` does not exist")))?;
+            let p = inner.providers.get_mut(provider).ok_or_else(|| {
+                AuthError::NotFound(format!("provider `{provider}` does not exist"))
+            })?;
             if !p.row.models.iter().any(|m| m == model) {
                 return Err(AuthError::NotFound(format!(
                     "provider `{provider}` does not serve model `{model}`"
@@ -434,7 +464,9 @@ impl Registry {
                             "no usable credential for `{provider}`; retry after {} ms",
                             w.as_millis().max(1)
                         ),
-                        None => format!("no usable credential for `{provider}`: every one is invalid or revoked; rotate one"),
+                        None => format!(
+                            "no usable credential for `{provider}`: every one is invalid or revoked; rotate one"
+                        ),
                     },
                 });
             };
@@ -447,7 +479,9 @@ impl Registry {
             let base_url = p.row.base_url.clone();
             let fetch = match &c.oauth {
                 Some(o) => match &o.token {
-                    Some((token, exp)) if *exp > SystemTime::now() + self.settings.token_refresh_margin => {
+                    Some((token, exp))
+                        if *exp > SystemTime::now() + self.settings.token_refresh_margin =>
+                    {
                         Ok(token.clone())
                     }
                     _ => Err(TokenFetch {
@@ -521,25 +555,40 @@ impl Registry {
             .send()
             .await
             .map_err(|e| AuthError::Unavailable {
-                message: format!("token endpoint of `{}` unreachable: {}", f.provider, e.without_url()),
+                message: format!(
+                    "token endpoint of `{}` unreachable: {}",
+                    f.provider,
+                    e.without_url()
+                ),
             })?;
         let status = response.status();
         if !status.is_success() {
             if status.as_u16() == 401 || status.as_u16() == 400 {
                 let _ = self
-                    .set_state(&f.provider, &f.credential_id, CredentialState::Invalid, "token request rejected")
+                    .set_state(
+                        &f.provider,
+                        &f.credential_id,
+                        CredentialState::Invalid,
+                        "token request rejected",
+                    )
                     .await;
             }
             return Err(AuthError::Unavailable {
                 message: format!("token endpoint of `{}` answered HTTP {status}", f.provider),
             });
         }
-        let json: serde_json::Value = response.json().await.map_err(|_| AuthError::Unavailable {
-            message: format!("token endpoint of `{}` sent an unreadable answer", f.provider),
-        })?;
-        let token = json["access_token"].as_str().ok_or_else(|| AuthError::Unavailable {
-            message: format!("token endpoint of `{}` sent no access_token", f.provider),
-        })?;
+        let json: serde_json::Value =
+            response.json().await.map_err(|_| AuthError::Unavailable {
+                message: format!(
+                    "token endpoint of `{}` sent an unreadable answer",
+                    f.provider
+                ),
+            })?;
+        let token = json["access_token"]
+            .as_str()
+            .ok_or_else(|| AuthError::Unavailable {
+                message: format!("token endpoint of `{}` sent no access_token", f.provider),
+            })?;
         let expires_in = json["expires_in"].as_u64().unwrap_or(3600);
         let secret = Secret::new(token);
         let expires = SystemTime::now() + Duration::from_secs(expires_in);
@@ -614,28 +663,39 @@ impl Registry {
                 .leases
                 .remove(lease_id)
                 .filter(|l| l.expires > now)
-                .ok_or_else(|| AuthError::NotFound(format!("lease `{lease_id}` is unknown, reported or expired")))?;
-            let p = inner
-                .providers
-                .get_mut(&lease.provider)
-                .ok_or_else(|| AuthError::NotFound(format!("provider `{}` is gone", lease.provider)))?;
+                .ok_or_else(|| {
+                    AuthError::NotFound(format!(
+                        "lease `{lease_id}` is unknown, reported or expired"
+                    ))
+                })?;
+            let p = inner.providers.get_mut(&lease.provider).ok_or_else(|| {
+                AuthError::NotFound(format!("provider `{}` is gone", lease.provider))
+            })?;
             let before = status_of(p, now);
             let cooldown = self.settings.cooldown;
             let endpoint = p.endpoints.entry(lease.model.clone()).or_default();
             match outcome {
                 Outcome::Ok => endpoint.success(),
-                Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => endpoint.failure(now, cooldown),
-                Outcome::RateLimited | Outcome::AuthFailed | Outcome::Unspecified => endpoint.neutral(),
+                Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => {
+                    endpoint.failure(now, cooldown)
+                }
+                Outcome::RateLimited | Outcome::AuthFailed | Outcome::Unspecified => {
+                    endpoint.neutral()
+                }
             }
             let endpoint_state = endpoint.state(now);
             let c = p
                 .creds
                 .iter_mut()
                 .find(|c| c.id == lease.credential_id)
-                .ok_or_else(|| AuthError::NotFound(format!("credential `{}` is gone", lease.credential_id)))?;
+                .ok_or_else(|| {
+                    AuthError::NotFound(format!("credential `{}` is gone", lease.credential_id))
+                })?;
             match outcome {
                 Outcome::Ok => c.breaker.success(),
-                Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => c.breaker.failure(now, cooldown),
+                Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => {
+                    c.breaker.failure(now, cooldown)
+                }
                 Outcome::RateLimited => {
                     c.breaker.neutral();
                     let wait = if retry_after_ms > 0 {
@@ -671,7 +731,9 @@ impl Registry {
             (response, (before != after).then_some(after))
         };
         if let Some(id) = persist_invalid {
-            self.store.set_state(&id, CredentialState::Invalid as i32).await?;
+            self.store
+                .set_state(&id, CredentialState::Invalid as i32)
+                .await?;
         }
         if let Some(status) = changed {
             self.emit(status, format!("outcome {outcome:?} (HTTP {http_status})"));
@@ -685,7 +747,9 @@ impl Registry {
         let now = Instant::now();
         let changed = {
             let mut inner = lock(&self.inner);
-            let Some(p) = inner.providers.get_mut(provider) else { return };
+            let Some(p) = inner.providers.get_mut(provider) else {
+                return;
+            };
             let first = p.last_checked.is_none();
             let flipped = p.healthy != healthy;
             p.healthy = healthy;
@@ -708,7 +772,10 @@ impl Registry {
         let inner = lock(&self.inner);
         let p = inner.providers.get(provider)?;
         let kind = ProviderKind::try_from(p.row.kind).unwrap_or(ProviderKind::Openai);
-        let c = p.creds.iter().find(|c| c.state == CredentialState::Active && c.oauth.is_none())?;
+        let c = p
+            .creds
+            .iter()
+            .find(|c| c.state == CredentialState::Active && c.oauth.is_none())?;
         Some(match kind {
             ProviderKind::Anthropic => ("x-api-key", c.secret.expose().to_owned()),
             _ => ("authorization", format!("Bearer {}", c.secret.expose())),
@@ -722,7 +789,11 @@ impl Registry {
         inner
             .providers
             .values()
-            .flat_map(|p| p.creds.iter().map(move |c| (p.row.name.clone(), c.id.clone(), c.breaker.state(now))))
+            .flat_map(|p| {
+                p.creds
+                    .iter()
+                    .map(move |c| (p.row.name.clone(), c.id.clone(), c.breaker.state(now)))
+            })
             .collect()
     }
 }

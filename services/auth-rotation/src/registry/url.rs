@@ -61,7 +61,9 @@ pub fn validate(field: &str, raw: &str) -> Result<String, AuthError> {
     let url = url::Url::parse(raw).map_err(|e| bad(format!("not a URL ({e})")))?;
     let host = url.host().ok_or_else(|| bad("has no host".into()))?;
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(bad("must not carry user info; put keys in credentials".into()));
+        return Err(bad(
+            "must not carry user info; put keys in credentials".into()
+        ));
     }
     match url.scheme() {
         "https" => {}
@@ -95,7 +97,12 @@ mod tests {
 
     #[test]
     fn ssrf_rules() {
-        assert_eq!(validate("base_url", "https://api.openai.com/v1/").ok().as_deref(), Some("https://api.openai.com/v1"));
+        assert_eq!(
+            validate("base_url", "https://api.openai.com/v1/")
+                .ok()
+                .as_deref(),
+            Some("https://api.openai.com/v1")
+        );
         assert!(validate("base_url", "http://127.0.0.1:8080/v1").is_ok());
         assert!(validate("base_url", "http://localhost:9/v1").is_ok());
         for bad in [

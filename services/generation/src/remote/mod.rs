@@ -101,7 +101,8 @@ impl RemoteBackend {
         http: reqwest::Client,
         settings: RemoteSettings,
     ) -> Result<Self, GenerationError> {
-        let (provider, model) = split_name(name).ok_or_else(|| GenerationError::UnknownModel(name.to_owned()))?;
+        let (provider, model) =
+            split_name(name).ok_or_else(|| GenerationError::UnknownModel(name.to_owned()))?;
         Ok(Self {
             name: name.to_owned(),
             provider: provider.to_owned(),
@@ -124,10 +125,9 @@ impl RemoteBackend {
                 tonic::Code::NotFound => GenerationError::UnknownModel(self.name.clone()),
                 _ => GenerationError::RemoteUnavailable(format!("auth-rotation: {}", s.message())),
             })?;
-        response
-            .into_inner()
-            .lease
-            .ok_or_else(|| GenerationError::RemoteUnavailable("auth-rotation answered without a lease".into()))
+        response.into_inner().lease.ok_or_else(|| {
+            GenerationError::RemoteUnavailable("auth-rotation answered without a lease".into())
+        })
     }
 }
 
@@ -146,47 +146,72 @@ impl Backend for RemoteBackend {
         }
     }
 
-    fn count_tokens(&self, _messages: &[ChatMessage], _texts: &[String]) -> Result<(usize, Vec<usize>), GenerationError> {
+    fn count_tokens(
+        &self,
+        _messages: &[ChatMessage],
+        _texts: &[String],
+    ) -> Result<(usize, Vec<usize>), GenerationError> {
         Err(GenerationError::Unsupported(format!(
             "{} is remote: its tokenizer is not available here; count with a local model",
             self.name
         )))
     }
 
-    async fn generate(&self, input: GenerateInput) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
+    async fn generate(
+        &self,
+        input: GenerateInput,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
         let mut last_error = String::new();
         for _ in 0..self.settings.max_credentials.max(1) {
             let lease = self.lease().await?;
             let kind = ProviderKind::try_from(lease.kind).unwrap_or(ProviderKind::Openai);
             let (url, body) = match kind {
-                ProviderKind::Anthropic => (format!("{}/messages", lease.base_url), wire::anthropic_body(&self.model, &input)),
-                _ => (format!("{}/chat/completions", lease.base_url), wire::openai_body(&self.model, &input)),
+                ProviderKind::Anthropic => (
+                    format!("{}/messages", lease.base_url),
+                    wire::anthropic_body(&self.model, &input),
+                ),
+                _ => (
+                    format!("{}/chat/completions", lease.base_url),
+                    wire::openai_body(&self.model, &input),
+                ),
             };
             let started = Instant::now();
             let mut request = self
                 .http
                 .post(&url)
-                .header(lease.auth_header_name.as_str(), lease.auth_header_value.as_str())
+                .header(
+                    lease.auth_header_name.as_str(),
+                    lease.auth_header_value.as_str(),
+                )
                 .json(&body);
             if kind == ProviderKind::Anthropic {
                 request = request.header("anthropic-version", wire::ANTHROPIC_VERSION);
             }
-            let response = match tokio::time::timeout(self.settings.ttft_timeout, request.send()).await {
-                Err(_) => {
-                    report(self.auth.clone(), &lease, Outcome::Timeout, 0, 0, started).await;
-                    return Err(GenerationError::RemoteUnavailable(format!(
-                        "{}: no answer within {} ms",
-                        self.name,
-                        self.settings.ttft_timeout.as_millis()
-                    )));
-                }
-                Ok(Err(e)) => {
-                    let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::ConnectionError };
-                    report(self.auth.clone(), &lease, outcome, 0, 0, started).await;
-                    return Err(GenerationError::RemoteUnavailable(format!("{}: {}", self.name, e.without_url())));
-                }
-                Ok(Ok(r)) => r,
-            };
+            let response =
+                match tokio::time::timeout(self.settings.ttft_timeout, request.send()).await {
+                    Err(_) => {
+                        report(self.auth.clone(), &lease, Outcome::Timeout, 0, 0, started).await;
+                        return Err(GenerationError::RemoteUnavailable(format!(
+                            "{}: no answer within {} ms",
+                            self.name,
+                            self.settings.ttft_timeout.as_millis()
+                        )));
+                    }
+                    Ok(Err(e)) => {
+                        let outcome = if e.is_timeout() {
+                            Outcome::Timeout
+                        } else {
+                            Outcome::ConnectionError
+                        };
+                        report(self.auth.clone(), &lease, outcome, 0, 0, started).await;
+                        return Err(GenerationError::RemoteUnavailable(format!(
+                            "{}: {}",
+                            self.name,
+                            e.without_url()
+                        )));
+                    }
+                    Ok(Ok(r)) => r,
+                };
             let status = response.status().as_u16();
             let outcome = outcome_of(status);
             match outcome {
@@ -202,7 +227,10 @@ impl Backend for RemoteBackend {
                 }
                 _ => {
                     report(self.auth.clone(), &lease, outcome, status, 0, started).await;
-                    return Err(GenerationError::RemoteUnavailable(format!("{}: HTTP {status}", self.name)));
+                    return Err(GenerationError::RemoteUnavailable(format!(
+                        "{}: HTTP {status}",
+                        self.name
+                    )));
                 }
             }
             let (tx, rx) = mpsc::unbounded_channel();
@@ -265,7 +293,12 @@ async fn pump(
                 )));
             }
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(GenerationError::RemoteUnavailable(format!("stream broke: {}", e.without_url()))),
+            Ok(Some(Err(e))) => {
+                return Err(GenerationError::RemoteUnavailable(format!(
+                    "stream broke: {}",
+                    e.without_url()
+                )));
+            }
             Ok(Some(Ok(bytes))) => bytes,
         };
         for data in reader.push(&chunk) {
@@ -280,7 +313,11 @@ async fn pump(
                 usage.completion_tokens = n;
             }
             if let Some(f) = &p.finish {
-                finish = if matches!(f.as_str(), "length" | "max_tokens") { Finish::Length } else { Finish::Stop };
+                finish = if matches!(f.as_str(), "length" | "max_tokens") {
+                    Finish::Length
+                } else {
+                    Finish::Stop
+                };
             }
             if let Some(text) = p.text {
                 if first {
@@ -288,7 +325,13 @@ async fn pump(
                     first = false;
                 }
                 deltas += 1;
-                if tx.send(Event::Delta { text, token_ids: Vec::new() }).is_err() {
+                if tx
+                    .send(Event::Delta {
+                        text,
+                        token_ids: Vec::new(),
+                    })
+                    .is_err()
+                {
                     // The caller went away: stop reading (drops the connection).
                     return Ok(());
                 }

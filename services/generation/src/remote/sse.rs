@@ -13,8 +13,7 @@ impl SseReader {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buffer.extend_from_slice(bytes);
         let mut events = Vec::new();
-        loop {
-            let Some(end) = find_event_end(&self.buffer) else { break };
+        while let Some(end) = find_event_end(&self.buffer) {
             let raw: Vec<u8> = self.buffer.drain(..end.0 + end.1).collect();
             let text = String::from_utf8_lossy(&raw[..end.0]);
             let data: Vec<&str> = text
@@ -51,11 +50,17 @@ mod tests {
     fn events_split_across_chunks() {
         let mut r = SseReader::default();
         assert!(r.push(b"data: {\"a\"").is_empty());
-        assert_eq!(r.push(b":1}\n\n: comment\n\ndata: x\ndata: y\n\ndata: [DONE]\n\n"), vec![
-            "{\"a\":1}".to_owned(),
-            "x\ny".to_owned(),
-            "[DONE]".to_owned()
-        ]);
-        assert_eq!(r.push(b"event: ping\r\ndata: z\r\n\r\n"), vec!["z".to_owned()]);
+        assert_eq!(
+            r.push(b":1}\n\n: comment\n\ndata: x\ndata: y\n\ndata: [DONE]\n\n"),
+            vec![
+                "{\"a\":1}".to_owned(),
+                "x\ny".to_owned(),
+                "[DONE]".to_owned()
+            ]
+        );
+        assert_eq!(
+            r.push(b"event: ping\r\ndata: z\r\n\r\n"),
+            vec!["z".to_owned()]
+        );
     }
 }

@@ -51,14 +51,20 @@ pub fn openai_body(model: &str, input: &GenerateInput) -> Value {
 /// Parses one OpenAI `data:` payload.
 pub fn openai_event(data: &str) -> Parsed {
     if data.trim() == "[DONE]" {
-        return Parsed { done: true, ..Parsed::default() };
+        return Parsed {
+            done: true,
+            ..Parsed::default()
+        };
     }
     let Ok(v) = serde_json::from_str::<Value>(data) else {
         return Parsed::default();
     };
     let choice = &v["choices"][0];
     Parsed {
-        text: choice["delta"]["content"].as_str().filter(|s| !s.is_empty()).map(str::to_owned),
+        text: choice["delta"]["content"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
         finish: choice["finish_reason"].as_str().map(str::to_owned),
         prompt_tokens: v["usage"]["prompt_tokens"].as_u64().map(|n| n as usize),
         completion_tokens: v["usage"]["completion_tokens"].as_u64().map(|n| n as usize),
@@ -82,7 +88,11 @@ pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
         .iter()
         .filter(|m: &&ChatMessage| m.role != "system")
         .map(|m| {
-            let role = if m.role == "assistant" { "assistant" } else { "user" };
+            let role = if m.role == "assistant" {
+                "assistant"
+            } else {
+                "user"
+            };
             json!({"role": role, "content": m.content})
         })
         .collect();
@@ -109,7 +119,9 @@ pub fn anthropic_event(data: &str) -> Parsed {
     };
     match v["type"].as_str() {
         Some("message_start") => Parsed {
-            prompt_tokens: v["message"]["usage"]["input_tokens"].as_u64().map(|n| n as usize),
+            prompt_tokens: v["message"]["usage"]["input_tokens"]
+                .as_u64()
+                .map(|n| n as usize),
             ..Parsed::default()
         },
         Some("content_block_delta") => Parsed {
@@ -121,7 +133,10 @@ pub fn anthropic_event(data: &str) -> Parsed {
             completion_tokens: v["usage"]["output_tokens"].as_u64().map(|n| n as usize),
             ..Parsed::default()
         },
-        Some("message_stop") => Parsed { done: true, ..Parsed::default() },
+        Some("message_stop") => Parsed {
+            done: true,
+            ..Parsed::default()
+        },
         _ => Parsed::default(),
     }
 }
@@ -137,10 +152,17 @@ mod tests {
         let p = openai_event(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#);
         assert_eq!((p.prompt_tokens, p.completion_tokens), (Some(5), Some(2)));
         assert!(openai_event("[DONE]").done);
-        let p = anthropic_event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Yo"}}"#);
+        let p = anthropic_event(
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Yo"}}"#,
+        );
         assert_eq!(p.text.as_deref(), Some("Yo"));
-        let p = anthropic_event(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#);
-        assert_eq!((p.finish.as_deref(), p.completion_tokens), (Some("end_turn"), Some(7)));
+        let p = anthropic_event(
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+        );
+        assert_eq!(
+            (p.finish.as_deref(), p.completion_tokens),
+            (Some("end_turn"), Some(7))
+        );
         assert!(anthropic_event(r#"{"type":"message_stop"}"#).done);
     }
 }

@@ -249,7 +249,10 @@ impl CollectionIndex {
             .iter()
             .zip(&found.distances)
             .filter(|(key, _)| self.entries.contains_key(key))
-            .map(|(&key, &d)| Scored { key, score: 1.0 - d })
+            .map(|(&key, &d)| Scored {
+                key,
+                score: 1.0 - d,
+            })
             .collect();
         if hits.len() < k && !filter.is_empty() {
             let matching = self
@@ -336,7 +339,14 @@ mod tests {
         let y = BTreeMap::from([("tag".to_owned(), "y".to_owned())]);
         let hits = idx.search(&q, 2, &y).unwrap();
         assert_eq!(hits.iter().map(|h| h.key).collect::<Vec<_>>(), vec![2, 3]);
-        assert_eq!(idx.exact(&q, 2, &y).unwrap().iter().map(|h| h.key).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            idx.exact(&q, 2, &y)
+                .unwrap()
+                .iter()
+                .map(|h| h.key)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         idx.remove(1).unwrap();
         let hits = idx.search(&q, 3, &BTreeMap::new()).unwrap();
         assert_eq!(hits.iter().map(|h| h.key).collect::<Vec<_>>(), vec![2, 3]);

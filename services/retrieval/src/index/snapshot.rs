@@ -29,12 +29,19 @@ fn path_str(p: &Path) -> Result<&str, RetrievalError> {
 
 /// Saves `index` as the snapshot of `collection` in `dir`; returns its time.
 /// Errors with [`RetrievalError::Index`] when a file cannot be written.
-pub fn save(index: &CollectionIndex, dir: &Path, collection: &str) -> Result<SystemTime, RetrievalError> {
+pub fn save(
+    index: &CollectionIndex,
+    dir: &Path,
+    collection: &str,
+) -> Result<SystemTime, RetrievalError> {
     std::fs::create_dir_all(dir).map_err(index_error)?;
     let (graph, keys) = paths(dir, collection);
     let graph_tmp = graph.with_extension("usearch.tmp");
     let keys_tmp = keys.with_extension("keys.tmp");
-    index.hnsw().save(path_str(&graph_tmp)?).map_err(index_error)?;
+    index
+        .hnsw()
+        .save(path_str(&graph_tmp)?)
+        .map_err(index_error)?;
     let bytes: Vec<u8> = index.keys().flat_map(u64::to_le_bytes).collect();
     std::fs::write(&keys_tmp, bytes).map_err(index_error)?;
     // Keys are removed first and renamed last: a graph without its keys file
@@ -64,7 +71,9 @@ pub fn load(
 ) -> Option<(CollectionIndex, Vec<u64>, SystemTime)> {
     let (graph, keys_path) = paths(dir, collection);
     let keys_bytes = std::fs::read(&keys_path).ok()?;
-    let at = std::fs::metadata(&keys_path).and_then(|m| m.modified()).ok()?;
+    let at = std::fs::metadata(&keys_path)
+        .and_then(|m| m.modified())
+        .ok()?;
     let options = IndexOptions {
         dimensions: dimension,
         metric: MetricKind::Cos,
@@ -87,5 +96,9 @@ pub fn load(
         .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
         .collect();
     hnsw.change_expansion_search(params.ef_search);
-    Some((CollectionIndex::from_parts(hnsw, dimension, params), keys, at))
+    Some((
+        CollectionIndex::from_parts(hnsw, dimension, params),
+        keys,
+        at,
+    ))
 }

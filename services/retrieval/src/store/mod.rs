@@ -198,7 +198,9 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
-            .map_err(|e| RetrievalError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+            .map_err(|e| {
+                RetrievalError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}"))
+            })?;
         let mut tx = pool.begin().await?;
         // Replicas starting together would race on CREATE SCHEMA.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('moltbot.retrieval.schema'))")

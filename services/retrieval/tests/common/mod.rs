@@ -60,6 +60,9 @@ pub fn args(backend: &str, data_dir: &std::path::Path) -> Args {
     Args::parse_from(argv)
 }
 
+/// A test document: id, text, metadata pairs.
+pub type Doc = (String, String, Vec<(&'static str, &'static str)>);
+
 /// A running in-process retrieval service and a client connected to it.
 pub struct Harness {
     pub client: RetrievalServiceClient<Channel>,
@@ -130,7 +133,11 @@ impl Harness {
             .unwrap();
     }
 
-    pub async fn upsert(&mut self, collection: &str, docs: Vec<(String, String, Vec<(&str, &str)>)>) -> (u32, u32) {
+    pub async fn upsert(
+        &mut self,
+        collection: &str,
+        docs: Vec<Doc>,
+    ) -> (u32, u32) {
         let r = self
             .client
             .upsert(UpsertRequest {
@@ -140,7 +147,10 @@ impl Harness {
                     .map(|(id, text, meta)| Document {
                         id,
                         text,
-                        metadata: meta.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+                        metadata: meta
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
                     })
                     .collect(),
             })
