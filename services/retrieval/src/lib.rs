@@ -81,6 +81,18 @@ pub struct Args {
     /// HNSW `efSearch` (raised to `top_k` when smaller).
     #[arg(long, env = "MOLTBOT_HNSW_EF_SEARCH", default_value_t = 64)]
     pub ef_search: usize,
+    /// How the HNSW graph stores vectors: f32 (exact distances), f16, bf16,
+    /// or i8 (a quarter of the memory).
+    #[arg(
+        long,
+        env = "MOLTBOT_HNSW_QUANTIZATION",
+        value_enum,
+        default_value = "f32"
+    )]
+    pub hnsw_quantization: index::Quantization,
+    /// With a quantized graph: candidates per wanted hit, re-ranked exactly.
+    #[arg(long, env = "MOLTBOT_HNSW_RERANK", default_value_t = 4)]
+    pub hnsw_rerank: usize,
     /// Collections with at most this many chunks are searched exactly.
     #[arg(long, env = "MOLTBOT_EXACT_BELOW", default_value_t = 256)]
     pub exact_below: usize,
@@ -157,6 +169,8 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
             m: args.hnsw_m,
             ef_construction: args.ef_construction,
             ef_search: args.ef_search,
+            quantization: args.hnsw_quantization,
+            rerank: args.hnsw_rerank.max(1),
         },
         snapshot_dir: args
             .data_dir

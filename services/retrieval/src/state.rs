@@ -106,15 +106,23 @@ impl State {
                 .map(|c| c.key)
                 .filter(|k| !index.contains(*k))
                 .collect();
-            let with_vectors = match missing.iter().min() {
-                Some(&from) => self.store.chunks(&row.name, Some(from)).await?,
+            // A quantized graph keeps full-precision vectors beside it: load
+            // them all; otherwise only those the snapshot lacks.
+            let vectors_from = if index.keeps_vectors() {
+                Some(0)
+            } else {
+                missing.iter().min().copied()
+            };
+            let with_vectors = match vectors_from {
+                Some(from) => self.store.chunks(&row.name, Some(from)).await?,
                 None => Vec::new(),
             };
             let mut added = 0;
             for c in &with_vectors {
-                if let Some(v) = &c.vector
-                    && !index.contains(c.key)
-                {
+                let Some(v) = &c.vector else { continue };
+                if index.contains(c.key) {
+                    index.set_vector(c.key, v);
+                } else {
                     index.add(c.key, v, entry_of(c))?;
                     added += 1;
                 }

@@ -4,11 +4,30 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::{Duration, Instant},
 };
 
+use moltbot_proto::auth::v1::BreakerState;
+use prometheus::{IntGaugeVec, Opts};
+
 use super::Registry;
+
+/// `moltbot_auth_breaker_state{provider, credential}`: 0 closed, 1 half-open,
+/// 2 open; refreshed every scheduler tick.
+#[allow(clippy::expect_used)] // static, valid names: construction cannot fail
+static BREAKER_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "moltbot_auth_breaker_state",
+            "Circuit-breaker state per credential: 0 closed, 1 half-open, 2 open",
+        ),
+        &["provider", "credential"],
+    )
+    .expect("valid metric");
+    let _ = moltbot_runtime::metrics::registry().register(Box::new(g.clone()));
+    g
+});
 
 /// Deadline of one health check.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,6 +80,16 @@ pub async fn run(registry: Arc<Registry>, tick: Duration) {
         }
         for (name, _, interval) in due {
             next_due.insert(name, now + Duration::from_secs(u64::from(interval.max(1))));
+        }
+        for (provider, credential, state) in registry.breaker_states() {
+            let value = match state {
+                BreakerState::Closed | BreakerState::Unspecified => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
+            };
+            BREAKER_STATE
+                .with_label_values(&[provider.as_str(), credential.as_str()])
+                .set(value);
         }
         ticks += 1;
         if ticks.is_multiple_of(2) {

@@ -1,5 +1,6 @@
 //! The in-process index of one collection: an HNSW graph (USearch, Malkov &
-//! Yashunin 2016, cosine metric) over the chunk vectors, the chunks' text and
+//! Yashunin 2016) over the L2-normalised chunk vectors with the inner-product
+//! metric (equal to cosine on unit vectors, without the norms per distance), the chunks' text and
 //! metadata for building hits, exact (brute-force) search as the small-
 //! collection path and the recall reference, and snapshots on disk so a
 //! restart neither re-embeds nor rebuilds the graph.
@@ -22,6 +23,31 @@ use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::RetrievalError;
 
+/// How the graph stores vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantization {
+    /// 4 bytes a dimension: exact distances.
+    F32,
+    /// IEEE half precision, 2 bytes a dimension.
+    F16,
+    /// Brain float, 2 bytes a dimension.
+    Bf16,
+    /// 8-bit scalar quantization, 1 byte a dimension (unit vectors scaled to
+    /// [-127, 127]).
+    I8,
+}
+
+impl Quantization {
+    pub(crate) fn scalar(self) -> ScalarKind {
+        match self {
+            Self::F32 => ScalarKind::F32,
+            Self::F16 => ScalarKind::F16,
+            Self::Bf16 => ScalarKind::BF16,
+            Self::I8 => ScalarKind::I8,
+        }
+    }
+}
+
 /// HNSW parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HnswParams {
@@ -32,6 +58,12 @@ pub struct HnswParams {
     /// `efSearch`: candidate list size while searching (raised to `k` when
     /// smaller).
     pub ef_search: usize,
+    /// Storage of the vectors in the graph (exact search reads them back).
+    pub quantization: Quantization,
+    /// With a quantized graph: how many candidates per wanted hit the graph
+    /// returns, re-ranked by exact f32 inner product (kept beside the graph).
+    /// 1 turns re-ranking off.
+    pub rerank: usize,
 }
 
 impl Default for HnswParams {
@@ -42,6 +74,8 @@ impl Default for HnswParams {
             m: 16,
             ef_construction: 128,
             ef_search: 64,
+            quantization: Quantization::F32,
+            rerank: 1,
         }
     }
 }
@@ -83,6 +117,9 @@ pub struct CollectionIndex {
     dimension: usize,
     params: HnswParams,
     entries: HashMap<u64, Entry>,
+    /// Full-precision unit vectors, kept when the graph is quantized (for
+    /// re-ranking and exact search).
+    vectors: HashMap<u64, Box<[f32]>>,
 }
 
 /// A min-heap entry by score, for top-k selection.
@@ -101,6 +138,20 @@ impl Ord for MinScore {
     fn cmp(&self, other: &Self) -> Ordering {
         other.0.score.total_cmp(&self.0.score)
     }
+}
+
+/// `v` scaled to unit length (unchanged when it already is, or is zero).
+pub fn normalized(v: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm == 0.0 || (norm - 1.0).abs() < 1e-4 {
+        std::borrow::Cow::Borrowed(v)
+    } else {
+        std::borrow::Cow::Owned(v.iter().map(|x| x / norm).collect())
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -122,8 +173,8 @@ impl CollectionIndex {
     pub fn new(dimension: usize, params: HnswParams) -> Result<Self, RetrievalError> {
         let options = IndexOptions {
             dimensions: dimension,
-            metric: MetricKind::Cos,
-            quantization: ScalarKind::F32,
+            metric: MetricKind::IP,
+            quantization: params.quantization.scalar(),
             connectivity: params.m,
             expansion_add: params.ef_construction,
             expansion_search: params.ef_search,
@@ -136,7 +187,19 @@ impl CollectionIndex {
             dimension,
             params,
             entries: HashMap::new(),
+            vectors: HashMap::new(),
         })
+    }
+
+    /// The SIMD kernels USearch dispatched to on this CPU (e.g. `haswell`,
+    /// `skylake`, `serial` when none).
+    pub fn hardware_acceleration(&self) -> String {
+        self.hnsw.hardware_acceleration()
+    }
+
+    /// Changes `efSearch` (still raised to `k` per query).
+    pub fn set_ef_search(&mut self, ef: usize) {
+        self.params.ef_search = ef.max(1);
     }
 
     /// Vector dimension.
@@ -158,6 +221,7 @@ impl CollectionIndex {
     /// figure), plus the texts held for hits.
     pub fn memory_bytes(&self) -> usize {
         self.hnsw.memory_usage()
+            + self.vectors.len() * (self.dimension * 4 + 32)
             + self
                 .entries
                 .values()
@@ -201,7 +265,12 @@ impl CollectionIndex {
             let grown = (self.hnsw.capacity() * 2).max(1024);
             self.hnsw.reserve(grown).map_err(index_error)?;
         }
-        self.hnsw.add(key, vector).map_err(index_error)?;
+        let unit = normalized(vector);
+        self.hnsw.add(key, &unit).map_err(index_error)?;
+        if self.keeps_vectors() {
+            self.vectors
+                .insert(key, unit.into_owned().into_boxed_slice());
+        }
         self.entries.insert(key, entry);
         Ok(())
     }
@@ -209,6 +278,7 @@ impl CollectionIndex {
     /// Removes `key` from the graph and the entries (absent keys are fine).
     pub fn remove(&mut self, key: u64) -> Result<(), RetrievalError> {
         self.entries.remove(&key);
+        self.vectors.remove(&key);
         if self.hnsw.contains(key) {
             self.hnsw.remove(key).map_err(index_error)?;
         }
@@ -229,31 +299,45 @@ impl CollectionIndex {
         if self.hnsw.size() == 0 {
             return Ok(Vec::new());
         }
-        let ef = self.params.ef_search.max(k);
+        let query = &*normalized(query);
+        let rerank = if self.keeps_vectors() {
+            self.params.rerank.max(1)
+        } else {
+            1
+        };
+        let candidates = k * rerank;
+        let ef = self.params.ef_search.max(candidates);
         if self.hnsw.expansion_search() != ef {
             self.hnsw.change_expansion_search(ef);
         }
         let found = if filter.is_empty() {
-            self.hnsw.search(query, k).map_err(index_error)?
+            self.hnsw.search(query, candidates).map_err(index_error)?
         } else {
             self.hnsw
-                .filtered_search(query, k, |key| {
+                .filtered_search(query, candidates, |key| {
                     self.entries
                         .get(&key)
                         .is_some_and(|e| matches(filter, &e.metadata))
                 })
                 .map_err(index_error)?
         };
-        let hits: Vec<Scored> = found
+        let mut hits: Vec<Scored> = found
             .keys
             .iter()
             .zip(&found.distances)
             .filter(|(key, _)| self.entries.contains_key(key))
             .map(|(&key, &d)| Scored {
                 key,
-                score: 1.0 - d,
+                score: match (rerank > 1, self.vectors.get(&key)) {
+                    (true, Some(v)) => dot(query, v),
+                    _ => 1.0 - d,
+                },
             })
             .collect();
+        if rerank > 1 {
+            hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+            hits.truncate(k);
+        }
         if hits.len() < k && !filter.is_empty() {
             let matching = self
                 .entries
@@ -282,10 +366,15 @@ impl CollectionIndex {
             if !filter.is_empty() && !matches(filter, &entry.metadata) {
                 continue;
             }
-            if self.hnsw.get(key, &mut buf).map_err(index_error)? == 0 {
-                continue;
-            }
-            let score = cosine(query, &buf);
+            let score = match self.vectors.get(&key) {
+                Some(v) => cosine(query, v),
+                None => {
+                    if self.hnsw.get(key, &mut buf).map_err(index_error)? == 0 {
+                        continue;
+                    }
+                    cosine(query, &buf)
+                }
+            };
             if heap.len() < k {
                 heap.push(MinScore(Scored { key, score }));
             } else if heap.peek().is_some_and(|m| score > m.0.score) {
@@ -308,6 +397,21 @@ impl CollectionIndex {
             dimension,
             params,
             entries: HashMap::new(),
+            vectors: HashMap::new(),
+        }
+    }
+
+    /// Whether full-precision vectors are kept beside a quantized graph.
+    pub fn keeps_vectors(&self) -> bool {
+        self.params.quantization != Quantization::F32
+    }
+
+    /// Keeps the full-precision vector of `key` (after a snapshot load of a
+    /// quantized graph).
+    pub fn set_vector(&mut self, key: u64, vector: &[f32]) {
+        if self.keeps_vectors() {
+            self.vectors
+                .insert(key, normalized(vector).into_owned().into_boxed_slice());
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+use usearch::{Index, IndexOptions, MetricKind};
 
 use super::{CollectionIndex, HnswParams, index_error};
 use crate::RetrievalError;
@@ -76,8 +76,8 @@ pub fn load(
         .ok()?;
     let options = IndexOptions {
         dimensions: dimension,
-        metric: MetricKind::Cos,
-        quantization: ScalarKind::F32,
+        metric: MetricKind::IP,
+        quantization: params.quantization.scalar(),
         connectivity: params.m,
         expansion_add: params.ef_construction,
         expansion_search: params.ef_search,

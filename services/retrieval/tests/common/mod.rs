@@ -133,11 +133,7 @@ impl Harness {
             .unwrap();
     }
 
-    pub async fn upsert(
-        &mut self,
-        collection: &str,
-        docs: Vec<Doc>,
-    ) -> (u32, u32) {
+    pub async fn upsert(&mut self, collection: &str, docs: Vec<Doc>) -> (u32, u32) {
         let r = self
             .client
             .upsert(UpsertRequest {

@@ -1,0 +1,46 @@
+{{/* Name of a component's objects: <release>-<component>. */}}
+{{- define "moltbot.name" -}}
+{{- printf "%s-%s" .root.Release.Name .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object of a component. */}}
+{{- define "moltbot.labels" -}}
+app.kubernetes.io/name: moltbot
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of a component. */}}
+{{- define "moltbot.selector" -}}
+app.kubernetes.io/name: moltbot
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Image of a component: <registry>/<image>:<tag>. */}}
+{{- define "moltbot.image" -}}
+{{- printf "%s/%s:%s" .root.Values.image.registry .image (default .root.Chart.AppVersion .root.Values.image.tag) -}}
+{{- end -}}
+
+{{/* Environment shared by every container: telemetry and the secrets. */}}
+{{- define "moltbot.commonEnv" -}}
+- name: RUST_LOG
+  value: {{ .root.Values.telemetry.logLevel | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "moltbot-%s" .component | quote }}
+{{- with .root.Values.telemetry.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- range $key := .secretKeys }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.root.Values.secrets.existingSecret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- end -}}
