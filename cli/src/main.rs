@@ -2,11 +2,13 @@
 //!
 //! - `moltbot up` runs the whole mesh on this machine (every service and the
 //!   gateway on their default ports) and stops it cleanly on Ctrl-C;
+//! - `moltbot chat` is a terminal chat client with a session;
 //! - `moltbot doctor` checks binaries, ports and stores and says what to fix;
 //! - `moltbot models prepare|list` makes the generation model ready;
 //! - `moltbot kb ingest PATH --collection NAME` fills a knowledge base;
 //! - `moltbot keys add|rotate|revoke|list` manages provider credentials.
 
+mod chat;
 mod devkeys;
 mod doctor;
 mod kb;
@@ -30,6 +32,8 @@ struct Cli {
 enum Command {
     /// Run every service and the gateway on this machine until Ctrl-C.
     Up(up::UpArgs),
+    /// Chat with the gateway in the terminal (one session, streamed answers).
+    Chat(chat::ChatArgs),
     /// Check binaries, ports and stores; say what to fix.
     Doctor(doctor::DoctorArgs),
     /// Prepare or list the local models.
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::Chat(args) => chat::run(args).await,
             Command::Models(args) => models::run(args).await,
             Command::Kb(args) => kb::run(args).await,
             Command::Keys(args) => keys::run(args).await,

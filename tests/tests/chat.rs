@@ -350,6 +350,25 @@ async fn chat_turns_through_the_whole_mesh() {
         "{kb}"
     );
 
+    // --- `moltbot chat`: a terminal session, streamed. ---------------------
+    let mut child = std::process::Command::new(moltbot_e2e::process::binary("moltbot"))
+        .args(["chat", "--gateway-url", &api.base, "--api-key", KEY, "--session", "cli-1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"My favourite colour is teal.\n/quit\n").unwrap();
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "moltbot chat: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("tokens"), "{printed}");
+    assert_eq!(history_len(&mesh, "cli-1").await, 2);
+
     // --- One trace per request across every service. ----------------------
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let resp = api
