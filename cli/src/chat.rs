@@ -12,7 +12,11 @@ use crate::CliError;
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
     /// The gateway.
-    #[arg(long, env = "MOLTBOT_GATEWAY_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "MOLTBOT_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     gateway_url: String,
     /// Model or route alias.
     #[arg(long, default_value = "default")]
@@ -34,9 +38,17 @@ fn new_session() -> String {
 }
 
 /// One streamed turn; prints text as it arrives and the `moltbot` summary.
-async fn turn(http: &reqwest::Client, args: &ChatArgs, session: &str, text: &str) -> Result<(), CliError> {
+async fn turn(
+    http: &reqwest::Client,
+    args: &ChatArgs,
+    session: &str,
+    text: &str,
+) -> Result<(), CliError> {
     let mut request = http
-        .post(format!("{}/v1/chat/completions", args.gateway_url.trim_end_matches('/')))
+        .post(format!(
+            "{}/v1/chat/completions",
+            args.gateway_url.trim_end_matches('/')
+        ))
         .json(&serde_json::json!({
             "model": args.model,
             "session_id": session,
@@ -46,10 +58,12 @@ async fn turn(http: &reqwest::Client, args: &ChatArgs, session: &str, text: &str
     if let Some(key) = &args.api_key {
         request = request.bearer_auth(key);
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| CliError::Setup(format!("cannot reach the gateway at {}: {e}; is it up (`make up`)?", args.gateway_url)))?;
+    let response = request.send().await.map_err(|e| {
+        CliError::Setup(format!(
+            "cannot reach the gateway at {}: {e}; is it up (`make up`)?",
+            args.gateway_url
+        ))
+    })?;
     if !response.status().is_success() {
         let status = response.status();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
@@ -69,7 +83,9 @@ async fn turn(http: &reqwest::Client, args: &ChatArgs, session: &str, text: &str
                 if data == "[DONE]" {
                     continue;
                 }
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                    continue;
+                };
                 if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
                     print!("{t}");
                     let _ = stdout.flush();
@@ -80,13 +96,28 @@ async fn turn(http: &reqwest::Client, args: &ChatArgs, session: &str, text: &str
                 if v["moltbot"].is_object() {
                     let m = &v["moltbot"];
                     let intent = m["intent"]["domain"].as_str().map_or(String::new(), |d| {
-                        format!(" · intent {d}/{}", m["intent"]["name"].as_str().unwrap_or(""))
+                        format!(
+                            " · intent {d}/{}",
+                            m["intent"]["name"].as_str().unwrap_or("")
+                        )
                     });
                     let sources = m["sources"].as_array().map_or(0, Vec::len);
-                    let degraded = m["degraded"].as_array().filter(|d| !d.is_empty()).map_or(String::new(), |d| {
-                        format!(" · degraded {}", d.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
-                    });
-                    println!("\n  [{} tokens{intent} · {sources} sources{degraded}]", v["usage"]["completion_tokens"]);
+                    let degraded = m["degraded"].as_array().filter(|d| !d.is_empty()).map_or(
+                        String::new(),
+                        |d| {
+                            format!(
+                                " · degraded {}",
+                                d.iter()
+                                    .filter_map(|x| x.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            )
+                        },
+                    );
+                    println!(
+                        "\n  [{} tokens{intent} · {sources} sources{degraded}]",
+                        v["usage"]["completion_tokens"]
+                    );
                 }
             }
         }

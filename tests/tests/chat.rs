@@ -352,7 +352,15 @@ async fn chat_turns_through_the_whole_mesh() {
 
     // --- `moltbot chat`: a terminal session, streamed. ---------------------
     let mut child = std::process::Command::new(moltbot_e2e::process::binary("moltbot"))
-        .args(["chat", "--gateway-url", &api.base, "--api-key", KEY, "--session", "cli-1"])
+        .args([
+            "chat",
+            "--gateway-url",
+            &api.base,
+            "--api-key",
+            KEY,
+            "--session",
+            "cli-1",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -361,13 +369,58 @@ async fn chat_turns_through_the_whole_mesh() {
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"My favourite colour is teal.\n/quit\n").unwrap();
+        stdin
+            .write_all(b"My favourite colour is teal.\n/quit\n")
+            .unwrap();
     }
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
-    assert!(out.status.success(), "moltbot chat: {}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moltbot chat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("tokens"), "{printed}");
     assert_eq!(history_len(&mesh, "cli-1").await, 2);
+
+    // --- A client that disconnects mid-stream cancels its generation. ----
+    let mut resp = api
+        .http
+        .post(format!("{}/v1/chat/completions", api.base))
+        .bearer_auth(KEY)
+        .json(&json!({
+            "model": "default",
+            "session_id": "gone-1",
+            "stream": true,
+            "max_tokens": 400,
+            "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+    drop(resp);
+    let gen_channel = grpc::connect(&mesh.generation.grpc_url()).await;
+    let mut gen_client = moltbot_proto::generation::v1::generation_service_client::GenerationServiceClient::new(gen_channel);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let models = gen_client
+            .list_models(moltbot_proto::generation::v1::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        if models.iter().all(|m| m.active_sequences == 0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dropped stream still generates: {models:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(history_len(&mesh, "gone-1").await, 0, "a cancelled turn wrote to its session");
 
     // --- One trace per request across every service. ----------------------
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
