@@ -16,6 +16,18 @@ pub struct DoctorArgs {
     /// PostgreSQL to check (auth-rotation and retrieval in production).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Directory of prepared models.
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: std::path::PathBuf,
+}
+
+/// The directory on `LD_LIBRARY_PATH` holding libtorch, if any.
+fn libtorch_dir() -> Option<std::path::PathBuf> {
+    std::env::var("LD_LIBRARY_PATH")
+        .ok()?
+        .split(':')
+        .map(std::path::PathBuf::from)
+        .find(|d| d.join("libtorch_cpu.so").exists())
 }
 
 struct Report {
@@ -68,6 +80,34 @@ pub async fn run(args: DoctorArgs) -> Result<(), CliError> {
             "run `make build` (or `cargo build --release --bins`)",
         );
     }
+    let torch = libtorch_dir();
+    report.check(
+        torch.is_some(),
+        &format!(
+            "libtorch on LD_LIBRARY_PATH{}",
+            torch.map(|d| format!(" ({})", d.display())).unwrap_or_default()
+        ),
+        "run `make ml-venv`, then `export LD_LIBRARY_PATH=$(.venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__)+\"/lib\")')` (make targets set it)",
+    );
+    let models = &args.models_dir;
+    report.check(
+        crate::models::prepared(models).contains(&crate::models::DEFAULT_MODEL.to_owned()),
+        &format!(
+            "generation model prepared in {}",
+            models.join(crate::models::DEFAULT_MODEL).display()
+        ),
+        "run `make models` (or `moltbot models prepare`)",
+    );
+    report.check(
+        models.join("all-minilm-l6-v2/model.safetensors").exists(),
+        &format!("encoder in {}", models.join("all-minilm-l6-v2").display()),
+        "run `make models`",
+    );
+    report.check(
+        models.join("intent-head/metrics.json").exists(),
+        &format!("intent head in {}", models.join("intent-head").display()),
+        "run `make intent-head` (`moltbot up` trains it when missing)",
+    );
     for spec in ports::ALL {
         for addr in [spec.grpc_addr, spec.metrics_addr] {
             report.check(

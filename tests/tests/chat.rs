@@ -405,7 +405,10 @@ async fn chat_turns_through_the_whole_mesh() {
     assert!(String::from_utf8_lossy(&first).contains("data:"));
     drop(resp);
     let gen_channel = grpc::connect(&mesh.generation.grpc_url()).await;
-    let mut gen_client = moltbot_proto::generation::v1::generation_service_client::GenerationServiceClient::new(gen_channel);
+    let mut gen_client =
+        moltbot_proto::generation::v1::generation_service_client::GenerationServiceClient::new(
+            gen_channel,
+        );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let models = gen_client
@@ -417,10 +420,17 @@ async fn chat_turns_through_the_whole_mesh() {
         if models.iter().all(|m| m.active_sequences == 0) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the dropped stream still generates: {models:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped stream still generates: {models:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(history_len(&mesh, "gone-1").await, 0, "a cancelled turn wrote to its session");
+    assert_eq!(
+        history_len(&mesh, "gone-1").await,
+        0,
+        "a cancelled turn wrote to its session"
+    );
 
     // --- One trace per request across every service. ----------------------
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
