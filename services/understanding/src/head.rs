@@ -1,14 +1,17 @@
 //! A trained intent head: an optional GELU hidden layer over the sentence
 //! embedding, then two softmax classifiers — intents (with an `oos` class)
 //! and domains — and the out-of-scope decision rule chosen on validation
-//! data (`oos` wins, or the best in-scope intent's probability is below
-//! `threshold`). The reported domain is hierarchical: the mean of the domain
+//! data (`oos` wins, the best in-scope intent's probability is below
+//! `threshold`, or the text's nearest in-scope training utterance is less
+//! similar than `knn_threshold`). The reported domain is hierarchical: the mean of the domain
 //! head's probability and the intent head's mass within the domain.
 //!
 //! On disk (written by `moltbot-understanding train`): `head.safetensors`
 //! (`hidden.weight` `[h, d]` + `hidden.bias` optional; `intent.weight`
 //! `[intents, h|d]`, `intent.bias`, `domain.weight` `[domains, h|d]`,
-//! `domain.bias`; f32) and `labels.json` ([`Labels`]).
+//! `domain.bias`; f32), `labels.json` ([`Labels`]) and, with the
+//! nearest-neighbour rule, `knn.safetensors` (`embeddings` `[n, d]` f32: the
+//! in-scope training utterances in the fine-tuned encoder's space).
 
 use std::{collections::HashMap, path::Path};
 
@@ -36,6 +39,42 @@ pub struct Labels {
     pub intent_domain: HashMap<String, String>,
     /// Smallest in-scope probability accepted as in scope.
     pub threshold: f32,
+    /// Smallest cosine similarity to the nearest in-scope training utterance
+    /// (`knn.safetensors`) accepted as in scope; `None`: rule off.
+    #[serde(default)]
+    pub knn_threshold: Option<f32>,
+}
+
+/// In-scope training embeddings for the nearest-neighbour rule: `rows` unit
+/// vectors of the encoder's dimension, row-major f32.
+#[derive(Debug, Clone)]
+pub struct Neighbours {
+    vectors: Vec<f32>,
+    dimension: usize,
+}
+
+/// Dot product in 8 independent lanes (lets the compiler use SIMD without
+/// reassociating one serial sum).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+impl Neighbours {
+    /// Cosine similarity of unit vector `e` to its nearest neighbour.
+    pub fn nearest(&self, e: &[f32]) -> f32 {
+        self.vectors
+            .chunks_exact(self.dimension)
+            .map(|row| dot8(row, e))
+            .fold(f32::MIN, f32::max)
+    }
 }
 
 /// A dense layer in row-major f32.
@@ -68,6 +107,7 @@ pub struct IntentHead {
     intent: Dense,
     domain: Dense,
     oos_index: usize,
+    neighbours: Option<Neighbours>,
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -150,8 +190,29 @@ impl IntentHead {
             .iter()
             .position(|i| *i == labels.oos_label)
             .ok_or_else(|| bad(format!("intents lack the oos label {:?}", labels.oos_label)))?;
+        let neighbours = match labels.knn_threshold {
+            None => None,
+            Some(_) => {
+                let t = Tensor::read_safetensors(dir.join("knn.safetensors"))
+                    .map_err(|e| bad(format!("knn.safetensors: {e}")))?
+                    .into_iter()
+                    .find(|(n, _)| n == "embeddings")
+                    .map(|(_, t)| t)
+                    .ok_or_else(|| bad("knn.safetensors lacks `embeddings`".into()))?;
+                if t.size().len() != 2 || t.size()[1] as usize != dimension {
+                    return Err(bad(format!("knn embeddings have shape {:?}", t.size())));
+                }
+                Some(Neighbours {
+                    vectors: Vec::<f32>::try_from(
+                        &t.f_to_kind(tch::Kind::Float)?.f_contiguous()?.f_view([-1])?,
+                    )?,
+                    dimension,
+                })
+            }
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
+            neighbours,
             labels,
             hidden,
             intent,
@@ -164,6 +225,14 @@ impl IntentHead {
     /// the head was trained that way (`labels.json` `encoder: "encoder"`).
     pub fn encoder_dir(&self) -> Option<std::path::PathBuf> {
         (self.labels.encoder == "encoder").then(|| self.dir.join("encoder"))
+    }
+
+    /// Whether the nearest-neighbour rule flags `embedding` as out of scope.
+    fn far_from_training(&self, embedding: &[f32]) -> bool {
+        match (&self.neighbours, self.labels.knn_threshold) {
+            (Some(n), Some(k)) => n.nearest(embedding) < k,
+            _ => false,
+        }
     }
 
     /// The head's identifier.
@@ -243,7 +312,9 @@ impl IntentHead {
                 name: name(best),
                 confidence: best_p,
             }),
-            out_of_scope: oos_wins || best_p < self.labels.threshold,
+            out_of_scope: oos_wins
+                || best_p < self.labels.threshold
+                || self.far_from_training(&e.vector),
             alternatives: ranked
                 .iter()
                 .take(k)

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub domain_accuracy: f64,
     /// The chosen out-of-scope threshold.
     pub threshold: f32,
+    /// The chosen nearest-neighbour similarity threshold (0 = rule off).
+    #[serde(default)]
+    pub knn_threshold: f32,
     /// Texts per split used.
     pub train_texts: usize,
     /// Validation texts (in-scope + out-of-scope).
@@ -327,38 +330,86 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     // For each text: its best in-scope probability, or 2.0 when `oos` wins.
     let (val_p, val_pred, val_dom) = probs(&x_val);
     let (oos_p, _, _) = probs(&x_oos);
-    let flagged = |p: f32, t: f32| p > 1.5 || p < t;
-    let evaluate = |t: f32| {
+    // Nearest-neighbour rule (Sun et al., "Out-of-Distribution Detection with
+    // Deep Nearest Neighbors", ICML 2022): a text far from every in-scope
+    // training utterance, in the fine-tuned embedding space, is out of scope
+    // even when the head is confident.
+    let reference = split(&data, "train")?;
+    eprintln!(
+        "train: embedding {} in-scope training texts for the nearest-neighbour rule",
+        reference.len()
+    );
+    let x_ref = embed_all(&encoder, &texts(&reference))?;
+    let nearest = |x: &Tensor| -> Vec<f32> {
+        let _g = tch::no_grad_guard();
+        let (best, _) = x.matmul(&x_ref.tr()).max_dim(1, false);
+        Vec::<f32>::try_from(&best).unwrap_or_default()
+    };
+    let (val_sim, oos_sim) = (nearest(&x_val), nearest(&x_oos));
+    let flagged = |p: f32, s: f32, t: f32, k: f32| p > 1.5 || p < t || s < k;
+    let evaluate = |t: f32, k: f32| {
         let correct = val_p
             .iter()
+            .zip(&val_sim)
             .zip(&val_pred)
             .zip(&y_val)
-            .filter(|((p, pred), y)| !flagged(**p, t) && *pred == *y)
+            .filter(|(((p, s), pred), y)| !flagged(**p, **s, t, k) && *pred == *y)
             .count();
-        let false_flags = val_p.iter().filter(|p| flagged(**p, t)).count();
-        let caught = oos_p.iter().filter(|p| flagged(**p, t)).count();
+        let false_flags = val_p
+            .iter()
+            .zip(&val_sim)
+            .filter(|(p, s)| flagged(**p, **s, t, k))
+            .count();
+        let caught = oos_p
+            .iter()
+            .zip(&oos_sim)
+            .filter(|(p, s)| flagged(**p, **s, t, k))
+            .count();
         let acc = correct as f64 / val_p.len() as f64;
         let recall = caught as f64 / oos_p.len().max(1) as f64;
         let precision = caught as f64 / (caught + false_flags).max(1) as f64;
         (acc, recall, precision)
     };
+    // First the probability threshold alone: the highest in-scope accuracy
+    // with out-of-scope recall ≥ 0.70. Then both rules together: the best
+    // accuracy + recall that keeps recall ≥ 0.70 and gives up at most half a
+    // point of that accuracy.
     let candidates: Vec<f32> = (0..100).map(|i| i as f32 / 100.0).collect();
-    let threshold = candidates
+    let score = |(t, k): (f32, f32)| {
+        let (acc, recall, _) = evaluate(t, k);
+        (acc, recall)
+    };
+    let base = candidates
         .iter()
-        .copied()
-        .filter(|t| evaluate(*t).1 >= 0.70)
-        .max_by(|a, b| evaluate(*a).0.total_cmp(&evaluate(*b).0))
+        .map(|&t| (t, 0.0f32))
+        .filter(|&c| score(c).1 >= 0.70)
+        .max_by(|a, b| score(*a).0.total_cmp(&score(*b).0))
         .unwrap_or_else(|| {
             candidates
                 .iter()
-                .copied()
+                .map(|&t| (t, 0.0f32))
                 .max_by(|a, b| {
-                    let (ea, eb) = (evaluate(*a), evaluate(*b));
+                    let (ea, eb) = (score(*a), score(*b));
                     (ea.0 + ea.1).total_cmp(&(eb.0 + eb.1))
                 })
-                .unwrap_or(0.5)
+                .unwrap_or((0.5, 0.0))
         });
-    let (acc, recall, precision) = evaluate(threshold);
+    let floor = score(base).0 - 0.005;
+    let knn_candidates: Vec<f32> = (15..=45).map(|i| i as f32 / 50.0).collect();
+    let (threshold, knn_threshold) = candidates
+        .iter()
+        .flat_map(|&t| knn_candidates.iter().map(move |&k| (t, k)))
+        .chain(std::iter::once(base))
+        .filter(|&c| {
+            let (acc, recall) = score(c);
+            recall >= 0.70 && acc >= floor
+        })
+        .max_by(|a, b| {
+            let (ea, eb) = (score(*a), score(*b));
+            (ea.0 + ea.1).total_cmp(&(eb.0 + eb.1))
+        })
+        .unwrap_or(base);
+    let (acc, recall, precision) = evaluate(threshold, knn_threshold);
     let dom_correct = val_dom
         .iter()
         .zip(&d_val)
@@ -370,6 +421,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         out_of_scope_precision: precision,
         domain_accuracy: dom_correct as f64 / d_val.len() as f64,
         threshold,
+        knn_threshold,
         train_texts: train.len(),
         val_texts: val.len() + oos_val.len(),
         seed: args.seed,
@@ -393,6 +445,10 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     }
     vs.save(args.out.join("head.safetensors"))
         .map_err(|e| e.to_string())?;
+    if knn_threshold > 0.0 {
+        Tensor::write_safetensors(&[("embeddings", &x_ref)], args.out.join("knn.safetensors"))
+            .map_err(|e| e.to_string())?;
+    }
     let labels = Labels {
         model_id: format!(
             "clinc150-{}mlp{}-seed{}",
@@ -410,6 +466,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         domains,
         intent_domain,
         threshold,
+        knn_threshold: (knn_threshold > 0.0).then_some(knn_threshold),
     };
     let write =
         |name: &str, v: String| std::fs::write(args.out.join(name), v).map_err(|e| e.to_string());

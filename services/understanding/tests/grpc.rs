@@ -153,6 +153,10 @@ async fn classifies_the_examples() {
     // Out of scope by the `oos` class, whatever the threshold.
     let tractor = classify(&mut c, "how do I fix the transmission of a 1967 tractor").await;
     assert!(tractor.out_of_scope, "{tractor:?}");
+    // The example: no intent covers it; the head alone is confident
+    // (fun_fact), the nearest-neighbour rule flags it.
+    let dragons = classify(&mut c, "tell me a story about dragons").await;
+    assert!(dragons.out_of_scope, "{dragons:?}");
 
     let batch = c
         .classify_batch(pb::ClassifyBatchRequest {
