@@ -38,12 +38,10 @@ pub enum AuthError {
 
 impl From<sqlx::Error> for AuthError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => Self::StoreUnavailable(e.to_string()),
-            _ => Self::Store(e.to_string()),
+        if moltbot_sql::is_unavailable(&e) {
+            Self::StoreUnavailable(e.to_string())
+        } else {
+            Self::Store(e.to_string())
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct Args {
     /// PostgreSQL URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// PostgreSQL schema of the auth tables.
+    #[arg(long, env = "MOLTBOT_AUTH_PG_SCHEMA", default_value = store::PG_SCHEMA)]
+    pub pg_schema: String,
     /// First breaker cool-down, in milliseconds (doubles on each re-opening).
     #[arg(long, env = "MOLTBOT_BREAKER_COOLDOWN_MS", default_value_t = 5_000)]
     pub breaker_cooldown_ms: u64,
@@ -120,7 +123,7 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
             let url = args.database_url.as_deref().ok_or_else(|| {
                 RuntimeError::Config("MOLTBOT_AUTH_STORE=postgres needs DATABASE_URL".into())
             })?;
-            store::Store::postgres(url).await
+            store::Store::postgres(url, &args.pg_schema).await
         }
     }
     .map_err(|e| RuntimeError::NotReady(e.to_string()))?;

@@ -2,20 +2,15 @@
 //! or PostgreSQL (sqlx, schema `moltbot_auth`), same SQL on both. Secrets are
 //! stored only as AES-256-GCM ciphertext ([`crate::crypto`]).
 
-use std::{str::FromStr, time::Duration};
-
-use sqlx::{
-    PgPool, Row, SqlitePool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
-};
+use moltbot_sql::{OpenError, Pool, on_pool};
+use sqlx::Row;
 
 use crate::AuthError;
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// PostgreSQL schema of the auth tables.
+/// Default PostgreSQL schema of the auth tables.
 pub const PG_SCHEMA: &str = "moltbot_auth";
 
 /// A provider row.
@@ -55,25 +50,9 @@ pub struct CredentialRow {
     pub scopes: Option<String>,
 }
 
-enum Pool {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
-
 /// The store.
 pub struct Store {
     pool: Pool,
-}
-
-/// Runs the same code on whichever pool the store has (both backends read
-/// `$N` parameters).
-macro_rules! on_pool {
-    ($store:expr, $p:ident => $body:expr) => {
-        match &$store.pool {
-            Pool::Sqlite($p) => $body,
-            Pool::Postgres($p) => $body,
-        }
-    };
 }
 
 fn now_ms() -> i64 {
@@ -83,70 +62,35 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+fn open_error(e: OpenError) -> AuthError {
+    match e {
+        OpenError::Config(m) => AuthError::Config(m),
+        OpenError::Unavailable(m) => AuthError::StoreUnavailable(m),
+        OpenError::Migration(m) => AuthError::Store(format!("migration failed: {m}")),
+    }
+}
+
 impl Store {
     /// Opens (creating) the SQLite file at `path` and migrates it.
     pub async fn sqlite(path: &std::path::Path) -> Result<Self, AuthError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                AuthError::StoreUnavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
+        let pool = moltbot_sql::open_sqlite(path, 1, &SQLITE_MIGRATOR)
             .await
-            .map_err(|e| {
-                AuthError::StoreUnavailable(format!("cannot open {}: {e}", path.display()))
-            })?;
-        SQLITE_MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| AuthError::Store(format!("migration failed: {e}")))?;
-        Ok(Self {
-            pool: Pool::Sqlite(pool),
-        })
+            .map_err(open_error)?;
+        Ok(Self { pool })
     }
 
     /// Connects to PostgreSQL, creates [`PG_SCHEMA`] and migrates it.
-    pub async fn postgres(url: &str) -> Result<Self, AuthError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| AuthError::Config(format!("DATABASE_URL is not a PostgreSQL URL ({e})")))?
-            .options([("search_path", PG_SCHEMA)]);
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+    pub async fn postgres(url: &str, schema: &str) -> Result<Self, AuthError> {
+        let pool = moltbot_sql::open_postgres(url, schema, 8, &PG_MIGRATOR)
             .await
-            .map_err(|e| {
-                AuthError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}"))
-            })?;
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('moltbot.auth.schema'))")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        PG_MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| AuthError::Store(format!("migration failed: {e}")))?;
-        Ok(Self {
-            pool: Pool::Postgres(pool),
-        })
+            .map_err(open_error)?;
+        Ok(Self { pool })
     }
 
     /// Inserts or updates a provider.
     pub async fn upsert_provider(&self, p: &ProviderRow) -> Result<(), AuthError> {
         let models = serde_json::to_string(&p.models).unwrap_or_else(|_| "[]".into());
-        on_pool!(self, pool => {
+        on_pool!(&self.pool, pool => {
             sqlx::query(
                 "INSERT INTO providers (name, kind, base_url, models, health_interval_s) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, base_url = excluded.base_url, \
@@ -165,7 +109,7 @@ impl Store {
 
     /// Every provider.
     pub async fn providers(&self) -> Result<Vec<ProviderRow>, AuthError> {
-        on_pool!(self, pool => {
+        on_pool!(&self.pool, pool => {
             let rows = sqlx::query("SELECT name, kind, base_url, models, health_interval_s FROM providers ORDER BY name")
                 .fetch_all(pool)
                 .await?;
@@ -186,7 +130,7 @@ impl Store {
 
     /// Inserts or replaces the credential in its (provider, slot).
     pub async fn put_credential(&self, c: &CredentialRow) -> Result<(), AuthError> {
-        on_pool!(self, pool => {
+        on_pool!(&self.pool, pool => {
             sqlx::query(
                 "INSERT INTO credentials (id, provider, slot, secret, state, token_url, client_id, scopes, updated_at_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -211,7 +155,7 @@ impl Store {
 
     /// Persists a credential's state (active, invalid, revoked).
     pub async fn set_state(&self, id: &str, state: i32) -> Result<(), AuthError> {
-        on_pool!(self, pool => {
+        on_pool!(&self.pool, pool => {
             sqlx::query("UPDATE credentials SET state = $1, updated_at_ms = $2 WHERE id = $3")
                 .bind(i64::from(state))
                 .bind(now_ms())
@@ -224,7 +168,7 @@ impl Store {
 
     /// Every credential.
     pub async fn credentials(&self) -> Result<Vec<CredentialRow>, AuthError> {
-        on_pool!(self, pool => {
+        on_pool!(&self.pool, pool => {
             let rows = sqlx::query(
                 "SELECT id, provider, slot, secret, state, token_url, client_id, scopes FROM credentials ORDER BY provider, slot",
             )
@@ -250,7 +194,7 @@ impl Store {
     /// The raw ciphertext of a credential (for tests proving it is not
     /// plaintext).
     pub async fn raw_secret(&self, id: &str) -> Result<Option<Vec<u8>>, AuthError> {
-        on_pool!(self, pool => {
+        on_pool!(&self.pool, pool => {
             let row = sqlx::query("SELECT secret FROM credentials WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)

@@ -165,11 +165,15 @@ fn args(backend: &str, dir: &std::path::Path, key: &str) -> Args {
         "50".into(),
     ];
     if backend == "postgres" {
+        // A schema of this run's own: earlier runs' ciphertext (under other
+        // master keys) must not be in the way.
         argv.push("--database-url".into());
-        argv.push(
-            std::env::var("DATABASE_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
-        );
+        argv.push(database_url());
+        argv.push("--pg-schema".into());
+        argv.push(format!(
+            "moltbot_auth_test_{}",
+            dir.file_name().unwrap().to_string_lossy().replace('-', "_")
+        ));
     }
     Args::parse_from(argv)
 }
@@ -298,6 +302,19 @@ async fn add_provider(s: &mut Service, name: &str, url: &str, interval: u32, key
                 secondary: keys.1.into(),
             })),
         }))
+        .await
+        .unwrap();
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn drop_schema(schema: &str) {
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&pool)
         .await
         .unwrap();
 }
@@ -624,6 +641,9 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
     }
     let _ = again.stop.send(());
     again.checker.abort();
+    if backend == "postgres" {
+        drop_schema(&a.pg_schema).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

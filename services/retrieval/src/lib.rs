@@ -72,6 +72,9 @@ pub struct Args {
     /// PostgreSQL URL, e.g. `postgres://postgres@127.0.0.1:5432/moltbot`.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// PostgreSQL schema of the retrieval tables.
+    #[arg(long, env = "MOLTBOT_RETRIEVAL_PG_SCHEMA", default_value = store::PG_SCHEMA)]
+    pub pg_schema: String,
     /// HNSW `M` (neighbours per node).
     #[arg(long, env = "MOLTBOT_HNSW_M", default_value_t = 16)]
     pub hnsw_m: usize,
@@ -142,7 +145,7 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
                     "MOLTBOT_RETRIEVAL_STORE=postgres needs DATABASE_URL, e.g. postgres://postgres@127.0.0.1:5432/moltbot".into(),
                 )
             })?;
-            store::Store::postgres(url).await
+            store::Store::postgres(url, &args.pg_schema).await
         }
     }
     .map_err(|e| RuntimeError::NotReady(e.to_string()))?;

@@ -41,7 +41,8 @@ fn facts() -> Vec<common::Doc> {
 async fn collections_upsert_search_and_errors_on_both_stores() {
     for backend in BACKENDS {
         let dir = tempdir(backend);
-        let mut h = Harness::start(&args(backend, &dir)).await;
+        let a = args(backend, &dir);
+        let mut h = Harness::start(&a).await;
         let name = unique("facts");
         h.create(&name).await;
 
@@ -241,7 +242,7 @@ async fn collections_upsert_search_and_errors_on_both_stores() {
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
         h.shutdown().await;
-        let _ = std::fs::remove_dir_all(&dir);
+        common::cleanup(&a).await;
     }
 }
 
@@ -255,7 +256,8 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
 async fn filtered_search_still_returns_k_when_k_match() {
     for backend in BACKENDS {
         let dir = tempdir(backend);
-        let mut h = Harness::start(&args(backend, &dir)).await;
+        let a = args(backend, &dir);
+        let mut h = Harness::start(&a).await;
         let name = unique("filter");
         h.create(&name).await;
         // 300 short documents; only 12 are tagged "rare".
@@ -291,7 +293,7 @@ async fn filtered_search_still_returns_k_when_k_match() {
         );
         h.drop_collection(&name).await;
         h.shutdown().await;
-        let _ = std::fs::remove_dir_all(&dir);
+        common::cleanup(&a).await;
     }
 }
 
@@ -359,7 +361,7 @@ async fn restart_keeps_hits_with_and_without_a_snapshot() {
         );
         h.drop_collection(&name).await;
         h.shutdown().await;
-        let _ = std::fs::remove_dir_all(&dir);
+        common::cleanup(&a).await;
     }
 }
 
@@ -367,7 +369,8 @@ async fn restart_keeps_hits_with_and_without_a_snapshot() {
 async fn concurrent_upserts_never_show_a_partial_document() {
     for backend in BACKENDS {
         let dir = tempdir(backend);
-        let mut h = Harness::start(&args(backend, &dir)).await;
+        let a = args(backend, &dir);
+        let mut h = Harness::start(&a).await;
         let name = unique("atomic");
         h.create(&name).await;
         // A document of several chunks (paragraphs far apart in tokens), in
@@ -442,14 +445,15 @@ async fn concurrent_upserts_never_show_a_partial_document() {
         assert!(searches > 0);
         h.drop_collection(&name).await;
         h.shutdown().await;
-        let _ = std::fs::remove_dir_all(&dir);
+        common::cleanup(&a).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn long_documents_are_chunked_within_the_encoder_limit() {
     let dir = tempdir("long");
-    let mut h = Harness::start(&args("sqlite", &dir)).await;
+    let a = args("sqlite", &dir);
+    let mut h = Harness::start(&a).await;
     let name = unique("long");
     h.create(&name).await;
     // ~30k words, one paragraph of very long sentences and many short ones.
@@ -477,5 +481,5 @@ async fn long_documents_are_chunked_within_the_encoder_limit() {
     }
     h.drop_collection(&name).await;
     h.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    common::cleanup(&a).await;
 }

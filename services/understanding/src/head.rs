@@ -58,7 +58,12 @@ pub struct Neighbours {
 fn dot8(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             lanes[i] += x[i] * y[i];
@@ -204,7 +209,9 @@ impl IntentHead {
                 }
                 Some(Neighbours {
                     vectors: Vec::<f32>::try_from(
-                        &t.f_to_kind(tch::Kind::Float)?.f_contiguous()?.f_view([-1])?,
+                        &t.f_to_kind(tch::Kind::Float)?
+                            .f_contiguous()?
+                            .f_view([-1])?,
                     )?,
                     dimension,
                 })

@@ -3,20 +3,15 @@
 //! schema), with the same SQL and the same behaviour. Every write is one
 //! transaction; a document's chunks are replaced atomically.
 
-use std::{str::FromStr, time::Duration};
-
-use sqlx::{
-    PgPool, Row, SqlitePool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
+use moltbot_sql::{OpenError, Pool, on_pool};
+use sqlx::Row;
 
 use crate::RetrievalError;
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// PostgreSQL schema of the retrieval tables.
+/// Default PostgreSQL schema of the retrieval tables.
 pub const PG_SCHEMA: &str = "moltbot_retrieval";
 
 /// A collection row.
@@ -84,28 +79,12 @@ pub fn vector_from(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-enum Pool {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
-
 /// The store.
 pub struct Store {
     pool: Pool,
     /// SQLite has one writer: writes queue here instead of failing with
     /// SQLITE_BUSY when a deferred transaction cannot upgrade its lock.
     write_lock: tokio::sync::Mutex<()>,
-}
-
-/// Runs the same code on whichever pool the store has (the SQL text is shared:
-/// both SQLite and PostgreSQL read `$N` parameters).
-macro_rules! on_pool {
-    ($store:expr, $p:ident => $body:expr) => {
-        match &$store.pool {
-            Pool::Sqlite($p) => $body,
-            Pool::Postgres($p) => $body,
-        }
-    };
 }
 
 fn collection_from<R: Row>(row: &R) -> Result<CollectionRow, sqlx::Error>
@@ -146,86 +125,44 @@ where
 
 const SELECT_CHUNKS: &str = "SELECT c.key, c.document_id, c.ordinal, c.text, d.metadata";
 
+fn open_error(e: OpenError) -> RetrievalError {
+    match e {
+        OpenError::Config(m) => RetrievalError::InvalidArgument(m),
+        OpenError::Unavailable(m) => RetrievalError::StoreUnavailable(m),
+        OpenError::Migration(m) => RetrievalError::Store(format!("migration failed: {m}")),
+    }
+}
+
 impl Store {
-    /// Opens (creating if needed) the SQLite file at `path` in WAL mode and
-    /// migrates it. Errors with [`RetrievalError::StoreUnavailable`] when the
-    /// file cannot be opened.
+    /// Opens (creating if needed) the SQLite file at `path` (WAL, durable
+    /// at commit) and migrates it. Errors with
+    /// [`RetrievalError::StoreUnavailable`] when the file cannot be opened.
     pub async fn sqlite(path: &std::path::Path) -> Result<Self, RetrievalError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                RetrievalError::StoreUnavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // Durable at commit in WAL mode with FULL (NORMAL may lose the
-            // last transactions on power loss).
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+        let pool = moltbot_sql::open_sqlite(path, 8, &SQLITE_MIGRATOR)
             .await
-            .map_err(|e| {
-                RetrievalError::StoreUnavailable(format!("cannot open {}: {e}", path.display()))
-            })?;
-        SQLITE_MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| RetrievalError::Store(format!("migration failed: {e}")))?;
+            .map_err(open_error)?;
         Ok(Self {
-            pool: Pool::Sqlite(pool),
+            pool,
             write_lock: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Connects to PostgreSQL at `url`, creates the [`PG_SCHEMA`] schema and
-    /// migrates it. Errors with [`RetrievalError::InvalidArgument`] for a bad
-    /// URL and [`RetrievalError::StoreUnavailable`] when it cannot connect.
-    pub async fn postgres(url: &str) -> Result<Self, RetrievalError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| {
-                RetrievalError::InvalidArgument(format!(
-                    "DATABASE_URL is not a PostgreSQL URL ({e}); use e.g. postgres://postgres@127.0.0.1:5432/moltbot"
-                ))
-            })?
-            .options([("search_path", PG_SCHEMA)]);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+    /// Connects to PostgreSQL, creates the [`PG_SCHEMA`] schema and migrates
+    /// it. Errors with [`RetrievalError::InvalidArgument`] for a bad URL and
+    /// [`RetrievalError::StoreUnavailable`] when it cannot connect.
+    pub async fn postgres(url: &str, schema: &str) -> Result<Self, RetrievalError> {
+        let pool = moltbot_sql::open_postgres(url, schema, 16, &PG_MIGRATOR)
             .await
-            .map_err(|e| {
-                RetrievalError::StoreUnavailable(format!("cannot connect to PostgreSQL: {e}"))
-            })?;
-        let mut tx = pool.begin().await?;
-        // Replicas starting together would race on CREATE SCHEMA.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('moltbot.retrieval.schema'))")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        PG_MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| RetrievalError::Store(format!("migration failed: {e}")))?;
+            .map_err(open_error)?;
         Ok(Self {
-            pool: Pool::Postgres(pool),
+            pool,
             write_lock: tokio::sync::Mutex::new(()),
         })
     }
 
     /// `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
-        match self.pool {
-            Pool::Sqlite(_) => "sqlite",
-            Pool::Postgres(_) => "postgres",
-        }
+        self.pool.backend()
     }
 
     async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
@@ -238,7 +175,7 @@ impl Store {
     /// Creates a collection. Errors with [`RetrievalError::CollectionExists`].
     pub async fn create_collection(&self, c: &CollectionRow) -> Result<(), RetrievalError> {
         let _guard = self.write_guard().await;
-        let result = on_pool!(self, p => sqlx::query(
+        let result = on_pool!(&self.pool, p => sqlx::query(
             "INSERT INTO collections (name, dimension, chunk_tokens, overlap_tokens, created_at_ms) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
         )
@@ -259,7 +196,7 @@ impl Store {
     /// Every collection, by name.
     pub async fn collections(&self) -> Result<Vec<CollectionRow>, RetrievalError> {
         let sql = "SELECT name, dimension, chunk_tokens, overlap_tokens, created_at_ms FROM collections ORDER BY name";
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             let rows = sqlx::query(sql).fetch_all(p).await?;
             rows.iter().map(|r| collection_from(r).map_err(RetrievalError::from)).collect()
         })
@@ -269,7 +206,7 @@ impl Store {
     /// of chunks removed. Errors with [`RetrievalError::CollectionNotFound`].
     pub async fn delete_collection(&self, name: &str) -> Result<u64, RetrievalError> {
         let _guard = self.write_guard().await;
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let chunks = sqlx::query("DELETE FROM chunks WHERE collection = $1")
                 .bind(name)
@@ -303,7 +240,7 @@ impl Store {
         chunks: &[NewChunk],
     ) -> Result<Replaced, RetrievalError> {
         let _guard = self.write_guard().await;
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let exists = sqlx::query("SELECT 1 AS one FROM collections WHERE name = $1")
                 .bind(collection)
@@ -360,7 +297,7 @@ impl Store {
         ids: &[String],
     ) -> Result<(u32, Vec<u64>), RetrievalError> {
         let _guard = self.write_guard().await;
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let exists = sqlx::query("SELECT 1 AS one FROM collections WHERE name = $1")
                 .bind(collection)
@@ -405,7 +342,7 @@ impl Store {
              FROM chunks c JOIN documents d ON d.collection = c.collection AND d.id = c.document_id \
              WHERE c.collection = $1 ORDER BY c.key"
         );
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             let rows = sqlx::query(&sql).bind(collection).bind(from).fetch_all(p).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
@@ -418,7 +355,7 @@ impl Store {
 
     /// Number of documents in a collection.
     pub async fn document_count(&self, collection: &str) -> Result<u64, RetrievalError> {
-        on_pool!(self, p => {
+        on_pool!(&self.pool, p => {
             let row = sqlx::query("SELECT COUNT(*) AS n FROM documents WHERE collection = $1")
                 .bind(collection)
                 .fetch_one(p)

@@ -54,10 +54,39 @@ pub fn args(backend: &str, data_dir: &std::path::Path) -> Args {
         "0".to_owned(),
     ];
     if backend == "postgres" {
+        // A schema of this data directory's own (kept across the restarts of
+        // one test, apart from every other test and run).
         argv.push("--database-url".to_owned());
         argv.push(database_url());
+        argv.push("--pg-schema".to_owned());
+        let tag: String = data_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        argv.push(format!("t_{}", &tag[tag.len().saturating_sub(50)..]));
     }
     Args::parse_from(argv)
+}
+
+/// Drops what a test left: its data directory and, on PostgreSQL, its schema.
+pub async fn cleanup(args: &Args) {
+    if args.store == Some(moltbot_retrieval::Backend::Postgres) {
+        let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", args.pg_schema))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&args.data_dir);
 }
 
 /// A test document: id, text, metadata pairs.
