@@ -174,17 +174,20 @@ async fn every_service_serves_health_and_reflection_and_gateway_tracks_readiness
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unimplemented_rpcs_say_so_and_are_counted() {
+async fn rpc_errors_are_counted_by_code() {
     use moltbot_proto::auth::v1::{
-        ListProvidersRequest, auth_rotation_service_client::AuthRotationServiceClient,
+        AcquireCredentialRequest, auth_rotation_service_client::AuthRotationServiceClient,
     };
     let svc = ServiceProcess::start("moltbot-auth-rotation", &[]);
     let channel = grpc::connect(&svc.grpc_url()).await;
     let err = AuthRotationServiceClient::new(channel)
-        .list_providers(ListProvidersRequest {})
+        .acquire_credential(AcquireCredentialRequest {
+            provider: "nope".into(),
+            model: "m".into(),
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    assert_eq!(err.code(), tonic::Code::NotFound);
     let metrics = reqwest::get(format!(
         "http://{}/metrics",
         svc.addrs.metrics_addr.unwrap()
@@ -195,7 +198,7 @@ async fn unimplemented_rpcs_say_so_and_are_counted() {
     .await
     .unwrap();
     assert!(metrics.contains(
-        r#"grpc_server_handled_total{grpc_code="UNIMPLEMENTED",grpc_method="ListProviders",grpc_service="moltbot.auth.v1.AuthRotationService"} 1"#
+        r#"grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="AcquireCredential",grpc_service="moltbot.auth.v1.AuthRotationService"} 1"#
     ), "{metrics}");
     svc.stop();
 }
