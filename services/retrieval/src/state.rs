@@ -20,7 +20,7 @@ use tokenizers::Tokenizer;
 use crate::{
     RetrievalError,
     chunk::Chunking,
-    index::{CollectionIndex, Entry, HnswParams, snapshot},
+    index::{CollectionIndex, Entry, HnswParams, Quantization, snapshot},
     store::{ChunkRow, CollectionRow, Store},
 };
 
@@ -83,7 +83,14 @@ impl State {
         for row in self.store.collections().await? {
             let started = std::time::Instant::now();
             let dimension = row.dimension as usize;
-            let chunks = self.store.chunks(&row.name, None).await?;
+            // A quantized graph keeps full-precision vectors beside it, so it
+            // needs every vector: read them in this one pass. Otherwise only
+            // the vectors the snapshot lacks are read, below.
+            let keeps_vectors = self.params.quantization != Quantization::F32;
+            let chunks = self
+                .store
+                .chunks(&row.name, keeps_vectors.then_some(0))
+                .await?;
             let store_keys: HashSet<u64> = chunks.iter().map(|c| c.key).collect();
             let (mut index, snapshot_keys, at) =
                 match snapshot::load(&self.snapshot_dir, &row.name, dimension, self.params) {
@@ -106,19 +113,13 @@ impl State {
                 .map(|c| c.key)
                 .filter(|k| !index.contains(*k))
                 .collect();
-            // A quantized graph keeps full-precision vectors beside it: load
-            // them all; otherwise only those the snapshot lacks.
-            let vectors_from = if index.keeps_vectors() {
-                Some(0)
-            } else {
-                missing.iter().min().copied()
+            let fetched = match missing.iter().min() {
+                Some(&from) if !keeps_vectors => self.store.chunks(&row.name, Some(from)).await?,
+                _ => Vec::new(),
             };
-            let with_vectors = match vectors_from {
-                Some(from) => self.store.chunks(&row.name, Some(from)).await?,
-                None => Vec::new(),
-            };
+            let with_vectors = if keeps_vectors { &chunks } else { &fetched };
             let mut added = 0;
-            for c in &with_vectors {
+            for c in with_vectors {
                 let Some(v) = &c.vector else { continue };
                 if index.contains(c.key) {
                     index.set_vector(c.key, v);

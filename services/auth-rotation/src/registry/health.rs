@@ -60,10 +60,9 @@ pub async fn run(registry: Arc<Registry>, tick: Duration) {
     loop {
         let now = Instant::now();
         let due: Vec<(String, String, u32)> = registry
-            .snapshot()
+            .probe_targets()
             .into_iter()
-            .filter(|p| next_due.get(&p.row.name).is_none_or(|t| *t <= now))
-            .map(|p| (p.row.name, p.row.base_url, p.row.health_interval_s))
+            .filter(|(name, _, _)| next_due.get(name).is_none_or(|t| *t <= now))
             .collect();
         let checks = due.iter().map(|(name, url, _)| {
             let registry = registry.clone();

@@ -260,9 +260,20 @@ impl Registry {
             .collect()
     }
 
-    /// Providers with their health-check due time, for the checker.
-    pub fn snapshot(&self) -> Vec<ProviderState> {
-        lock(&self.inner).providers.values().cloned().collect()
+    /// What the health checker needs of every provider: name, base URL and
+    /// check interval in seconds (no credentials, no breaker state).
+    pub fn probe_targets(&self) -> Vec<(String, String, u32)> {
+        lock(&self.inner)
+            .providers
+            .values()
+            .map(|p| {
+                (
+                    p.row.name.clone(),
+                    p.row.base_url.clone(),
+                    p.row.health_interval_s,
+                )
+            })
+            .collect()
     }
 
     /// Creates or updates a provider (URL validated by the caller).

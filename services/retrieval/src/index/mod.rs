@@ -38,7 +38,7 @@ pub enum Quantization {
 }
 
 impl Quantization {
-    pub(crate) fn scalar(self) -> ScalarKind {
+    fn scalar(self) -> ScalarKind {
         match self {
             Self::F32 => ScalarKind::F32,
             Self::F16 => ScalarKind::F16,
@@ -167,20 +167,25 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na.sqrt() * nb.sqrt())
 }
 
+/// USearch options of a graph of `dimension`-float unit vectors with
+/// `params`, inner-product metric (for new graphs and snapshot loads alike).
+pub(crate) fn usearch_options(dimension: usize, params: HnswParams) -> IndexOptions {
+    IndexOptions {
+        dimensions: dimension,
+        metric: MetricKind::IP,
+        quantization: params.quantization.scalar(),
+        connectivity: params.m,
+        expansion_add: params.ef_construction,
+        expansion_search: params.ef_search,
+        multi: false,
+    }
+}
+
 impl CollectionIndex {
     /// An empty index of `dimension`-float vectors. Errors with
     /// [`RetrievalError::Index`] when USearch cannot allocate it.
     pub fn new(dimension: usize, params: HnswParams) -> Result<Self, RetrievalError> {
-        let options = IndexOptions {
-            dimensions: dimension,
-            metric: MetricKind::IP,
-            quantization: params.quantization.scalar(),
-            connectivity: params.m,
-            expansion_add: params.ef_construction,
-            expansion_search: params.ef_search,
-            multi: false,
-        };
-        let hnsw = Index::new(&options).map_err(index_error)?;
+        let hnsw = Index::new(&usearch_options(dimension, params)).map_err(index_error)?;
         hnsw.reserve(1024).map_err(index_error)?;
         Ok(Self {
             hnsw,

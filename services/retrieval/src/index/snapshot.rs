@@ -10,9 +10,9 @@ use std::{
     time::SystemTime,
 };
 
-use usearch::{Index, IndexOptions, MetricKind};
+use usearch::Index;
 
-use super::{CollectionIndex, HnswParams, index_error};
+use super::{CollectionIndex, HnswParams, index_error, usearch_options};
 use crate::RetrievalError;
 
 fn paths(dir: &Path, collection: &str) -> (PathBuf, PathBuf) {
@@ -74,16 +74,7 @@ pub fn load(
     let at = std::fs::metadata(&keys_path)
         .and_then(|m| m.modified())
         .ok()?;
-    let options = IndexOptions {
-        dimensions: dimension,
-        metric: MetricKind::IP,
-        quantization: params.quantization.scalar(),
-        connectivity: params.m,
-        expansion_add: params.ef_construction,
-        expansion_search: params.ef_search,
-        multi: false,
-    };
-    let hnsw = Index::new(&options).ok()?;
+    let hnsw = Index::new(&usearch_options(dimension, params)).ok()?;
     if let Err(e) = hnsw.load(graph.to_str()?) {
         tracing::warn!(collection, error = %e, "index snapshot unreadable; rebuilding from the store");
         return None;
