@@ -64,12 +64,7 @@ impl AuthApi {
 }
 
 fn validate_name(name: &str) -> Result<(), AuthError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
+    if moltbot_runtime::config::is_resource_name(name) {
         Ok(())
     } else {
         Err(AuthError::InvalidArgument(format!(

@@ -46,12 +46,7 @@ fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
 }
 
 fn validate_name(name: &str) -> Result<(), RetrievalError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
+    if moltbot_runtime::config::is_resource_name(name) {
         Ok(())
     } else {
         Err(RetrievalError::InvalidArgument(format!(

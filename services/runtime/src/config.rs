@@ -111,6 +111,16 @@ pub fn parse_upstream_url(name: &str, value: &str) -> Result<String, RuntimeErro
     Ok(value.trim_end_matches('/').to_owned())
 }
 
+/// Whether `name` is a valid resource name (collection, provider):
+/// `[a-z0-9_-]{1,64}`, safe in URLs, file names and metric labels.
+pub fn is_resource_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
