@@ -59,6 +59,9 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
             source,
         })?;
     let http_addr = listener.local_addr()?;
+    // Handlers installed before `listening` is logged: a SIGTERM right after
+    // it drains instead of killing the process.
+    let stop = moltbot_runtime::shutdown::signal();
     tracing::info!(%http_addr, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -70,7 +73,7 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
             .await
     });
     tokio::select! {
-        _ = moltbot_runtime::shutdown::signal() => {}
+        _ = stop => {}
         r = &mut server => return Ok(r.map_err(|e| GatewayError::Io(std::io::Error::other(e)))??),
     }
     tracing::info!(grace_ms = args.shutdown_grace_ms, "draining");
