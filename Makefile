@@ -84,7 +84,9 @@ intent-head-release: build-release models
 
 $(BUF):
 	mkdir -p $(TOOLS_DIR)
-	npm install --silent --no-audit --no-fund --prefix $(TOOLS_DIR) "$(BUF_PKG)"
+	# The registry now and then drops a request: retry, then insist.
+	for i in 1 2 3; do npm install --no-audit --no-fund --prefix $(TOOLS_DIR) "$(BUF_PKG)" && break; sleep 5; done
+	test -x $@
 
 tools: $(GRPCURL) $(BUF)
 

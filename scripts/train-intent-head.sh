@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 binary="$1" dir="$2" encoder="$3"
 
-hash=$(cat services/understanding/src/train.rs services/understanding/src/head.rs \
+hash=$(cat services/understanding/src/train/*.rs services/understanding/src/head.rs \
            services/encoder/src/*.rs \
            services/understanding/data/clinc150/data_full_train_val.json \
            services/understanding/data/clinc150/domains.json | sha256sum | cut -d' ' -f1)

@@ -105,11 +105,7 @@ impl KeyRing {
                 // time taken does not tell which prefix matched.
                 let mut found = None;
                 for (stored, caller) in &self.by_hash {
-                    let diff = stored
-                        .iter()
-                        .zip(hash.iter())
-                        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-                    if diff == 0 {
+                    if moltbot_runtime::grpc::admin::constant_time_eq(stored, &hash) {
                         found = Some(caller.clone());
                     }
                 }

@@ -146,7 +146,7 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
 pub fn grpc_service(registry: Arc<registry::Registry>, admin_token: Option<String>) -> GrpcService {
     GrpcService::new(AuthRotationServiceServer::new(AuthApi::new(
         registry,
-        admin_token.map(crypto::Secret::new),
+        moltbot_runtime::grpc::admin::configured(admin_token).map(crypto::Secret::new),
     )))
 }
 

@@ -13,6 +13,7 @@ use moltbot_proto::auth::v1::{
     WatchProviderHealthResponse, add_credential_request,
     auth_rotation_service_server::AuthRotationService,
 };
+use moltbot_runtime::grpc::admin::AdminDenied;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -46,20 +47,12 @@ impl AuthApi {
                 "admin RPCs are disabled: start the service with MOLTBOT_ADMIN_TOKEN set".into(),
             ));
         };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(AuthError::Unauthenticated)?;
-        let (a, b) = (given.as_bytes(), expected.expose().as_bytes());
-        let same =
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-        if same {
-            Ok(())
-        } else {
-            Err(AuthError::PermissionDenied("wrong admin token".into()))
-        }
+        moltbot_runtime::grpc::admin::check_bearer(request, expected.expose()).map_err(
+            |d| match d {
+                AdminDenied::MissingToken => AuthError::Unauthenticated,
+                AdminDenied::WrongToken => AuthError::PermissionDenied("wrong admin token".into()),
+            },
+        )
     }
 }
 

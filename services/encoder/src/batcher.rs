@@ -1,8 +1,10 @@
 //! Dynamic batching for the encoder: concurrent callers' texts are grouped
 //! into one forward pass. A worker thread owns the [`Encoder`]; it takes the
-//! first waiting request, then keeps collecting until the batch holds
-//! `max_batch` texts or `max_wait` has passed since the first arrived, runs
-//! one padded forward pass, and hands each caller its slice of the results.
+//! first waiting request, then takes every request already queued, up to
+//! `max_batch` texts. When the previous batch served more than one request
+//! (callers are concurrent) it also waits up to `max_wait` for more to join;
+//! a lone caller is served at once, without that wait. It runs one forward
+//! pass and hands each caller its slice of the results.
 
 use std::{
     sync::Arc,
@@ -18,7 +20,8 @@ use crate::{Embedded, Encoder, EncoderError};
 pub struct BatchConfig {
     /// Most texts in one forward pass.
     pub max_batch: usize,
-    /// Longest a text waits for others to join its batch.
+    /// Longest a text waits for others to join its batch, when the previous
+    /// batch had more than one request (else none).
     pub max_wait: Duration,
     /// Most requests waiting before [`Batcher::embed`] refuses more.
     pub queue_capacity: usize,
@@ -83,6 +86,7 @@ impl Batcher {
 
 fn run(encoder: &Encoder, mut rx: mpsc::Receiver<Request>, config: BatchConfig) {
     let mut pending: Option<Request> = None;
+    let mut previous_requests = 0usize;
     loop {
         let first = match pending.take() {
             Some(r) => r,
@@ -91,7 +95,12 @@ fn run(encoder: &Encoder, mut rx: mpsc::Receiver<Request>, config: BatchConfig) 
                 None => return,
             },
         };
-        let deadline = Instant::now() + config.max_wait;
+        let wait = if previous_requests > 1 {
+            config.max_wait
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + wait;
         let mut batch = vec![first];
         let mut count = batch[0].texts.len();
         while count < config.max_batch {
@@ -113,6 +122,7 @@ fn run(encoder: &Encoder, mut rx: mpsc::Receiver<Request>, config: BatchConfig) 
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
+        previous_requests = batch.len();
         let texts: Vec<&str> = batch
             .iter()
             .flat_map(|r| r.texts.iter().map(String::as_str))

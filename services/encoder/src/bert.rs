@@ -175,17 +175,56 @@ impl Bert {
     }
 
     /// [`Bert::embed`] with gradients, for fine-tuning.
+    ///
+    /// Padding costs nothing outside attention: the `t` real tokens of the
+    /// batch are packed into one `[t, hidden]` matrix for the embeddings,
+    /// every dense layer, LayerNorm and GELU (as TGI / text-embeddings-
+    /// inference do with variable-length batches), and only scattered into
+    /// `[batch, len, 3·hidden]` for the attention scores. Pooling is a
+    /// per-sentence `index_add` over the packed rows.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
         let (b, l) = (ids.size()[0], ids.size()[1]);
         let h = self.config.num_attention_heads as i64;
-        let d = self.config.hidden_size as i64 / h;
-        let positions = Tensor::f_arange(l, (Kind::Int64, ids.device()))?;
-        let mut x = Tensor::f_embedding(&self.word, ids, 0, false, false)?
+        let width = self.config.hidden_size as i64;
+        let d = width / h;
+        let device = ids.device();
+        let flat_mask = mask.f_reshape([b * l])?;
+        let lengths = mask.f_ne(0)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
+        let tokens = lengths.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        // Row indices (into the `b·l` padded positions) of the real tokens;
+        // `None` when nothing is padding.
+        let keep = if tokens < b * l {
+            Some(flat_mask.f_ne(0)?.f_nonzero()?.f_squeeze_dim(1)?)
+        } else {
+            None
+        };
+        let pack = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+            let rows = x.f_reshape([b * l, -1])?;
+            match &keep {
+                Some(k) => rows.f_index_select(0, k),
+                None => Ok(rows),
+            }
+        };
+        let unpack = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+            let w = x.size()[1];
+            match &keep {
+                Some(k) => Tensor::f_zeros([b * l, w], (x.kind(), device))?
+                    .f_index_copy(0, k, x)?
+                    .f_view([b, l, w]),
+                None => x.f_view([b, l, w]),
+            }
+        };
+        let positions = Tensor::f_arange(l, (Kind::Int64, device))?.f_repeat([b])?;
+        // Sentence of every padded position: [b·l].
+        let sentence = Tensor::f_arange(b, (Kind::Int64, device))?
+            .f_unsqueeze(1)?
+            .f_expand([b, l], false)?
+            .f_reshape([b * l])?;
+        let mut x = Tensor::f_embedding(&self.word, &pack(ids)?.f_view([-1])?, 0, false, false)?
             .f_add(
                 &self
                     .position
-                    .f_index_select(0, &positions)?
-                    .f_unsqueeze(0)?,
+                    .f_index_select(0, &pack(&positions)?.f_view([-1])?)?,
             )?
             .f_add(&self.token_type.f_select(0, 0)?)?;
         x = self.layer_norm(&x, &self.emb_norm)?;
@@ -199,7 +238,7 @@ impl Bert {
                 )?,
                 None => layer.qkv.forward(&x)?,
             };
-            let parts = qkv.f_split(self.config.hidden_size as i64, -1)?;
+            let parts = unpack(&qkv)?.f_split(width, -1)?;
             let heads = |t: &Tensor| t.f_view([b, l, h, d])?.f_transpose(1, 2);
             let ctx = Tensor::f_scaled_dot_product_attention(
                 &heads(&parts[0])?,
@@ -212,17 +251,24 @@ impl Bert {
                 false,
             )?
             .f_transpose(1, 2)?
-            .f_reshape([b, l, -1])?;
+            .f_reshape([b, l, width])?;
+            let ctx = pack(&ctx)?;
             x = self.layer_norm(&layer.attn_out.forward(&ctx)?.f_add(&x)?, &layer.attn_norm)?;
             let inter = layer.inter.forward(&x)?.f_gelu("none")?;
             x = self.layer_norm(&layer.out.forward(&inter)?.f_add(&x)?, &layer.out_norm)?;
         }
-        let m = mask.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
-        let summed = x.f_mul(&m)?.f_sum_dim_intlist(1, false, Kind::Float)?;
-        let counts = m
-            .f_sum_dim_intlist(1, false, Kind::Float)?
-            .f_clamp_min(1e-9)?;
-        let mean = summed.f_div(&counts)?;
+        // Mean over each sentence's real tokens.
+        let summed = Tensor::f_zeros([b, width], (x.kind(), device))?.f_index_add(
+            0,
+            &pack(&sentence)?.f_view([-1])?,
+            &x,
+        )?;
+        let mean = summed.f_div(
+            &lengths
+                .f_to_kind(x.kind())?
+                .f_clamp_min(1e-9)?
+                .f_unsqueeze(-1)?,
+        )?;
         let norm = mean
             .f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?
             .f_clamp_min(1e-12)?;

@@ -18,6 +18,13 @@ pub enum UnderstandingError {
     /// A head directory is missing files or does not fit the encoder.
     #[error("cannot load the intent head: {0}")]
     BadHead(String),
+    /// An admin RPC without an admin token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// An admin RPC with the wrong token, or from off the host when no
+    /// token is configured.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The encoder failed or is overloaded.
     #[error(transparent)]
     Encoder(#[from] EncoderError),
@@ -34,6 +41,8 @@ impl From<UnderstandingError> for Status {
         let message = e.to_string();
         match e {
             UnderstandingError::InvalidArgument(_) => Status::invalid_argument(message),
+            UnderstandingError::Unauthenticated(_) => Status::unauthenticated(message),
+            UnderstandingError::PermissionDenied(_) => Status::permission_denied(message),
             UnderstandingError::NoHead(_) | UnderstandingError::BadHead(_) => {
                 Status::failed_precondition(message)
             }

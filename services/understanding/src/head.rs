@@ -1,17 +1,21 @@
 //! A trained intent head: an optional GELU hidden layer over the sentence
 //! embedding, then two softmax classifiers — intents (with an `oos` class)
 //! and domains — and the out-of-scope decision rule chosen on validation
-//! data (`oos` wins, the best in-scope intent's probability is below
-//! `threshold`, or the text's nearest in-scope training utterance is less
-//! similar than `knn_threshold`). The reported domain is hierarchical: the mean of the domain
-//! head's probability and the intent head's mass within the domain.
+//! data (`crate::train::rule`: `oos` wins, the best in-scope intent's
+//! probability is below `threshold`, the text's nearest in-scope training
+//! utterance is less similar than `knn_threshold`, or — the cascade — that
+//! similarity is under `base_knn.gate` and the base encoder's nearest
+//! in-scope utterance is less similar than `base_knn.threshold`). The
+//! reported domain is hierarchical: the mean of the domain head's
+//! probability and the intent head's mass within the domain.
 //!
 //! On disk (written by `moltbot-understanding train`): `head.safetensors`
 //! (`hidden.weight` `[h, d]` + `hidden.bias` optional; `intent.weight`
 //! `[intents, h|d]`, `intent.bias`, `domain.weight` `[domains, h|d]`,
 //! `domain.bias`; f32), `labels.json` ([`Labels`]) and, with the
 //! nearest-neighbour rule, `knn.safetensors` (`embeddings` `[n, d]` f32: the
-//! in-scope training utterances in the fine-tuned encoder's space).
+//! in-scope training utterances in the fine-tuned encoder's space) and with
+//! the cascade `base_knn.safetensors` (the same utterances, base encoder).
 
 use std::{collections::HashMap, path::Path};
 
@@ -43,6 +47,30 @@ pub struct Labels {
     /// (`knn.safetensors`) accepted as in scope; `None`: rule off.
     #[serde(default)]
     pub knn_threshold: Option<f32>,
+    /// The cascade's second opinion from the base encoder; `None`: off.
+    #[serde(default)]
+    pub base_knn: Option<BaseKnnRule>,
+}
+
+/// The cascade of the out-of-scope rule (`labels.json` `base_knn`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct BaseKnnRule {
+    /// Texts whose fine-tuned nearest-neighbour similarity is below this
+    /// are embedded by the base encoder too.
+    pub gate: f32,
+    /// Such a text is out of scope when its nearest in-scope training
+    /// utterance in the base space is less similar than this.
+    pub threshold: f32,
+}
+
+/// A classification before the cascade.
+#[derive(Debug, Clone)]
+pub struct Classified {
+    /// The answer as it stands.
+    pub classification: pb::Classification,
+    /// Whether the base encoder must give its second opinion
+    /// ([`IntentHead::second_opinion`]) before the answer is final.
+    pub needs_base: bool,
 }
 
 /// In-scope training embeddings for the nearest-neighbour rule: `rows` unit
@@ -73,6 +101,35 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Neighbours {
+    /// Reads `embeddings` (`[n, dimension]` f32) of a safetensors file.
+    /// Errors with what `bad` makes of the problem.
+    fn load(
+        file: &Path,
+        dimension: usize,
+        bad: &dyn Fn(String) -> UnderstandingError,
+    ) -> Result<Self, UnderstandingError> {
+        let name = file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let t = Tensor::read_safetensors(file)
+            .map_err(|e| bad(format!("{name}: {e}")))?
+            .into_iter()
+            .find(|(n, _)| n == "embeddings")
+            .map(|(_, t)| t)
+            .ok_or_else(|| bad(format!("{name} lacks `embeddings`")))?;
+        if t.size().len() != 2 || t.size()[1] as usize != dimension {
+            return Err(bad(format!("{name}: embeddings have shape {:?}", t.size())));
+        }
+        Ok(Self {
+            vectors: Vec::<f32>::try_from(
+                &t.f_to_kind(tch::Kind::Float)?
+                    .f_contiguous()?
+                    .f_view([-1])?,
+            )?,
+            dimension,
+        })
+    }
+
     /// Cosine similarity of unit vector `e` to its nearest neighbour.
     pub fn nearest(&self, e: &[f32]) -> f32 {
         self.vectors
@@ -113,6 +170,7 @@ pub struct IntentHead {
     domain: Dense,
     oos_index: usize,
     neighbours: Option<Neighbours>,
+    base_neighbours: Option<Neighbours>,
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -197,29 +255,27 @@ impl IntentHead {
             .ok_or_else(|| bad(format!("intents lack the oos label {:?}", labels.oos_label)))?;
         let neighbours = match labels.knn_threshold {
             None => None,
-            Some(_) => {
-                let t = Tensor::read_safetensors(dir.join("knn.safetensors"))
-                    .map_err(|e| bad(format!("knn.safetensors: {e}")))?
-                    .into_iter()
-                    .find(|(n, _)| n == "embeddings")
-                    .map(|(_, t)| t)
-                    .ok_or_else(|| bad("knn.safetensors lacks `embeddings`".into()))?;
-                if t.size().len() != 2 || t.size()[1] as usize != dimension {
-                    return Err(bad(format!("knn embeddings have shape {:?}", t.size())));
-                }
-                Some(Neighbours {
-                    vectors: Vec::<f32>::try_from(
-                        &t.f_to_kind(tch::Kind::Float)?
-                            .f_contiguous()?
-                            .f_view([-1])?,
-                    )?,
-                    dimension,
-                })
-            }
+            Some(_) => Some(Neighbours::load(
+                &dir.join("knn.safetensors"),
+                dimension,
+                &bad,
+            )?),
         };
+        let base_neighbours = match labels.base_knn {
+            None => None,
+            Some(_) => Some(Neighbours::load(
+                &dir.join("base_knn.safetensors"),
+                dimension,
+                &bad,
+            )?),
+        };
+        if labels.base_knn.is_some() && neighbours.is_none() {
+            return Err(bad("base_knn needs knn_threshold (the gate's table)".into()));
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             neighbours,
+            base_neighbours,
             labels,
             hidden,
             intent,
@@ -234,11 +290,20 @@ impl IntentHead {
         (self.labels.encoder == "encoder").then(|| self.dir.join("encoder"))
     }
 
-    /// Whether the nearest-neighbour rule flags `embedding` as out of scope.
-    fn far_from_training(&self, embedding: &[f32]) -> bool {
-        match (&self.neighbours, self.labels.knn_threshold) {
-            (Some(n), Some(k)) => n.nearest(embedding) < k,
-            _ => false,
+    /// Whether the cascade is on (Classify needs the base encoder too).
+    pub fn has_cascade(&self) -> bool {
+        self.base_neighbours.is_some()
+    }
+
+    /// The base encoder's opinion on a text [`Classified::needs_base`]
+    /// marked: flags `c` out of scope when `base_embedding` (the text in
+    /// the base encoder's space) is far from every in-scope training
+    /// utterance.
+    pub fn second_opinion(&self, c: &mut pb::Classification, base_embedding: &[f32]) {
+        if let (Some(n), Some(rule)) = (&self.base_neighbours, self.labels.base_knn)
+            && n.nearest(base_embedding) < rule.threshold
+        {
+            c.out_of_scope = true;
         }
     }
 
@@ -259,12 +324,10 @@ impl IntentHead {
         )
     }
 
-    /// Classifies one embedded text with `k` alternatives.
-    pub fn classify(
-        &self,
-        e: &Embedded,
-        k: usize,
-    ) -> Result<pb::Classification, UnderstandingError> {
+    /// Classifies one embedded text (fine-tuned space) with `k`
+    /// alternatives; the cascade, when it applies, is left to
+    /// [`IntentHead::second_opinion`].
+    pub fn classify(&self, e: &Embedded, k: usize) -> Result<Classified, UnderstandingError> {
         let (intents, domains) = self.probabilities(&e.vector);
         let mut ranked: Vec<(usize, f32)> = intents
             .iter()
@@ -297,6 +360,11 @@ impl IntentHead {
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .unwrap_or((0, 0.0));
+        let nearest = self.neighbours.as_ref().map(|n| n.nearest(&e.vector));
+        let far = matches!((nearest, self.labels.knn_threshold), (Some(s), Some(k)) if s < k);
+        let out_of_scope = oos_wins || best_p < self.labels.threshold || far;
+        let needs_base = !out_of_scope
+            && matches!((nearest, self.labels.base_knn), (Some(s), Some(rule)) if s < rule.gate);
         let name = |i: usize| self.labels.intents.get(i).cloned().unwrap_or_default();
         let domain_of = |i: usize| {
             self.labels
@@ -305,7 +373,7 @@ impl IntentHead {
                 .cloned()
                 .unwrap_or_default()
         };
-        Ok(pb::Classification {
+        let classification = pb::Classification {
             domain: Some(pb::Label {
                 name: self
                     .labels
@@ -319,9 +387,7 @@ impl IntentHead {
                 name: name(best),
                 confidence: best_p,
             }),
-            out_of_scope: oos_wins
-                || best_p < self.labels.threshold
-                || self.far_from_training(&e.vector),
+            out_of_scope,
             alternatives: ranked
                 .iter()
                 .take(k)
@@ -334,6 +400,10 @@ impl IntentHead {
             input_tokens: e.tokens as u32,
             truncated: e.truncated,
             model_id: self.labels.model_id.clone(),
+        };
+        Ok(Classified {
+            classification,
+            needs_base,
         })
     }
 }

@@ -56,14 +56,19 @@ pub struct Args {
     /// Most texts in one encoder forward pass.
     #[arg(long, env = "MOLTBOT_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
-    /// Longest a text waits for others to share its forward pass, in ms.
-    /// 0 (default) batches greedily: whatever queued while the previous
-    /// pass ran goes together, and a lone caller never waits.
+    /// Longest a text waits for others to share its forward pass, in ms,
+    /// when the previous pass served several requests (a lone caller never
+    /// waits). 0 (default) batches greedily: whatever queued while the
+    /// previous pass ran goes together.
     #[arg(long, env = "MOLTBOT_MAX_WAIT_MS", default_value_t = 0)]
     pub max_wait_ms: u64,
     /// Most texts in one ClassifyBatch or Embed call.
     #[arg(long, env = "MOLTBOT_MAX_TEXTS", default_value_t = 256)]
     pub max_texts: usize,
+    /// Token required (`authorization: Bearer …`) on ReloadModel; unset:
+    /// ReloadModel is served to loopback callers only.
+    #[arg(long, env = "MOLTBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Intra-op CPU threads of libtorch; 0 = every core.
     #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -123,7 +128,8 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             max_text_bytes: 16 * 1024,
         },
         batch,
-    );
+    )
+    .with_admin_token(args.admin_token.clone());
     let service = GrpcService::new(UnderstandingServiceServer::new(api));
     grpc::serve(&ports::UNDERSTANDING, &args.server, service, async {
         Ok(())

@@ -1,6 +1,8 @@
 //! `moltbot.understanding.v1.UnderstandingService`: request validation, the
 //! dynamic batcher for embeddings, and the intent head (swapped atomically by
-//! ReloadModel: calls in flight keep the head they started with).
+//! ReloadModel: calls in flight keep the head they started with). ReloadModel
+//! is an admin RPC: bearer `MOLTBOT_ADMIN_TOKEN`, or loopback callers when no
+//! token is set.
 
 use std::{
     path::PathBuf,
@@ -11,6 +13,7 @@ use moltbot_encoder::{BatchConfig, Batcher, Embedded, Encoder};
 use moltbot_proto::understanding::v1::{
     self as pb, understanding_service_server::UnderstandingService,
 };
+use moltbot_runtime::grpc::admin;
 use tonic::{Request, Response, Status};
 
 use crate::{UnderstandingError, head::IntentHead};
@@ -25,10 +28,12 @@ pub struct Limits {
 }
 
 /// A trained head and the batcher of the encoder it was trained with (the
-/// service's base encoder, or the head's own fine-tuned one).
+/// service's base encoder, or the head's own fine-tuned one), plus the base
+/// encoder's batcher when the head's out-of-scope rule has the cascade.
 pub struct Classifier {
     head: IntentHead,
     batcher: Batcher,
+    base: Option<Batcher>,
 }
 
 impl Classifier {
@@ -49,7 +54,12 @@ impl Classifier {
             }
             None => base.clone(),
         };
-        Ok(Self { head, batcher })
+        let base = head.has_cascade().then(|| base.clone());
+        Ok(Self {
+            head,
+            batcher,
+            base,
+        })
     }
 
     /// The head's identifier.
@@ -66,6 +76,7 @@ pub struct UnderstandingApi {
     head_dir: PathBuf,
     limits: Limits,
     batch: BatchConfig,
+    admin_token: Option<Arc<str>>,
 }
 
 impl UnderstandingApi {
@@ -84,7 +95,38 @@ impl UnderstandingApi {
             head_dir,
             limits,
             batch,
+            admin_token: None,
         }
+    }
+
+    /// Requires `authorization: Bearer <token>` on ReloadModel. Without a
+    /// token ReloadModel is served to loopback callers only.
+    pub fn with_admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = admin::configured(token).map(Arc::from);
+        self
+    }
+
+    /// Authorises an admin RPC. Errors with
+    /// [`UnderstandingError::Unauthenticated`] or
+    /// [`UnderstandingError::PermissionDenied`].
+    fn admin<T>(&self, request: &Request<T>) -> Result<(), UnderstandingError> {
+        let Some(expected) = &self.admin_token else {
+            return if admin::from_loopback(request) {
+                Ok(())
+            } else {
+                Err(UnderstandingError::PermissionDenied(
+                    "ReloadModel from another host needs MOLTBOT_ADMIN_TOKEN set on the service and sent as `authorization: Bearer <token>`".into(),
+                ))
+            };
+        };
+        admin::check_bearer(request, expected).map_err(|d| match d {
+            admin::AdminDenied::MissingToken => UnderstandingError::Unauthenticated(
+                "ReloadModel needs `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`".into(),
+            ),
+            admin::AdminDenied::WrongToken => {
+                UnderstandingError::PermissionDenied("wrong admin token".into())
+            }
+        })
     }
 
     fn validate(&self, texts: &[String]) -> Result<(), UnderstandingError> {
@@ -127,12 +169,33 @@ impl UnderstandingApi {
     ) -> Result<Vec<pb::Classification>, UnderstandingError> {
         self.validate(&texts)?;
         let classifier = self.current()?;
-        let embedded = classifier.batcher.embed(texts).await?;
         let k = if top_k == 0 { 5 } else { top_k.min(50) } as usize;
-        embedded
+        let Some(base) = &classifier.base else {
+            let embedded = classifier.batcher.embed(texts).await?;
+            return embedded
+                .iter()
+                .map(|e| Ok(classifier.head.classify(e, k)?.classification))
+                .collect();
+        };
+        let embedded = classifier.batcher.embed(texts.clone()).await?;
+        let mut classified = embedded
             .iter()
             .map(|e| classifier.head.classify(e, k))
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, _>>()?;
+        // The cascade: texts under the gate go through the base encoder too
+        // (in one batch), and it may flag them out of scope.
+        let asked: Vec<usize> = (0..classified.len())
+            .filter(|&i| classified[i].needs_base)
+            .collect();
+        if !asked.is_empty() {
+            let again = asked.iter().map(|&i| texts[i].clone()).collect();
+            for (&i, e) in asked.iter().zip(base.embed(again).await?) {
+                classifier
+                    .head
+                    .second_opinion(&mut classified[i].classification, &e.vector);
+            }
+        }
+        Ok(classified.into_iter().map(|c| c.classification).collect())
     }
 }
 
@@ -188,6 +251,7 @@ impl UnderstandingService for UnderstandingApi {
         &self,
         request: Request<pb::ReloadModelRequest>,
     ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        self.admin(&request)?;
         let r = request.into_inner();
         let dir = if r.model_dir.is_empty() {
             self.head_dir.clone()

@@ -68,7 +68,11 @@ fn trained() -> &'static (PathBuf, Metrics) {
     })
 }
 
-async fn serve(head_dir: &Path, with_head: bool) -> UnderstandingServiceClient<Channel> {
+async fn serve(
+    head_dir: &Path,
+    with_head: bool,
+    admin_token: Option<&str>,
+) -> UnderstandingServiceClient<Channel> {
     let encoder = Encoder::load(&encoder_dir(), tch::Device::Cpu).unwrap();
     let batch = BatchConfig {
         max_batch: 32,
@@ -86,7 +90,8 @@ async fn serve(head_dir: &Path, with_head: bool) -> UnderstandingServiceClient<C
             max_text_bytes: 1024,
         },
         batch,
-    );
+    )
+    .with_admin_token(admin_token.map(str::to_owned));
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap();
@@ -146,7 +151,7 @@ fn clinc150_validation_meets_the_targets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn classifies_the_examples() {
     let (dir, _) = trained();
-    let mut c = serve(dir, true).await;
+    let mut c = serve(dir, true, None).await;
     let balance = classify(&mut c, "what's my checking account balance").await;
     assert_eq!(balance.domain.unwrap().name, "banking");
     assert_eq!(balance.intent.unwrap().name, "balance");
@@ -173,10 +178,67 @@ async fn classifies_the_examples() {
     assert_eq!(batch[1].alternatives.len(), 5);
 }
 
+/// Served decisions match training's: CLINC150 validation through
+/// ClassifyBatch gives the figures `metrics.json` holds (the same rule —
+/// threshold, nearest-neighbour test and the base-encoder cascade — applied
+/// by the service; batches differ from training's, so a text or two on a
+/// boundary may flip).
+#[tokio::test(flavor = "multi_thread")]
+async fn served_decisions_reproduce_the_validation_figures() {
+    let (dir, m) = trained();
+    let mut c = serve(dir, true, None).await;
+    let data: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root().join("services/understanding/data/clinc150/data_full_train_val.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pairs = |split: &str| -> Vec<(String, String)> {
+        data[split]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().into(), p[1].as_str().unwrap().into()))
+            .collect()
+    };
+    let mut served = Vec::new();
+    for split in ["val", "oos_val"] {
+        for chunk in pairs(split).chunks(8) {
+            let out = c
+                .classify_batch(pb::ClassifyBatchRequest {
+                    texts: chunk.iter().map(|(t, _)| t.clone()).collect(),
+                    top_k: 1,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .classifications;
+            served.extend(chunk.iter().cloned().zip(out));
+        }
+    }
+    let in_scope: Vec<_> = served.iter().filter(|((_, y), _)| y != "oos").collect();
+    let oos: Vec<_> = served.iter().filter(|((_, y), _)| y == "oos").collect();
+    let accuracy = in_scope
+        .iter()
+        .filter(|((_, y), c)| !c.out_of_scope && c.intent.as_ref().unwrap().name == *y)
+        .count() as f64
+        / in_scope.len() as f64;
+    let recall = oos.iter().filter(|(_, c)| c.out_of_scope).count() as f64 / oos.len() as f64;
+    assert!(
+        (accuracy - m.in_scope_accuracy).abs() <= 0.002,
+        "served {accuracy} vs trained {m:?}"
+    );
+    assert!(
+        (recall - m.out_of_scope_recall).abs() <= 0.011,
+        "served {recall} vs trained {m:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn embeds_and_rejects_bad_input() {
     let dir = std::env::temp_dir().join(format!("moltbot-nohead-{}", std::process::id()));
-    let mut c = serve(&dir, false).await;
+    let mut c = serve(&dir, false, None).await;
     let r = c
         .embed(pb::EmbedRequest {
             texts: vec!["hello world".into(), "goodbye".into()],
@@ -241,4 +303,43 @@ async fn embeds_and_rejects_bad_input() {
     assert!(r.model_id.starts_with("clinc150-"));
     let balance = classify(&mut c, "what's my checking account balance").await;
     assert_eq!(balance.model_id, r.model_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_model_needs_the_admin_token_when_one_is_set() {
+    let (trained_dir, _) = trained();
+    let empty = std::env::temp_dir().join(format!("moltbot-nohead-admin-{}", std::process::id()));
+    let mut c = serve(&empty, false, Some("s3cret-admin")).await;
+    let reload = |token: Option<&str>| {
+        let mut r = tonic::Request::new(pb::ReloadModelRequest {
+            model_dir: trained_dir.display().to_string(),
+        });
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    };
+    let e = c.reload_model(reload(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c.reload_model(reload(Some("guess"))).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(!e.message().contains("s3cret"), "{e:?}");
+    // Refused calls changed nothing: Classify still has no head.
+    let e = c
+        .classify(pb::ClassifyRequest {
+            text: "what's my checking account balance".into(),
+            top_k: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let r = c
+        .reload_model(reload(Some("s3cret-admin")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.model_id.starts_with("clinc150-"));
+    let balance = classify(&mut c, "what's my checking account balance").await;
+    assert_eq!(balance.intent.unwrap().name, "balance");
 }

@@ -1,7 +1,8 @@
 //! gRPC plumbing shared by every service: the server with health, reflection,
-//! per-RPC spans and metrics and graceful shutdown ([`serve`]), and traced
-//! client channels ([`client`]).
+//! per-RPC spans and metrics and graceful shutdown ([`serve`]), traced
+//! client channels ([`client`]) and admin-RPC authorisation ([`admin`]).
 
+pub mod admin;
 pub mod client;
 mod health;
 mod observe;

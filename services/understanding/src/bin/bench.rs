@@ -2,8 +2,9 @@
 //! transformers, and Classify latency through gRPC, side by side in one run
 //! with the same thread count.
 //!
-//! (a) sentences/s at batch 1 and batch 32 (CLINC150-like short texts),
-//!     ours vs `scripts/reference_embed.py --bench`;
+//! (a) sentences/s at batch 1 and batch 32 on 256 CLINC150 validation
+//!     texts (every 11th, so lengths vary as in real traffic), ours vs
+//!     `scripts/reference_embed.py --bench` on the same texts;
 //! (b) Classify p50/p99 over a real socket under 1, 8 and 64 concurrent
 //!     callers, through the dynamic batcher (needs a trained head:
 //!     `--head-dir`).
@@ -40,19 +41,40 @@ struct Args {
     /// Seconds per Classify run.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// CLINC150-format data whose `val` texts are embedded.
+    #[arg(
+        long,
+        default_value = "services/understanding/data/clinc150/data_full_train_val.json"
+    )]
+    data: PathBuf,
     /// Python with torch + transformers.
     #[arg(long, env = "MOLTBOT_PYTHON", default_value = ".venv/bin/python")]
     python: PathBuf,
 }
 
-fn texts(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("what is the balance of my checking account number {i}"))
-        .collect()
+/// 256 `val` texts of `data`: every 11th, cycling.
+fn texts(data: &std::path::Path) -> Result<Vec<String>, String> {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data).map_err(|e| format!("{}: {e}", data.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", data.display()))?;
+    let val: Vec<String> = json["val"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p[0].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if val.is_empty() {
+        return Err(format!("{}: no `val` texts", data.display()));
+    }
+    Ok((0..256)
+        .map(|i| val[(i * 11) % val.len()].clone())
+        .collect())
 }
 
-fn ours(encoder: &Encoder, batch: usize) -> Result<f64, String> {
-    let all = texts(256);
+fn ours(encoder: &Encoder, all: &[String], batch: usize) -> Result<f64, String> {
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
     encoder.embed(&refs[..batch]).map_err(|e| e.to_string())?; // warm-up
     let n = if batch == 1 { 64 } else { 256 };
@@ -80,16 +102,27 @@ fn main() -> Result<(), String> {
     };
     tch::set_num_threads(threads as i32);
     let encoder = Encoder::load(&args.encoder_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
-    let b1 = ours(&encoder, 1)?;
-    let b32 = ours(&encoder, 32)?;
+    let all = texts(&args.data)?;
+    let texts_file =
+        std::env::temp_dir().join(format!("moltbot-bench-{}.json", std::process::id()));
+    std::fs::write(
+        &texts_file,
+        serde_json::to_string(&all).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let b1 = ours(&encoder, &all, 1)?;
+    let b32 = ours(&encoder, &all, 32)?;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/reference_embed.py");
     let out = std::process::Command::new(&args.python)
         .arg(script)
         .arg("--model")
         .arg(&args.encoder_dir)
+        .arg("--texts")
+        .arg(&texts_file)
         .args(["--bench", "--threads", &threads.to_string()])
         .output()
         .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&texts_file);
     let line = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
@@ -154,13 +187,13 @@ fn main() -> Result<(), String> {
             let mut tasks = Vec::new();
             for c in 0..callers {
                 let mut client = client.clone();
+                let all = all.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();
                     let mut i = 0;
                     while Instant::now() < deadline {
                         let t = Instant::now();
-                        let text =
-                            format!("what is the balance of my checking account number {c}{i}");
+                        let text = all[(c * 7 + i) % all.len()].clone();
                         if client
                             .classify(pb::ClassifyRequest { text, top_k: 0 })
                             .await

@@ -1,17 +1,18 @@
-//! `moltbot-understanding train`: trains the intent and domain heads on the
-//! frozen encoder, in Rust with tch.
+//! `moltbot-understanding train`: fine-tunes the encoder with the intent
+//! and domain heads, in Rust with tch, and chooses the out-of-scope rule.
 //!
 //! Data: a CLINC150-format JSON (`train`, `val`, `oos_train`, `oos_val`:
 //! lists of `[text, intent]`) and a domain map (`{domain: [intent, …]}`).
-//! Model: one GELU hidden layer over the 384-d sentence embedding and two
-//! softmax heads — 150 intents + `oos`, and 10 domains (trained on in-scope
-//! texts only) — fitted with AdamW on `train` + `oos_train`. The domain is
-//! predicted hierarchically: the domain head's probabilities plus the intent
-//! head's probability mass per domain. The
-//! out-of-scope threshold is chosen on `val` + `oos_val` only: the highest
-//! in-scope accuracy among thresholds with out-of-scope recall ≥ 0.70 (else
-//! the best accuracy + recall). Deterministic for a seed. Writes
-//! `head.safetensors`, `labels.json` and `metrics.json` (validation figures).
+//! Model: the MiniLM encoder, one GELU hidden layer over its 384-d sentence
+//! embedding and two softmax heads — 150 intents + `oos`, and 10 domains
+//! (trained on in-scope texts only) — fitted jointly with AdamW on `train` +
+//! `oos_train` (or the heads alone on the frozen encoder with
+//! `--fine-tune-epochs 0`). The domain is predicted hierarchically: the
+//! domain head's probabilities plus the intent head's probability mass per
+//! domain. The out-of-scope rule ([`rule`]) is chosen on `val` + `oos_val`
+//! only. Deterministic for a seed. Writes `head.safetensors`, `labels.json`,
+//! `metrics.json` (validation figures), the fine-tuned `encoder/` and the
+//! nearest-neighbour tables (`knn.safetensors`, `base_knn.safetensors`).
 
 use std::{collections::HashMap, path::PathBuf};
 
@@ -19,7 +20,9 @@ use moltbot_encoder::Encoder;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
 
-use crate::head::Labels;
+use crate::head::{BaseKnnRule, Labels};
+
+pub mod rule;
 
 /// Flags of `moltbot-understanding train`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -82,6 +85,17 @@ pub struct Metrics {
     /// The chosen nearest-neighbour similarity threshold (0 = rule off).
     #[serde(default)]
     pub knn_threshold: f32,
+    /// Fine-tuned nearest-neighbour similarity under which the base encoder
+    /// gives a second opinion (0 = cascade off).
+    #[serde(default)]
+    pub base_knn_gate: f32,
+    /// Base-space nearest-neighbour similarity threshold of the cascade.
+    #[serde(default)]
+    pub base_knn_threshold: f32,
+    /// Share of in-scope validation texts under the gate (they need a
+    /// second forward pass).
+    #[serde(default)]
+    pub second_pass_share: f64,
     /// Texts per split used.
     pub train_texts: usize,
     /// Validation texts (in-scope + out-of-scope).
@@ -330,98 +344,58 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     // For each text: its best in-scope probability, or 2.0 when `oos` wins.
     let (val_p, val_pred, val_dom) = probs(&x_val);
     let (oos_p, _, _) = probs(&x_oos);
-    // Nearest-neighbour rule (Sun et al., "Out-of-Distribution Detection with
-    // Deep Nearest Neighbors", ICML 2022): a text far from every in-scope
-    // training utterance, in the fine-tuned embedding space, is out of scope
-    // even when the head is confident.
-    let reference = split(&data, "train")?;
+    // Nearest in-scope training utterance, in the fine-tuned space and (for
+    // the cascade) in the base encoder's.
+    let reference_pairs = split(&data, "train")?;
+    let reference = texts(&reference_pairs);
     eprintln!(
-        "train: embedding {} in-scope training texts for the nearest-neighbour rule",
+        "train: embedding {} in-scope training texts for the nearest-neighbour rules",
         reference.len()
     );
-    let x_ref = embed_all(&encoder, &texts(&reference))?;
-    let nearest = |x: &Tensor| -> Vec<f32> {
+    let x_ref = embed_all(&encoder, &reference)?;
+    let base_encoder = if fine_tune {
+        Some(Encoder::load(&args.encoder_dir, Device::Cpu).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let base = base_encoder.as_ref().unwrap_or(&encoder);
+    let x_ref_base = embed_all(base, &reference)?;
+    let nearest = |x: &Tensor, reference: &Tensor| -> Vec<f32> {
         let _g = tch::no_grad_guard();
-        let (best, _) = x.matmul(&x_ref.tr()).max_dim(1, false);
+        let (best, _) = x.matmul(&reference.tr()).max_dim(1, false);
         Vec::<f32>::try_from(&best).unwrap_or_default()
     };
-    let (val_sim, oos_sim) = (nearest(&x_val), nearest(&x_oos));
-    let flagged = |p: f32, s: f32, t: f32, k: f32| p > 1.5 || p < t || s < k;
-    let evaluate = |t: f32, k: f32| {
-        let correct = val_p
-            .iter()
-            .zip(&val_sim)
-            .zip(&val_pred)
-            .zip(&y_val)
-            .filter(|(((p, s), pred), y)| !flagged(**p, **s, t, k) && *pred == *y)
-            .count();
-        let false_flags = val_p
-            .iter()
-            .zip(&val_sim)
-            .filter(|(p, s)| flagged(**p, **s, t, k))
-            .count();
-        let caught = oos_p
-            .iter()
-            .zip(&oos_sim)
-            .filter(|(p, s)| flagged(**p, **s, t, k))
-            .count();
-        let acc = correct as f64 / val_p.len() as f64;
-        let recall = caught as f64 / oos_p.len().max(1) as f64;
-        let precision = caught as f64 / (caught + false_flags).max(1) as f64;
-        (acc, recall, precision)
+    let signals = |p: &[f32], x: &Tensor, texts_: &[&str]| -> Result<Vec<rule::Signals>, String> {
+        let knn = nearest(x, &x_ref);
+        let base_knn = nearest(&embed_all(base, texts_)?, &x_ref_base);
+        Ok(p.iter()
+            .zip(knn)
+            .zip(base_knn)
+            .map(|((&p, knn), base_knn)| rule::Signals { p, knn, base_knn })
+            .collect())
     };
-    // First the probability threshold alone: the highest in-scope accuracy
-    // with out-of-scope recall ≥ 0.70. Then both rules together: the best
-    // accuracy + recall that keeps recall ≥ 0.70 and gives up at most half a
-    // point of that accuracy.
-    let candidates: Vec<f32> = (0..100).map(|i| i as f32 / 100.0).collect();
-    let score = |(t, k): (f32, f32)| {
-        let (acc, recall, _) = evaluate(t, k);
-        (acc, recall)
-    };
-    let base = candidates
-        .iter()
-        .map(|&t| (t, 0.0f32))
-        .filter(|&c| score(c).1 >= 0.70)
-        .max_by(|a, b| score(*a).0.total_cmp(&score(*b).0))
-        .unwrap_or_else(|| {
-            candidates
-                .iter()
-                .map(|&t| (t, 0.0f32))
-                .max_by(|a, b| {
-                    let (ea, eb) = (score(*a), score(*b));
-                    (ea.0 + ea.1).total_cmp(&(eb.0 + eb.1))
-                })
-                .unwrap_or((0.5, 0.0))
-        });
-    let floor = score(base).0 - 0.005;
-    let knn_candidates: Vec<f32> = (15..=45).map(|i| i as f32 / 50.0).collect();
-    let (threshold, knn_threshold) = candidates
-        .iter()
-        .flat_map(|&t| knn_candidates.iter().map(move |&k| (t, k)))
-        .chain(std::iter::once(base))
-        .filter(|&c| {
-            let (acc, recall) = score(c);
-            recall >= 0.70 && acc >= floor
-        })
-        .max_by(|a, b| {
-            let (ea, eb) = (score(*a), score(*b));
-            (ea.0 + ea.1).total_cmp(&(eb.0 + eb.1))
-        })
-        .unwrap_or(base);
-    let (acc, recall, precision) = evaluate(threshold, knn_threshold);
+    let val_signals: Vec<(rule::Signals, bool)> = signals(&val_p, &x_val, &texts(&val))?
+        .into_iter()
+        .zip(val_pred.iter().zip(&y_val).map(|(p, y)| p == y))
+        .collect();
+    let oos_signals = signals(&oos_p, &x_oos, &texts(&oos_val))?;
+    let (chosen, figures) = rule::select(&val_signals, &oos_signals);
+    eprintln!("train: decision rule {chosen:?}: {figures:?}");
     let dom_correct = val_dom
         .iter()
         .zip(&d_val)
         .filter(|(p, d)| **p as i64 == **d)
         .count();
     let metrics = Metrics {
-        in_scope_accuracy: acc,
-        out_of_scope_recall: recall,
-        out_of_scope_precision: precision,
+        in_scope_accuracy: figures.accuracy,
+        out_of_scope_recall: figures.recall,
+        out_of_scope_precision: figures.precision,
         domain_accuracy: dom_correct as f64 / d_val.len() as f64,
-        threshold,
-        knn_threshold,
+        threshold: chosen.threshold,
+        knn_threshold: chosen.knn,
+        base_knn_gate: chosen.gate,
+        base_knn_threshold: chosen.base_knn,
+        second_pass_share: figures.gated,
         train_texts: train.len(),
         val_texts: val.len() + oos_val.len(),
         seed: args.seed,
@@ -445,9 +419,16 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     }
     vs.save(args.out.join("head.safetensors"))
         .map_err(|e| e.to_string())?;
-    if knn_threshold > 0.0 {
+    if chosen.knn > 0.0 || chosen.gate > 0.0 {
         Tensor::write_safetensors(&[("embeddings", &x_ref)], args.out.join("knn.safetensors"))
             .map_err(|e| e.to_string())?;
+    }
+    if chosen.gate > 0.0 {
+        Tensor::write_safetensors(
+            &[("embeddings", &x_ref_base)],
+            args.out.join("base_knn.safetensors"),
+        )
+        .map_err(|e| e.to_string())?;
     }
     let labels = Labels {
         model_id: format!(
@@ -465,8 +446,12 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         oos_label: "oos".into(),
         domains,
         intent_domain,
-        threshold,
-        knn_threshold: (knn_threshold > 0.0).then_some(knn_threshold),
+        threshold: chosen.threshold,
+        knn_threshold: (chosen.knn > 0.0 || chosen.gate > 0.0).then_some(chosen.knn),
+        base_knn: (chosen.gate > 0.0).then_some(BaseKnnRule {
+            gate: chosen.gate,
+            threshold: chosen.base_knn,
+        }),
     };
     let write =
         |name: &str, v: String| std::fs::write(args.out.join(name), v).map_err(|e| e.to_string());

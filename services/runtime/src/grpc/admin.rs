@@ -1,0 +1,68 @@
+//! Authorisation of admin RPCs (credential writes, model reloads): the
+//! caller sends `authorization: Bearer <admin token>`, compared with the
+//! configured token in constant time so its bytes cannot be found by timing.
+
+use tonic::Request;
+
+/// Why an admin call is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminDenied {
+    /// No `authorization: Bearer …` header (gRPC UNAUTHENTICATED).
+    MissingToken,
+    /// A token that does not match (gRPC PERMISSION_DENIED).
+    WrongToken,
+}
+
+/// The admin token as configured, with an empty value (`MOLTBOT_ADMIN_TOKEN=`,
+/// as compose files write an unset variable) read as no token: an empty
+/// token would admit anyone sending `Bearer ` with nothing after it.
+pub fn configured(token: Option<String>) -> Option<String> {
+    token.filter(|t| !t.trim().is_empty())
+}
+
+/// Whether `request` carries `expected` as its bearer token. Errors with
+/// [`AdminDenied::MissingToken`] or [`AdminDenied::WrongToken`].
+pub fn check_bearer<T>(request: &Request<T>, expected: &str) -> Result<(), AdminDenied> {
+    let given = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(AdminDenied::MissingToken)?;
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(AdminDenied::WrongToken)
+    }
+}
+
+/// Byte equality whose time depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `request` came over a loopback socket (false when unknown).
+pub fn from_loopback<T>(request: &Request<T>) -> bool {
+    request.remote_addr().is_some_and(|a| a.ip().is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        let mut r = Request::new(());
+        assert_eq!(check_bearer(&r, "s3cret"), Err(AdminDenied::MissingToken));
+        r.metadata_mut()
+            .insert("authorization", "Bearer s3cre7".parse().unwrap());
+        assert_eq!(check_bearer(&r, "s3cret"), Err(AdminDenied::WrongToken));
+        r.metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert_eq!(check_bearer(&r, "s3cret"), Ok(()));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!from_loopback(&r));
+        assert_eq!(configured(Some(" ".into())), None);
+        assert_eq!(configured(Some("t".into())), Some("t".into()));
+    }
+}
