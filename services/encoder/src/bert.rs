@@ -188,13 +188,14 @@ impl Bert {
         let width = self.config.hidden_size as i64;
         let d = width / h;
         let device = ids.device();
-        let flat_mask = mask.f_reshape([b * l])?;
-        let lengths = mask.f_ne(0)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
+        // Real (non-padding) positions: [b, l] booleans.
+        let real = mask.f_ne(0)?;
+        let lengths = real.f_sum_dim_intlist(1, false, Kind::Int64)?;
         let tokens = lengths.f_sum(Kind::Int64)?.f_int64_value(&[])?;
         // Row indices (into the `b·l` padded positions) of the real tokens;
         // `None` when nothing is padding.
         let keep = if tokens < b * l {
-            Some(flat_mask.f_ne(0)?.f_nonzero()?.f_squeeze_dim(1)?)
+            Some(real.f_reshape([b * l])?.f_nonzero()?.f_squeeze_dim(1)?)
         } else {
             None
         };
@@ -229,7 +230,7 @@ impl Bert {
             .f_add(&self.token_type.f_select(0, 0)?)?;
         x = self.layer_norm(&x, &self.emb_norm)?;
         // Keys that are padding get no attention: [b, 1, 1, l] booleans.
-        let attend = mask.f_ne(0)?.f_view([b, 1, 1, l])?;
+        let attend = real.f_view([b, 1, 1, l])?;
         for layer in &self.layers {
             let qkv = match &layer.parts {
                 Some([q, k, v]) => x.f_linear(

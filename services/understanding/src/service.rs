@@ -170,29 +170,26 @@ impl UnderstandingApi {
         self.validate(&texts)?;
         let classifier = self.current()?;
         let k = if top_k == 0 { 5 } else { top_k.min(50) } as usize;
-        let Some(base) = &classifier.base else {
-            let embedded = classifier.batcher.embed(texts).await?;
-            return embedded
-                .iter()
-                .map(|e| Ok(classifier.head.classify(e, k)?.classification))
-                .collect();
-        };
-        let embedded = classifier.batcher.embed(texts.clone()).await?;
+        // With the cascade, the texts are kept for a second pass.
+        let cascade = classifier.base.as_ref().map(|b| (b, texts.clone()));
+        let embedded = classifier.batcher.embed(texts).await?;
         let mut classified = embedded
             .iter()
             .map(|e| classifier.head.classify(e, k))
             .collect::<Result<Vec<_>, _>>()?;
         // The cascade: texts under the gate go through the base encoder too
         // (in one batch), and it may flag them out of scope.
-        let asked: Vec<usize> = (0..classified.len())
-            .filter(|&i| classified[i].needs_base)
-            .collect();
-        if !asked.is_empty() {
-            let again = asked.iter().map(|&i| texts[i].clone()).collect();
-            for (&i, e) in asked.iter().zip(base.embed(again).await?) {
-                classifier
-                    .head
-                    .second_opinion(&mut classified[i].classification, &e.vector);
+        if let Some((base, texts)) = cascade {
+            let asked: Vec<usize> = (0..classified.len())
+                .filter(|&i| classified[i].needs_base)
+                .collect();
+            if !asked.is_empty() {
+                let again = asked.iter().map(|&i| texts[i].clone()).collect();
+                for (&i, e) in asked.iter().zip(base.embed(again).await?) {
+                    classifier
+                        .head
+                        .second_opinion(&mut classified[i].classification, &e.vector);
+                }
             }
         }
         Ok(classified.into_iter().map(|c| c.classification).collect())

@@ -346,20 +346,30 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let (oos_p, _, _) = probs(&x_oos);
     // Nearest in-scope training utterance, in the fine-tuned space and (for
     // the cascade) in the base encoder's.
-    let reference_pairs = split(&data, "train")?;
-    let reference = texts(&reference_pairs);
+    let reference: Vec<&str> = train
+        .iter()
+        .filter(|(_, intent)| intent != "oos")
+        .map(|(t, _)| t.as_str())
+        .collect();
     eprintln!(
         "train: embedding {} in-scope training texts for the nearest-neighbour rules",
         reference.len()
     );
     let x_ref = embed_all(&encoder, &reference)?;
+    // The base encoder's space: a second model only when the encoder was
+    // fine-tuned; otherwise the embeddings above already are that space.
     let base_encoder = if fine_tune {
         Some(Encoder::load(&args.encoder_dir, Device::Cpu).map_err(|e| e.to_string())?)
     } else {
         None
     };
-    let base = base_encoder.as_ref().unwrap_or(&encoder);
-    let x_ref_base = embed_all(base, &reference)?;
+    let in_base = |x: &Tensor, texts_: &[&str]| -> Result<Tensor, String> {
+        match &base_encoder {
+            Some(base) => embed_all(base, texts_),
+            None => Ok(x.shallow_clone()),
+        }
+    };
+    let x_ref_base = in_base(&x_ref, &reference)?;
     let nearest = |x: &Tensor, reference: &Tensor| -> Vec<f32> {
         let _g = tch::no_grad_guard();
         let (best, _) = x.matmul(&reference.tr()).max_dim(1, false);
@@ -367,7 +377,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     };
     let signals = |p: &[f32], x: &Tensor, texts_: &[&str]| -> Result<Vec<rule::Signals>, String> {
         let knn = nearest(x, &x_ref);
-        let base_knn = nearest(&embed_all(base, texts_)?, &x_ref_base);
+        let base_knn = nearest(&in_base(x, texts_)?, &x_ref_base);
         Ok(p.iter()
             .zip(knn)
             .zip(base_knn)
