@@ -8,7 +8,8 @@ encoder's parity test and benchmark.
       little-endian f32 [n, dim];
   reference_embed.py --model DIR --bench --threads N
       prints one JSON line with sentences/s at batch 1 and batch 32 (on the
-      first 256 texts of --texts when given).
+      first 256 texts of --texts when given), in f32 and under bf16
+      autocast.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 
-def embed(model, tok, texts, max_len):
+def embed(model, tok, texts, max_len, bf16=False):
     batch = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    with torch.inference_mode():
-        out = model(**batch).last_hidden_state
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(**batch).last_hidden_state.float()
     mask = batch["attention_mask"].unsqueeze(-1).float()
     mean = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(mean, p=2, dim=1)
@@ -54,13 +55,16 @@ def main() -> None:
     if args.bench:
         texts = texts or [f"what is the balance of my checking account number {i}" for i in range(256)]
         result = {"threads": torch.get_num_threads()}
-        for bs in (1, 32):
-            embed(model, tok, texts[:bs], max_len)  # warm-up
-            n = 64 if bs == 1 else 256
-            t0 = time.perf_counter()
-            for i in range(0, n, bs):
-                embed(model, tok, texts[i % len(texts): i % len(texts) + bs], max_len)
-            result[f"batch{bs}_per_s"] = n / (time.perf_counter() - t0)
+        # f32 (the reference) and bf16 autocast (transformers' own mixed
+        # precision, to compare like with like).
+        for bf16, suffix in ((False, ""), (True, "_bf16")):
+            for bs in (1, 32):
+                embed(model, tok, texts[:bs], max_len, bf16)  # warm-up
+                n = 64 if bs == 1 else 256
+                t0 = time.perf_counter()
+                for i in range(0, n, bs):
+                    embed(model, tok, texts[i % len(texts): i % len(texts) + bs], max_len, bf16)
+                result[f"batch{bs}{suffix}_per_s"] = n / (time.perf_counter() - t0)
         print(json.dumps(result))
         return
     vecs = []

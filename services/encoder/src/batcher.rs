@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Embedded, Encoder, EncoderError};
+use crate::{Embedded, Encoder, EncoderError, Precision};
 
 /// Limits of the batcher.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +38,8 @@ pub struct Batcher {
     tx: mpsc::Sender<Request>,
     dimension: usize,
     model_id: Arc<str>,
+    precision: Precision,
+    device: tch::Device,
 }
 
 impl Batcher {
@@ -48,6 +50,7 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let dimension = encoder.dimension();
         let model_id: Arc<str> = Arc::from(encoder.id());
+        let (precision, device) = (encoder.precision(), encoder.device());
         let threads = tch::get_num_threads();
         std::thread::Builder::new()
             .name("encoder-batcher".into())
@@ -60,12 +63,24 @@ impl Batcher {
             tx,
             dimension,
             model_id,
+            precision,
+            device,
         })
     }
 
     /// Embedding dimension.
     pub fn dimension(&self) -> usize {
         self.dimension
+    }
+
+    /// The encoder's arithmetic.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The encoder's device.
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     /// The encoder's identifier.

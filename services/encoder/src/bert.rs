@@ -33,8 +33,10 @@ struct Dense {
 }
 
 impl Dense {
+    /// `x W^T + b` in the weights' dtype (`x` is cast to it): `[t, in]` →
+    /// `[t, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        x.f_linear(&self.w, Some(&self.b))
+        x.f_to_kind(self.w.kind())?.f_linear(&self.w, Some(&self.b))
     }
 }
 
@@ -69,14 +71,22 @@ impl Bert {
     /// Loads `model.safetensors` (names as `BertModel`, with or without a
     /// `bert.` prefix), every weight registered as a trainable variable of
     /// `vars` under its checkpoint name when given (so `VarStore::save`
-    /// writes a checkpoint this reads back). Errors with
+    /// writes a checkpoint this reads back). The dense layers' weights are
+    /// kept in `dense_kind` (`Kind::Float`, or `Kind::BFloat16` for mixed
+    /// precision; trainable variables are always f32). Errors with
     /// [`EncoderError::Load`].
     pub fn load_into(
         config: &BertConfig,
         file: &Path,
         device: Device,
         vars: Option<&tch::nn::Path>,
+        dense_kind: Kind,
     ) -> Result<Self, EncoderError> {
+        if vars.is_some() && dense_kind != Kind::Float {
+            return Err(EncoderError::Load(
+                "trainable weights must be f32 (mixed precision is for inference)".into(),
+            ));
+        }
         let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)
             .map_err(|e| EncoderError::Load(format!("{}: {e}", file.display())))?
             .into_iter()
@@ -117,14 +127,20 @@ impl Bert {
             let q = dense("attention.self.query")?;
             let k = dense("attention.self.key")?;
             let v = dense("attention.self.value")?;
-            let qkv = Dense {
+            let cast = |d: Dense| -> Result<Dense, EncoderError> {
+                Ok(Dense {
+                    w: d.w.f_to_kind(dense_kind)?,
+                    b: d.b.f_to_kind(dense_kind)?,
+                })
+            };
+            let qkv = cast(Dense {
                 w: Tensor::f_cat(&[&q.w, &k.w, &v.w], 0)?,
                 b: Tensor::f_cat(&[&q.b, &k.b, &v.b], 0)?,
-            };
+            })?;
             let parts = vars.is_some().then_some([q, k, v]);
-            let attn_out = dense("attention.output.dense")?;
-            let inter = dense("intermediate.dense")?;
-            let out = dense("output.dense")?;
+            let attn_out = cast(dense("attention.output.dense")?)?;
+            let inter = cast(dense("intermediate.dense")?)?;
+            let out = cast(dense("output.dense")?)?;
             let mut norm = |n: &str| -> Result<Norm, EncoderError> {
                 Ok(Norm {
                     w: take(&format!("{p}.{n}.weight"))?,
@@ -175,6 +191,11 @@ impl Bert {
     }
 
     /// [`Bert::embed`] with gradients, for fine-tuning.
+    ///
+    /// With bf16 dense weights (mixed precision, as
+    /// `torch.autocast("cpu", torch.bfloat16)`): every dense layer, the
+    /// GELU and attention run in bf16; the residual stream, LayerNorm and
+    /// pooling stay f32 (the dense outputs are promoted when added to it).
     ///
     /// Padding costs nothing outside attention: the `t` real tokens of the
     /// batch are packed into one `[t, hidden]` matrix for the embeddings,
@@ -229,8 +250,13 @@ impl Bert {
             )?
             .f_add(&self.token_type.f_select(0, 0)?)?;
         x = self.layer_norm(&x, &self.emb_norm)?;
-        // Keys that are padding get no attention: [b, 1, 1, l] booleans.
-        let attend = real.f_view([b, 1, 1, l])?;
+        // Keys that are padding get no attention: [b, 1, 1, l] booleans;
+        // without padding no mask at all, which lets SDPA take its fused
+        // (flash) CPU kernel instead of the masked math path.
+        let attend = match &keep {
+            Some(_) => Some(real.f_view([b, 1, 1, l])?),
+            None => None,
+        };
         for layer in &self.layers {
             let qkv = match &layer.parts {
                 Some([q, k, v]) => x.f_linear(
@@ -245,7 +271,7 @@ impl Bert {
                 &heads(&parts[0])?,
                 &heads(&parts[1])?,
                 &heads(&parts[2])?,
-                Some(&attend),
+                attend.as_ref(),
                 0.0,
                 false,
                 None,

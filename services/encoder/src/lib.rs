@@ -33,12 +33,99 @@ pub struct Embedded {
     pub truncated: bool,
 }
 
+/// libtorch intra-op threads for a service that serves an encoder over
+/// gRPC: `requested` when not 0, else every core but one (at least one).
+/// The core left over runs the async runtime (HTTP/2, protobuf, the head)
+/// instead of fighting libtorch's spinning OpenMP workers for it. Measured
+/// on 2 cores (`moltbot-understanding-bench`, BENCHMARKS.md): 1 intra-op
+/// thread gave Classify p50 6.2 ms and 376 calls/s at 8 callers, 2 threads
+/// 9.3 ms and 290/s, with the same throughput at 64 callers.
+pub fn serving_threads(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
+
+/// Arithmetic of the encoder's dense layers and attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout: transformers' eager arithmetic up to summation order.
+    F32,
+    /// Mixed precision as `torch.autocast("cpu", torch.bfloat16)`: dense
+    /// layers (weights stored in bf16, half the bytes), GELU and attention
+    /// in bfloat16; embeddings, residual stream, LayerNorm and pooling in
+    /// f32. On a CPU with AVX512-BF16 about 2.9× transformers' f32
+    /// throughput at batch 32 with cosine ≥ 0.9999 to its f32 embeddings
+    /// (`BENCHMARKS.md`); without native bf16 it is slower than f32.
+    Bf16,
+}
+
+impl Precision {
+    /// bf16 where `device` is a CPU that multiplies bf16 natively
+    /// (AVX512-BF16: Cooper Lake, Sapphire Rapids and later with AMX, Zen 4
+    /// and later), else f32.
+    pub fn native(device: Device) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if device == Device::Cpu && std::arch::is_x86_feature_detected!("avx512bf16") {
+            return Precision::Bf16;
+        }
+        let _ = device;
+        Precision::F32
+    }
+
+    /// `auto` ([`Precision::native`] for `device`), `f32` or `bf16`; errors
+    /// with a message naming the choices.
+    pub fn choose(spec: &str, device: Device) -> Result<Self, String> {
+        match spec {
+            "auto" => Ok(Self::native(device)),
+            other => other.parse(),
+        }
+    }
+
+    /// The dtype of the dense weights.
+    fn dense_kind(self) -> Kind {
+        match self {
+            Precision::F32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// `f32` or `bf16`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "unknown encoder precision {other:?}: use auto, f32 or bf16"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// A loaded sentence encoder.
 pub struct Encoder {
     model: bert::Bert,
     tokenizer: tokenizers::Tokenizer,
     max_tokens: usize,
     device: Device,
+    precision: Precision,
     id: String,
 }
 
@@ -46,7 +133,16 @@ impl Encoder {
     /// Loads the model in `dir` onto `device` (f32). Errors with
     /// [`EncoderError::Load`] for a missing or unreadable file.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EncoderError> {
-        Self::load_into(dir, device, None)
+        Self::load_with(dir, device, Precision::F32)
+    }
+
+    /// [`Encoder::load`] computing in `precision`.
+    pub fn load_with(
+        dir: &Path,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, EncoderError> {
+        Self::open(dir, device, None, precision)
     }
 
     /// [`Encoder::load`] with the weights as trainable variables of `vars`
@@ -57,6 +153,15 @@ impl Encoder {
         dir: &Path,
         device: Device,
         vars: Option<&tch::nn::Path>,
+    ) -> Result<Self, EncoderError> {
+        Self::open(dir, device, vars, Precision::F32)
+    }
+
+    fn open(
+        dir: &Path,
+        device: Device,
+        vars: Option<&tch::nn::Path>,
+        precision: Precision,
     ) -> Result<Self, EncoderError> {
         let load =
             |what: &str, e: String| EncoderError::Load(format!("{}/{what}: {e}", dir.display()));
@@ -76,7 +181,13 @@ impl Encoder {
         // Truncation is ours (we report it); padding is ours (to the batch).
         let _ = tokenizer.with_truncation(None);
         tokenizer.with_padding(None);
-        let model = bert::Bert::load_into(&config, &dir.join("model.safetensors"), device, vars)?;
+        let model = bert::Bert::load_into(
+            &config,
+            &dir.join("model.safetensors"),
+            device,
+            vars,
+            precision.dense_kind(),
+        )?;
         let id = dir
             .file_name()
             .map_or_else(|| "encoder".into(), |n| n.to_string_lossy().into_owned());
@@ -85,6 +196,7 @@ impl Encoder {
             tokenizer,
             max_tokens,
             device,
+            precision,
             id,
         })
     }
@@ -92,6 +204,16 @@ impl Encoder {
     /// Output dimension (384 for MiniLM-L6).
     pub fn dimension(&self) -> usize {
         self.model.config().hidden_size
+    }
+
+    /// The arithmetic it computes in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Token limit per text, special tokens included.

@@ -1,12 +1,13 @@
 //! Encoder parity with Hugging Face transformers (run from the project's
 //! virtualenv): the same 100 CLINC150 sentences, and one over the token
-//! limit, embedded by both; every pair must have cosine ≥ 0.9999.
+//! limit, embedded by both; every pair must have cosine ≥ 0.9999, in f32 and
+//! in mixed bf16 precision (against transformers' f32).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::path::{Path, PathBuf};
 
-use moltbot_encoder::Encoder;
+use moltbot_encoder::{Encoder, Precision};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -77,23 +78,25 @@ fn embeddings_match_transformers() {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
 
-    let encoder = Encoder::load(&dir, tch::Device::Cpu).unwrap();
-    assert_eq!(encoder.dimension(), 384);
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    // Mixed batch sizes: padding must not change any embedding.
-    let mut ours = encoder.embed(&refs[..7]).unwrap();
-    ours.extend(encoder.embed(&refs[7..]).unwrap());
-    let mut worst = 1.0f32;
-    for (i, e) in ours.iter().enumerate() {
-        let r = &reference[i * 384..(i + 1) * 384];
-        let cos: f32 = e.vector.iter().zip(r).map(|(a, b)| a * b).sum();
-        worst = worst.min(cos);
-        assert!(cos >= 0.9999, "text {i}: cosine {cos}");
+    for precision in [Precision::F32, Precision::Bf16] {
+        let encoder = Encoder::load_with(&dir, tch::Device::Cpu, precision).unwrap();
+        assert_eq!(encoder.dimension(), 384);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        // Mixed batch sizes: padding must not change any embedding.
+        let mut ours = encoder.embed(&refs[..7]).unwrap();
+        ours.extend(encoder.embed(&refs[7..]).unwrap());
+        let mut worst = 1.0f32;
+        for (i, e) in ours.iter().enumerate() {
+            let r = &reference[i * 384..(i + 1) * 384];
+            let cos: f32 = e.vector.iter().zip(r).map(|(a, b)| a * b).sum();
+            worst = worst.min(cos);
+            assert!(cos >= 0.9999, "{precision}: text {i}: cosine {cos}");
+        }
+        println!("{precision}: worst cosine {worst}");
+        let long = ours.last().unwrap();
+        assert!(long.truncated);
+        assert_eq!(long.tokens, encoder.max_tokens());
+        assert!(!ours[0].truncated);
     }
-    println!("worst cosine {worst}");
-    let long = ours.last().unwrap();
-    assert!(long.truncated);
-    assert_eq!(long.tokens, encoder.max_tokens());
-    assert!(!ours[0].truncated);
     let _ = std::fs::remove_dir_all(tmp);
 }

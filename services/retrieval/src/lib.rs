@@ -22,7 +22,7 @@ use std::{
 };
 
 use clap::Parser;
-use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_encoder::{BatchConfig, Batcher, Encoder, Precision};
 use moltbot_proto::retrieval::v1::retrieval_service_server::RetrievalServiceServer;
 use moltbot_runtime::{
     RuntimeError,
@@ -102,7 +102,12 @@ pub struct Args {
     /// Seconds between index snapshots of changed collections.
     #[arg(long, env = "MOLTBOT_SNAPSHOT_INTERVAL_S", default_value_t = 30)]
     pub snapshot_interval_s: u64,
-    /// Intra-op CPU threads of libtorch; 0 = every core.
+    /// Arithmetic of the encoder: `auto` (bf16 mixed precision where the
+    /// CPU multiplies bf16 natively, else f32), `f32` or `bf16`.
+    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
+    pub precision: String,
+    /// Intra-op CPU threads of libtorch; 0 = every core but one (left to
+    /// the gRPC runtime).
     #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
     pub threads: usize,
 }
@@ -133,9 +138,9 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
             "MOLTBOT_HNSW_M must be ≥ 2 and the ef values ≥ 1".into(),
         ));
     }
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads as i32);
-    }
+    let precision = Precision::choose(&args.precision, tch::Device::Cpu)
+        .map_err(|e| RuntimeError::Config(format!("MOLTBOT_ENCODER_PRECISION: {e}")))?;
+    tch::set_num_threads(moltbot_encoder::serving_threads(args.threads) as i32);
     let backend = args.backend();
     let store = match backend {
         Backend::Sqlite => store::Store::sqlite(&args.data_dir.join("retrieval.db")).await,
@@ -150,7 +155,7 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
     }
     .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     let encoder_dir = args.encoder_dir();
-    let encoder = Encoder::load(&encoder_dir, tch::Device::Cpu)
+    let encoder = Encoder::load_with(&encoder_dir, tch::Device::Cpu, precision)
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     let tokenizer = chunk::load_tokenizer(&encoder_dir.join("tokenizer.json"))
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;

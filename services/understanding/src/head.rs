@@ -14,7 +14,8 @@
 //! `[intents, h|d]`, `intent.bias`, `domain.weight` `[domains, h|d]`,
 //! `domain.bias`; f32), `labels.json` ([`Labels`]) and, with the
 //! nearest-neighbour rule, `knn.safetensors` (`embeddings` `[n, d]` f32: the
-//! in-scope training utterances in the fine-tuned encoder's space) and with
+//! in-scope training utterances in the fine-tuned encoder's space; `intents`
+//! `[n]` i64: each row's intent logit index, optional) and with
 //! the cascade `base_knn.safetensors` (the same utterances, base encoder).
 
 use std::{collections::HashMap, path::Path};
@@ -71,14 +72,20 @@ pub struct Classified {
     /// Whether the base encoder must give its second opinion
     /// ([`IntentHead::second_opinion`]) before the answer is final.
     pub needs_base: bool,
+    /// Logit index of the predicted in-scope intent.
+    pub intent_index: usize,
 }
 
-/// In-scope training embeddings for the nearest-neighbour rule: `rows` unit
-/// vectors of the encoder's dimension, row-major f32.
+/// In-scope training embeddings for the nearest-neighbour rule: unit
+/// vectors of the encoder's dimension, row-major f32, grouped by the intent
+/// they illustrate when the table says (`intents`), so a scan can start
+/// where the nearest neighbour most likely is.
 #[derive(Debug, Clone)]
 pub struct Neighbours {
     vectors: Vec<f32>,
     dimension: usize,
+    /// Row range of every intent (by logit index); empty without labels.
+    groups: Vec<std::ops::Range<usize>>,
 }
 
 /// Dot product in 8 independent lanes (lets the compiler use SIMD without
@@ -101,8 +108,9 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Neighbours {
-    /// Reads `embeddings` (`[n, dimension]` f32) of a safetensors file.
-    /// Errors with what `bad` makes of the problem.
+    /// Reads `embeddings` (`[n, dimension]` f32) and, when present,
+    /// `intents` (`[n]` i64 logit indices) of a safetensors file; rows are
+    /// regrouped by intent. Errors with what `bad` makes of the problem.
     fn load(
         file: &Path,
         dimension: usize,
@@ -111,31 +119,85 @@ impl Neighbours {
         let name = file
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let t = Tensor::read_safetensors(file)
+        let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)
             .map_err(|e| bad(format!("{name}: {e}")))?
             .into_iter()
-            .find(|(n, _)| n == "embeddings")
-            .map(|(_, t)| t)
+            .collect();
+        let t = tensors
+            .remove("embeddings")
             .ok_or_else(|| bad(format!("{name} lacks `embeddings`")))?;
         if t.size().len() != 2 || t.size()[1] as usize != dimension {
             return Err(bad(format!("{name}: embeddings have shape {:?}", t.size())));
         }
+        let rows = t.size()[0] as usize;
+        let flat = Vec::<f32>::try_from(
+            &t.f_to_kind(tch::Kind::Float)?
+                .f_contiguous()?
+                .f_view([-1])?,
+        )?;
+        let Some(intents) = tensors.remove("intents") else {
+            return Ok(Self {
+                vectors: flat,
+                dimension,
+                groups: Vec::new(),
+            });
+        };
+        let intents = Vec::<i64>::try_from(&intents.f_to_kind(tch::Kind::Int64)?.f_view([-1])?)?;
+        if intents.len() != rows || intents.iter().any(|&i| i < 0) {
+            return Err(bad(format!(
+                "{name}: `intents` must hold one non-negative index per row"
+            )));
+        }
+        // Stable regrouping: rows of intent 0, then intent 1, …
+        let mut order: Vec<usize> = (0..rows).collect();
+        order.sort_by_key(|&r| intents[r]);
+        let mut vectors = Vec::with_capacity(flat.len());
+        let mut groups = vec![0..0; intents.iter().max().map_or(0, |&m| m as usize + 1)];
+        for (position, &r) in order.iter().enumerate() {
+            vectors.extend_from_slice(&flat[r * dimension..(r + 1) * dimension]);
+            let g = &mut groups[intents[r] as usize];
+            if g.start == g.end {
+                *g = position..position;
+            }
+            g.end = position + 1;
+        }
         Ok(Self {
-            vectors: Vec::<f32>::try_from(
-                &t.f_to_kind(tch::Kind::Float)?
-                    .f_contiguous()?
-                    .f_view([-1])?,
-            )?,
+            vectors,
             dimension,
+            groups,
         })
+    }
+
+    fn best_in(&self, rows: std::ops::Range<usize>, e: &[f32]) -> f32 {
+        self.vectors[rows.start * self.dimension..rows.end * self.dimension]
+            .chunks_exact(self.dimension)
+            .map(|row| dot8(row, e))
+            .fold(f32::MIN, f32::max)
     }
 
     /// Cosine similarity of unit vector `e` to its nearest neighbour.
     pub fn nearest(&self, e: &[f32]) -> f32 {
-        self.vectors
-            .chunks_exact(self.dimension)
-            .map(|row| dot8(row, e))
-            .fold(f32::MIN, f32::max)
+        self.best_in(0..self.vectors.len() / self.dimension, e)
+    }
+
+    /// [`Neighbours::nearest`] where only whether it reaches `enough`
+    /// matters above it: scans the rows of intent `hint` first and stops
+    /// there when one is at least `enough` similar (the exact maximum when
+    /// the result is below `enough`, some similarity ≥ `enough` otherwise).
+    /// An in-scope text's nearest neighbour is usually of its predicted
+    /// intent, so most texts read one group (~1/150 of the table), not all.
+    pub fn nearest_up_to(&self, e: &[f32], hint: usize, enough: f32) -> f32 {
+        let Some(group) = self.groups.get(hint).cloned() else {
+            return self.nearest(e);
+        };
+        let first = self.best_in(group.clone(), e);
+        if first >= enough {
+            return first;
+        }
+        let rows = self.vectors.len() / self.dimension;
+        first
+            .max(self.best_in(0..group.start, e))
+            .max(self.best_in(group.end..rows, e))
     }
 }
 
@@ -152,10 +214,7 @@ impl Dense {
         self.b
             .iter()
             .enumerate()
-            .map(|(o, b)| {
-                let row = &self.w[o * self.inputs..(o + 1) * self.inputs];
-                b + row.iter().zip(x).map(|(w, x)| w * x).sum::<f32>()
-            })
+            .map(|(o, b)| b + dot8(&self.w[o * self.inputs..(o + 1) * self.inputs], x))
             .collect()
     }
 }
@@ -296,14 +355,14 @@ impl IntentHead {
     }
 
     /// The base encoder's opinion on a text [`Classified::needs_base`]
-    /// marked: flags `c` out of scope when `base_embedding` (the text in
+    /// marked: flags it out of scope when `base_embedding` (the text in
     /// the base encoder's space) is far from every in-scope training
     /// utterance.
-    pub fn second_opinion(&self, c: &mut pb::Classification, base_embedding: &[f32]) {
+    pub fn second_opinion(&self, c: &mut Classified, base_embedding: &[f32]) {
         if let (Some(n), Some(rule)) = (&self.base_neighbours, self.labels.base_knn)
-            && n.nearest(base_embedding) < rule.threshold
+            && n.nearest_up_to(base_embedding, c.intent_index, rule.threshold) < rule.threshold
         {
-            c.out_of_scope = true;
+            c.classification.out_of_scope = true;
         }
     }
 
@@ -360,7 +419,17 @@ impl IntentHead {
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .unwrap_or((0, 0.0));
-        let nearest = self.neighbours.as_ref().map(|n| n.nearest(&e.vector));
+        // Only whether the nearest neighbour reaches the larger of the two
+        // similarity thresholds matters above it: the scan may stop there.
+        let enough = self
+            .labels
+            .knn_threshold
+            .unwrap_or(f32::MIN)
+            .max(self.labels.base_knn.map_or(f32::MIN, |r| r.gate));
+        let nearest = self
+            .neighbours
+            .as_ref()
+            .map(|n| n.nearest_up_to(&e.vector, best, enough));
         let far = matches!((nearest, self.labels.knn_threshold), (Some(s), Some(k)) if s < k);
         let out_of_scope = oos_wins || best_p < self.labels.threshold || far;
         let needs_base = !out_of_scope
@@ -404,6 +473,7 @@ impl IntentHead {
         Ok(Classified {
             classification,
             needs_base,
+            intent_index: best,
         })
     }
 }
@@ -411,6 +481,61 @@ impl IntentHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows of a seeded random table, unit-normalised: `[n, d]`.
+    fn unit_rows(n: i64, d: i64, seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        let t = Tensor::randn([n, d], (tch::Kind::Float, tch::Device::Cpu));
+        let norm = t.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        t / norm
+    }
+
+    #[test]
+    fn the_early_exit_scan_decides_as_the_full_scan() {
+        let (n, d, intents) = (600i64, 24i64, 12i64);
+        let table = unit_rows(n, d, 3);
+        // Intents interleaved (as in training order) and regrouped on load.
+        let labels: Vec<i64> = (0..n).map(|r| (r * 7) % intents).collect();
+        let file =
+            std::env::temp_dir().join(format!("moltbot-knn-{}.safetensors", std::process::id()));
+        Tensor::write_safetensors(
+            &[
+                ("embeddings", &table),
+                ("intents", &Tensor::from_slice(&labels)),
+            ],
+            &file,
+        )
+        .unwrap();
+        let bad = |m: String| UnderstandingError::BadHead(m);
+        let grouped = Neighbours::load(&file, d as usize, &bad).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(grouped.groups.len(), intents as usize);
+        let rows = Vec::<f32>::try_from(&table.view([-1])).unwrap();
+        let plain = Neighbours {
+            vectors: rows,
+            dimension: d as usize,
+            groups: Vec::new(),
+        };
+        let queries = Vec::<f32>::try_from(&unit_rows(200, d, 4).view([-1])).unwrap();
+        let mut stopped_early = 0;
+        for (q, e) in queries.chunks_exact(d as usize).enumerate() {
+            let exact = plain.nearest(e);
+            assert_eq!(grouped.nearest(e), exact, "regrouping lost or changed rows");
+            for enough in [0.3f32, 0.5, 0.7, 0.9] {
+                let got = grouped.nearest_up_to(e, q % intents as usize, enough);
+                if exact < enough {
+                    assert_eq!(got, exact, "below the bar the maximum must be exact");
+                } else {
+                    assert!(
+                        got >= enough,
+                        "{got} < {enough} though the nearest is {exact}"
+                    );
+                    stopped_early += usize::from(got < exact);
+                }
+            }
+        }
+        assert!(stopped_early > 0, "no query stopped in its hint group");
+    }
 
     #[test]
     fn erf_matches_known_values() {

@@ -18,7 +18,7 @@ pub mod train;
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_encoder::{BatchConfig, Batcher, Encoder, Precision};
 use moltbot_proto::understanding::v1::understanding_service_server::UnderstandingServiceServer;
 use moltbot_runtime::{
     RuntimeError,
@@ -69,7 +69,12 @@ pub struct Args {
     /// ReloadModel is served to loopback callers only.
     #[arg(long, env = "MOLTBOT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Intra-op CPU threads of libtorch; 0 = every core.
+    /// Arithmetic of the encoders: `auto` (bf16 mixed precision where the
+    /// CPU multiplies bf16 natively, else f32), `f32` or `bf16`.
+    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
+    pub precision: String,
+    /// Intra-op CPU threads of libtorch; 0 = every core but one (left to
+    /// the gRPC runtime).
     #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
     pub threads: usize,
 }
@@ -99,11 +104,12 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             "MOLTBOT_MAX_BATCH and MOLTBOT_MAX_TEXTS must be at least 1".into(),
         ));
     }
-    if args.threads > 0 {
-        tch::set_num_threads(args.threads as i32);
-    }
-    let encoder = Encoder::load(&args.encoder_dir(), tch::Device::Cpu)
+    let precision = Precision::choose(&args.precision, tch::Device::Cpu)
+        .map_err(|e| RuntimeError::Config(format!("MOLTBOT_ENCODER_PRECISION: {e}")))?;
+    tch::set_num_threads(moltbot_encoder::serving_threads(args.threads) as i32);
+    let encoder = Encoder::load_with(&args.encoder_dir(), tch::Device::Cpu, precision)
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    tracing::info!(%precision, "encoder loaded");
     let batch = BatchConfig {
         max_batch: args.max_batch,
         max_wait: Duration::from_millis(args.max_wait_ms),

@@ -38,7 +38,8 @@ pub struct Classifier {
 
 impl Classifier {
     /// Loads the head in `dir`; starts a batcher for its fine-tuned encoder
-    /// when it has one, else classifies through `base`. Blocking. Errors
+    /// (on `base`'s device and precision) when it has one, else classifies
+    /// through `base`. Blocking. Errors
     /// with [`UnderstandingError::NoHead`] or [`UnderstandingError::BadHead`].
     pub fn load(
         dir: &std::path::Path,
@@ -48,7 +49,7 @@ impl Classifier {
         let head = IntentHead::load(dir, base.dimension())?;
         let batcher = match head.encoder_dir() {
             Some(encoder_dir) => {
-                let encoder = Encoder::load(&encoder_dir, tch::Device::Cpu)
+                let encoder = Encoder::load_with(&encoder_dir, base.device(), base.precision())
                     .map_err(|e| UnderstandingError::BadHead(e.to_string()))?;
                 Batcher::start(encoder, config)?
             }
@@ -188,7 +189,7 @@ impl UnderstandingApi {
                 for (&i, e) in asked.iter().zip(base.embed(again).await?) {
                     classifier
                         .head
-                        .second_opinion(&mut classified[i].classification, &e.vector);
+                        .second_opinion(&mut classified[i], &e.vector);
                 }
             }
         }

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_encoder::{BatchConfig, Batcher, Encoder, Precision};
 use moltbot_proto::understanding::v1::{
     self as pb, understanding_service_client::UnderstandingServiceClient,
     understanding_service_server::UnderstandingServiceServer,
@@ -62,6 +62,7 @@ fn trained() -> &'static (PathBuf, Metrics) {
             hidden: 1024,
             fine_tune_epochs: 3,
             encoder_lr: 5e-5,
+            precision: "auto".into(),
         })
         .unwrap();
         (out, metrics)
@@ -73,7 +74,14 @@ async fn serve(
     with_head: bool,
     admin_token: Option<&str>,
 ) -> UnderstandingServiceClient<Channel> {
-    let encoder = Encoder::load(&encoder_dir(), tch::Device::Cpu).unwrap();
+    // As the service runs by default (`MOLTBOT_ENCODER_PRECISION=auto`),
+    // the precision the head's figures were computed in.
+    let encoder = Encoder::load_with(
+        &encoder_dir(),
+        tch::Device::Cpu,
+        Precision::native(tch::Device::Cpu),
+    )
+    .unwrap();
     let batch = BatchConfig {
         max_batch: 32,
         max_wait: Duration::from_millis(2),

@@ -3,8 +3,9 @@
 //! with the same thread count.
 //!
 //! (a) sentences/s at batch 1 and batch 32 on 256 CLINC150 validation
-//!     texts (every 11th, so lengths vary as in real traffic), ours vs
-//!     `scripts/reference_embed.py --bench` on the same texts;
+//!     texts (every 11th, so lengths vary as in real traffic), ours in f32
+//!     and bf16 mixed precision vs `scripts/reference_embed.py --bench` on
+//!     the same texts (transformers in f32 and under bf16 autocast);
 //! (b) Classify p50/p99 over a real socket under 1, 8 and 64 concurrent
 //!     callers, through the dynamic batcher (needs a trained head:
 //!     `--head-dir`).
@@ -15,12 +16,15 @@ use std::{
 };
 
 use clap::Parser;
-use moltbot_encoder::{BatchConfig, Batcher, Encoder};
+use moltbot_encoder::{BatchConfig, Batcher, Encoder, Precision};
 use moltbot_proto::understanding::v1::{
     self as pb, understanding_service_client::UnderstandingServiceClient,
     understanding_service_server::UnderstandingServiceServer,
 };
-use moltbot_understanding::service::{Classifier, Limits, UnderstandingApi};
+use moltbot_understanding::{
+    head::IntentHead,
+    service::{Classifier, Limits, UnderstandingApi},
+};
 
 /// Flags of the benchmark.
 #[derive(Debug, Parser)]
@@ -38,6 +42,10 @@ struct Args {
     /// Threads for both sides; 0 = every core.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// libtorch threads of the service in the Classify runs; 0 = the
+    /// service's default (every core but one).
+    #[arg(long, default_value_t = 0)]
+    service_threads: usize,
     /// Seconds per Classify run.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -50,6 +58,9 @@ struct Args {
     /// Python with torch + transformers.
     #[arg(long, env = "MOLTBOT_PYTHON", default_value = ".venv/bin/python")]
     python: PathBuf,
+    /// Arithmetic of the service in the Classify runs: `auto`, `f32`, `bf16`.
+    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
+    precision: String,
 }
 
 /// 256 `val` texts of `data`: every 11th, cycling.
@@ -87,6 +98,30 @@ fn ours(encoder: &Encoder, all: &[String], batch: usize) -> Result<f64, String> 
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Mean µs per text of [`IntentHead::classify`] (both heads' softmax and
+/// the nearest-neighbour scan) on the head's own encoder's embeddings of
+/// `all`; the cascade's second opinion excluded.
+fn head_cost(head_dir: &std::path::Path, base: &Encoder, all: &[String]) -> Result<f64, String> {
+    let head = IntentHead::load(head_dir, base.dimension()).map_err(|e| e.to_string())?;
+    let own = match head.encoder_dir() {
+        Some(dir) => Some(
+            Encoder::load_with(&dir, base.device(), base.precision()).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let embedded = own
+        .as_ref()
+        .unwrap_or(base)
+        .embed(&refs)
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    for e in &embedded {
+        head.classify(e, 5).map_err(|e| e.to_string())?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e6 / embedded.len() as f64)
+}
+
 fn pct(v: &mut [u64], p: f64) -> f64 {
     v.sort_unstable();
     let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
@@ -101,8 +136,16 @@ fn main() -> Result<(), String> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
     tch::set_num_threads(threads as i32);
-    let encoder = Encoder::load(&args.encoder_dir, tch::Device::Cpu).map_err(|e| e.to_string())?;
+    let precision = Precision::choose(&args.precision, tch::Device::Cpu)?;
     let all = texts(&args.data)?;
+    let mut rates = Vec::new();
+    for p in [Precision::F32, Precision::Bf16] {
+        let encoder = Encoder::load_with(&args.encoder_dir, tch::Device::Cpu, p)
+            .map_err(|e| e.to_string())?;
+        rates.push((ours(&encoder, &all, 1)?, ours(&encoder, &all, 32)?));
+    }
+    let encoder = Encoder::load_with(&args.encoder_dir, tch::Device::Cpu, precision)
+        .map_err(|e| e.to_string())?;
     let texts_file =
         std::env::temp_dir().join(format!("moltbot-bench-{}.json", std::process::id()));
     std::fs::write(
@@ -110,8 +153,6 @@ fn main() -> Result<(), String> {
         serde_json::to_string(&all).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-    let b1 = ours(&encoder, &all, 1)?;
-    let b32 = ours(&encoder, &all, 32)?;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/reference_embed.py");
     let out = std::process::Command::new(&args.python)
         .arg(script)
@@ -130,14 +171,31 @@ fn main() -> Result<(), String> {
         .to_owned();
     let reference: serde_json::Value =
         serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))?;
-    let r1 = reference["batch1_per_s"].as_f64().unwrap_or(f64::NAN);
-    let r32 = reference["batch32_per_s"].as_f64().unwrap_or(f64::NAN);
-    println!("# Understanding benchmark: {threads} threads\n");
-    println!("| batch | ours sentences/s | transformers sentences/s | speed-up |");
-    println!("|---|---|---|---|");
-    println!("| 1 | {b1:.1} | {r1:.1} | {:.2}× |", b1 / r1);
-    println!("| 32 | {b32:.1} | {r32:.1} | {:.2}× |", b32 / r32);
+    let rate = |key: &str| reference[key].as_f64().unwrap_or(f64::NAN);
+    println!("# Understanding benchmark: {threads} threads, service in {precision}\n");
+    println!(
+        "| batch | ours f32 | ours bf16 | transformers f32 | transformers bf16 autocast | ours {precision} / transformers f32 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let chosen = usize::from(precision == Precision::Bf16);
+    for (i, batch) in [1, 32].into_iter().enumerate() {
+        let of = |r: &(f64, f64)| if i == 0 { r.0 } else { r.1 };
+        let reference_f32 = rate(&format!("batch{batch}_per_s"));
+        println!(
+            "| {batch} | {:.1} | {:.1} | {reference_f32:.1} | {:.1} | {:.2}× |",
+            of(&rates[0]),
+            of(&rates[1]),
+            rate(&format!("batch{batch}_bf16_per_s")),
+            of(&rates[chosen]) / reference_f32
+        );
+    }
+    println!(
+        "\nhead after the encoder (probabilities, nearest-neighbour rule): {:.1} µs/text",
+        head_cost(&args.head_dir, &encoder, &all)?
+    );
 
+    let service_threads = moltbot_encoder::serving_threads(args.service_threads);
+    tch::set_num_threads(service_threads as i32);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let batch = BatchConfig {
@@ -179,7 +237,8 @@ fn main() -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         let client = UnderstandingServiceClient::new(channel);
-        println!("\n| callers | Classify/s | p50 ms | p99 ms |");
+        println!("\nClassify through gRPC, service with {service_threads} libtorch thread(s):\n");
+        println!("| callers | Classify/s | p50 ms | p99 ms |");
         println!("|---|---|---|---|");
         for callers in [1usize, 8, 64] {
             let deadline = Instant::now() + Duration::from_secs(args.seconds);

@@ -16,7 +16,7 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
-use moltbot_encoder::Encoder;
+use moltbot_encoder::{Encoder, Precision};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
 
@@ -66,6 +66,12 @@ pub struct TrainArgs {
     /// Learning rate of the encoder while fine-tuning.
     #[arg(long, default_value_t = 5e-5)]
     pub encoder_lr: f64,
+    /// Arithmetic of the embeddings the decision rule is chosen on (and,
+    /// with `--fine-tune-epochs 0`, the head trained on): `auto`, `f32` or
+    /// `bf16`, as the service will run (`MOLTBOT_ENCODER_PRECISION`).
+    /// Fine-tuning itself is always f32.
+    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
+    pub precision: String,
 }
 
 /// Validation figures written to `metrics.json`.
@@ -96,6 +102,10 @@ pub struct Metrics {
     /// second forward pass).
     #[serde(default)]
     pub second_pass_share: f64,
+    /// Arithmetic of the embeddings the figures were computed on (`f32`,
+    /// `bf16`).
+    #[serde(default)]
+    pub precision: String,
     /// Texts per split used.
     pub train_texts: usize,
     /// Validation texts (in-scope + out-of-scope).
@@ -134,8 +144,28 @@ fn embed_all(encoder: &Encoder, texts: &[&str]) -> Result<Tensor, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Writes the fine-tuned encoder to `dir`: `base`'s files with the weights
+/// of `vars`.
+fn save_encoder(
+    vars: &nn::VarStore,
+    base: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in std::fs::read_dir(base).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.file_name();
+        if entry.path().is_file() && name != "model.safetensors" {
+            std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| e.to_string())?;
+        }
+    }
+    vars.save(dir.join("model.safetensors"))
+        .map_err(|e| e.to_string())
+}
+
 /// Trains and writes the head. Errors with a message naming what is wrong.
 pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
+    let precision = Precision::choose(&args.precision, Device::Cpu)?;
     tch::manual_seed(args.seed);
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p)
@@ -201,11 +231,11 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let encoder_vars = nn::VarStore::new(Device::Cpu);
     let encoder_root = encoder_vars.root();
     let fine_tune = args.fine_tune_epochs > 0;
-    let encoder = Encoder::load_into(
-        &args.encoder_dir,
-        Device::Cpu,
-        fine_tune.then_some(&encoder_root),
-    )
+    let encoder = if fine_tune {
+        Encoder::load_into(&args.encoder_dir, Device::Cpu, Some(&encoder_root))
+    } else {
+        Encoder::load_with(&args.encoder_dir, Device::Cpu, precision)
+    }
     .map_err(|e| e.to_string())?;
 
     let vs = nn::VarStore::new(Device::Cpu);
@@ -296,8 +326,18 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
             }
         }
     }
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    // From here on, embeddings are computed as the service will compute
+    // them: the fine-tuned encoder is saved and read back in `precision`.
+    let encoder = if fine_tune {
+        let dir = args.out.join("encoder");
+        save_encoder(&encoder_vars, &args.encoder_dir, &dir)?;
+        Encoder::load_with(&dir, Device::Cpu, precision).map_err(|e| e.to_string())?
+    } else {
+        encoder
+    };
     eprintln!(
-        "train: embedding {} validation texts",
+        "train: embedding {} validation texts ({precision})",
         val.len() + oos_val.len()
     );
     let x_val = embed_all(&encoder, &texts(&val))?;
@@ -346,11 +386,15 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let (oos_p, _, _) = probs(&x_oos);
     // Nearest in-scope training utterance, in the fine-tuned space and (for
     // the cascade) in the base encoder's.
-    let reference: Vec<&str> = train
+    let (reference, reference_intents): (Vec<&str>, Vec<i64>) = train
         .iter()
-        .filter(|(_, intent)| intent != "oos")
-        .map(|(t, _)| t.as_str())
-        .collect();
+        .zip(&y_train)
+        .filter(|((_, intent), _)| intent != "oos")
+        .map(|((t, _), &y)| (t.as_str(), y))
+        .unzip();
+    // Each row's intent lets the service scan the predicted intent's rows
+    // first (`head::Neighbours::nearest_up_to`).
+    let reference_intents = Tensor::from_slice(&reference_intents);
     eprintln!(
         "train: embedding {} in-scope training texts for the nearest-neighbour rules",
         reference.len()
@@ -359,7 +403,10 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     // The base encoder's space: a second model only when the encoder was
     // fine-tuned; otherwise the embeddings above already are that space.
     let base_encoder = if fine_tune {
-        Some(Encoder::load(&args.encoder_dir, Device::Cpu).map_err(|e| e.to_string())?)
+        Some(
+            Encoder::load_with(&args.encoder_dir, Device::Cpu, precision)
+                .map_err(|e| e.to_string())?,
+        )
     } else {
         None
     };
@@ -409,33 +456,21 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         train_texts: train.len(),
         val_texts: val.len() + oos_val.len(),
         seed: args.seed,
+        precision: precision.to_string(),
     };
 
-    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    if fine_tune {
-        // The fine-tuned encoder: the base directory's files, new weights.
-        let dir = args.out.join("encoder");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for entry in std::fs::read_dir(&args.encoder_dir).map_err(|e| e.to_string())? {
-            let entry = entry.map_err(|e| e.to_string())?;
-            let name = entry.file_name();
-            if entry.path().is_file() && name != "model.safetensors" {
-                std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| e.to_string())?;
-            }
-        }
-        encoder_vars
-            .save(dir.join("model.safetensors"))
-            .map_err(|e| e.to_string())?;
-    }
     vs.save(args.out.join("head.safetensors"))
         .map_err(|e| e.to_string())?;
     if chosen.knn > 0.0 || chosen.gate > 0.0 {
-        Tensor::write_safetensors(&[("embeddings", &x_ref)], args.out.join("knn.safetensors"))
-            .map_err(|e| e.to_string())?;
+        Tensor::write_safetensors(
+            &[("embeddings", &x_ref), ("intents", &reference_intents)],
+            args.out.join("knn.safetensors"),
+        )
+        .map_err(|e| e.to_string())?;
     }
     if chosen.gate > 0.0 {
         Tensor::write_safetensors(
-            &[("embeddings", &x_ref_base)],
+            &[("embeddings", &x_ref_base), ("intents", &reference_intents)],
             args.out.join("base_knn.safetensors"),
         )
         .map_err(|e| e.to_string())?;
