@@ -30,6 +30,7 @@ use moltbot_proto::auth::v1::{
     UpsertProviderRequest, WatchProviderHealthRequest, add_credential_request,
     auth_rotation_service_client::AuthRotationServiceClient,
 };
+use moltbot_runtime::grpc::LocalServer;
 use tonic::{Code, Request, transport::Channel};
 
 const ADMIN: &str = "admin-token-for-tests";
@@ -143,7 +144,7 @@ impl Write for Captured {
 
 struct Service {
     client: AuthRotationServiceClient<Channel>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    server: LocalServer,
     registry: Arc<moltbot_auth_rotation::registry::Registry>,
     checker: tokio::task::JoinHandle<()>,
 }
@@ -184,28 +185,16 @@ async fn start(a: &Args) -> Service {
         registry.clone(),
         Duration::from_millis(50),
     ));
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-        grpc,
-        metrics,
+    let server = LocalServer::start(
         moltbot_auth_rotation::grpc_service(registry.clone(), Some(ADMIN.to_owned())),
         async { Ok(()) },
-        async {
-            let _ = stopped.await;
-        },
         Duration::from_secs(2),
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    )
+    .await
+    .unwrap();
     Service {
-        client: AuthRotationServiceClient::new(channel),
-        stop,
+        client: AuthRotationServiceClient::new(server.channel().await.unwrap()),
+        server,
         registry,
         checker,
     }
@@ -614,9 +603,12 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
             );
         }
     }
-    let _ = s.stop.send(());
     s.checker.abort();
     drop(s.client);
+    s.server
+        .shutdown()
+        .await
+        .expect("server failed or panicked");
     let mut again = start(&a).await;
     let listed = again
         .client
@@ -639,8 +631,12 @@ async fn scenarios(backend: &str, errors: &mut Vec<String>) {
         let err = moltbot_auth_rotation::load(&wrong_key).await.err().unwrap();
         assert!(err.to_string().contains("MOLTBOT_MASTER_KEY"), "{err}");
     }
-    let _ = again.stop.send(());
     again.checker.abort();
+    again
+        .server
+        .shutdown()
+        .await
+        .expect("server failed or panicked");
     if backend == "postgres" {
         drop_schema(&a.pg_schema).await;
     }

@@ -18,6 +18,7 @@ use moltbot_proto::understanding::v1::{
     self as pb, understanding_service_client::UnderstandingServiceClient,
     understanding_service_server::UnderstandingServiceServer,
 };
+use moltbot_runtime::grpc::{GrpcService, LocalServer};
 use moltbot_understanding::{
     service::{Classifier, Limits, UnderstandingApi},
     train::{Metrics, TrainArgs, run},
@@ -69,11 +70,24 @@ fn trained() -> &'static (PathBuf, Metrics) {
     })
 }
 
-async fn serve(
-    head_dir: &Path,
-    with_head: bool,
-    admin_token: Option<&str>,
-) -> UnderstandingServiceClient<Channel> {
+/// A served understanding service and a client of it.
+struct Served {
+    client: UnderstandingServiceClient<Channel>,
+    server: LocalServer,
+}
+
+impl Served {
+    /// Stops the server, failing the test if it failed or panicked.
+    async fn shutdown(self) {
+        drop(self.client);
+        self.server
+            .shutdown()
+            .await
+            .expect("server failed or panicked");
+    }
+}
+
+async fn serve(head_dir: &Path, with_head: bool, admin_token: Option<&str>) -> Served {
     // As the service runs by default (`MOLTBOT_ENCODER_PRECISION=auto`),
     // the precision the head's figures were computed in.
     let encoder = Encoder::load_with(
@@ -100,23 +114,17 @@ async fn serve(
         batch,
     )
     .with_admin_token(admin_token.map(str::to_owned));
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-        grpc,
-        metrics,
-        moltbot_runtime::grpc::GrpcService::new(UnderstandingServiceServer::new(api)),
+    let server = LocalServer::start(
+        GrpcService::new(UnderstandingServiceServer::new(api)),
         async { Ok(()) },
-        std::future::pending(),
         Duration::from_secs(1),
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    UnderstandingServiceClient::new(channel)
+    )
+    .await
+    .unwrap();
+    Served {
+        client: UnderstandingServiceClient::new(server.channel().await.unwrap()),
+        server,
+    }
 }
 
 async fn classify(c: &mut UnderstandingServiceClient<Channel>, text: &str) -> pb::Classification {
@@ -159,7 +167,8 @@ fn clinc150_validation_meets_the_targets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn classifies_the_examples() {
     let (dir, _) = trained();
-    let mut c = serve(dir, true, None).await;
+    let served = serve(dir, true, None).await;
+    let mut c = served.client.clone();
     let balance = classify(&mut c, "what's my checking account balance").await;
     assert_eq!(balance.domain.unwrap().name, "banking");
     assert_eq!(balance.intent.unwrap().name, "balance");
@@ -184,6 +193,7 @@ async fn classifies_the_examples() {
         .classifications;
     assert_eq!(batch[0].intent.as_ref().unwrap().name, "balance");
     assert_eq!(batch[1].alternatives.len(), 5);
+    served.shutdown().await;
 }
 
 /// Served decisions match training's: CLINC150 validation through
@@ -194,7 +204,8 @@ async fn classifies_the_examples() {
 #[tokio::test(flavor = "multi_thread")]
 async fn served_decisions_reproduce_the_validation_figures() {
     let (dir, m) = trained();
-    let mut c = serve(dir, true, None).await;
+    let service = serve(dir, true, None).await;
+    let mut c = service.client.clone();
     let data: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             root().join("services/understanding/data/clinc150/data_full_train_val.json"),
@@ -241,12 +252,14 @@ async fn served_decisions_reproduce_the_validation_figures() {
         (recall - m.out_of_scope_recall).abs() <= 0.011,
         "served {recall} vs trained {m:?}"
     );
+    service.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn embeds_and_rejects_bad_input() {
     let dir = std::env::temp_dir().join(format!("moltbot-nohead-{}", std::process::id()));
-    let mut c = serve(&dir, false, None).await;
+    let served = serve(&dir, false, None).await;
+    let mut c = served.client.clone();
     let r = c
         .embed(pb::EmbedRequest {
             texts: vec!["hello world".into(), "goodbye".into()],
@@ -311,13 +324,15 @@ async fn embeds_and_rejects_bad_input() {
     assert!(r.model_id.starts_with("clinc150-"));
     let balance = classify(&mut c, "what's my checking account balance").await;
     assert_eq!(balance.model_id, r.model_id);
+    served.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_model_needs_the_admin_token_when_one_is_set() {
     let (trained_dir, _) = trained();
     let empty = std::env::temp_dir().join(format!("moltbot-nohead-admin-{}", std::process::id()));
-    let mut c = serve(&empty, false, Some("s3cret-admin")).await;
+    let served = serve(&empty, false, Some("s3cret-admin")).await;
+    let mut c = served.client.clone();
     let reload = |token: Option<&str>| {
         let mut r = tonic::Request::new(pb::ReloadModelRequest {
             model_dir: trained_dir.display().to_string(),
@@ -350,4 +365,5 @@ async fn reload_model_needs_the_admin_token_when_one_is_set() {
     assert!(r.model_id.starts_with("clinc150-"));
     let balance = classify(&mut c, "what's my checking account balance").await;
     assert_eq!(balance.intent.unwrap().name, "balance");
+    served.shutdown().await;
 }

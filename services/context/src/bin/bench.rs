@@ -259,38 +259,22 @@ async fn main() -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     );
 
-    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = grpc_listener.local_addr().map_err(|e| e.to_string())?;
     let limits = RequestLimits {
         max_turn_bytes: 64 * 1024,
         max_turns_per_append: 64,
         max_ttl: Duration::from_secs(86_400),
     };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-        grpc_listener,
-        metrics_listener,
+    let server = moltbot_runtime::grpc::LocalServer::start(
         moltbot_context::grpc_service(redis_store.clone(), limits),
         async { Ok(()) },
-        async {
-            let _ = stop_rx.await;
-        },
         Duration::from_secs(2),
-    ));
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     // Several HTTP/2 connections, as a gateway with a channel pool would hold.
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel = server.channel().await.map_err(|e| e.to_string())?;
         clients.push(ContextServiceClient::new(channel));
     }
 
@@ -320,8 +304,7 @@ async fn main() -> Result<(), String> {
             grpc.pct(0.99) - raw.pct(0.99)
         ));
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.shutdown().await.map_err(|e| e.to_string())?;
     println!(
         "# Context benchmark: {} s per way, AppendTurns (2 turns) and GetHistory alternating, a new session every {} turns",
         args.seconds, args.turns_per_session

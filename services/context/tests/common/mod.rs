@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use moltbot_context::{service::RequestLimits, store::SessionStore};
 use moltbot_proto::context::v1::context_service_client::ContextServiceClient;
+use moltbot_runtime::grpc::LocalServer;
 use tonic::transport::Channel;
 
 /// Request limits of the tests: the service defaults, with a 1-day TTL cap.
@@ -20,46 +21,31 @@ pub const REQUEST_LIMITS: RequestLimits = RequestLimits {
 /// A running in-process context service and a client connected to it.
 pub struct Harness {
     pub client: ContextServiceClient<Channel>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), moltbot_runtime::RuntimeError>>,
+    server: LocalServer,
 }
 
 impl Harness {
     /// Serves `store` on `127.0.0.1:0` and connects a client.
     pub async fn start(store: Arc<dyn SessionStore>) -> Self {
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-            grpc,
-            metrics,
+        let server = LocalServer::start(
             moltbot_context::grpc_service(store.clone(), REQUEST_LIMITS),
             moltbot_context::store_ready(store),
-            async {
-                let _ = stopped.await;
-            },
             Duration::from_secs(5),
-        ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        )
+        .await
+        .unwrap();
         Self {
-            client: ContextServiceClient::new(channel),
-            stop,
+            client: ContextServiceClient::new(server.channel().await.unwrap()),
             server,
         }
     }
 
     /// Stops the server and surfaces its error or panic.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(());
         self.server
+            .shutdown()
             .await
-            .expect("server task panicked")
-            .expect("server failed");
+            .expect("server failed or panicked");
     }
 }
 

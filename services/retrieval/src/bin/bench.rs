@@ -305,30 +305,14 @@ async fn grpc_latency(
     let state = moltbot_retrieval::load(&service_args)
         .await
         .map_err(|e| e.to_string())?;
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = grpc.local_addr().map_err(|e| e.to_string())?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-        grpc,
-        metrics,
+    let server = moltbot_runtime::grpc::LocalServer::start(
         moltbot_retrieval::grpc_service(state.clone()),
         async { Ok(()) },
-        async {
-            let _ = stopped.await;
-        },
         Duration::from_secs(2),
-    ));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let channel = server.channel().await.map_err(|e| e.to_string())?;
     let mut client = RetrievalServiceClient::new(channel);
     client
         .create_collection(CreateCollectionRequest {
@@ -373,8 +357,7 @@ async fn grpc_latency(
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3
     );
-    let _ = stop.send(());
-    let _ = server.await;
+    server.shutdown().await.map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }

@@ -96,8 +96,7 @@ pub type Doc = (String, String, Vec<(&'static str, &'static str)>);
 pub struct Harness {
     pub client: RetrievalServiceClient<Channel>,
     pub state: Arc<State>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), moltbot_runtime::RuntimeError>>,
+    server: moltbot_runtime::grpc::LocalServer,
 }
 
 impl Harness {
@@ -105,29 +104,16 @@ impl Harness {
     /// `127.0.0.1:0`.
     pub async fn start(args: &Args) -> Self {
         let state = moltbot_retrieval::load(args).await.unwrap();
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-            grpc,
-            metrics,
+        let server = moltbot_runtime::grpc::LocalServer::start(
             moltbot_retrieval::grpc_service(state.clone()),
             async { Ok(()) },
-            async {
-                let _ = stopped.await;
-            },
             Duration::from_secs(5),
-        ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        )
+        .await
+        .unwrap();
         Self {
-            client: RetrievalServiceClient::new(channel),
+            client: RetrievalServiceClient::new(server.channel().await.unwrap()),
             state,
-            stop,
             server,
         }
     }
@@ -135,11 +121,10 @@ impl Harness {
     /// Stops the server (surfacing its error or panic), then snapshots what
     /// changed, as the binary does on SIGTERM.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(());
         self.server
+            .shutdown()
             .await
-            .expect("server task panicked")
-            .expect("server failed");
+            .expect("server failed or panicked");
         self.state.snapshot_dirty();
     }
 

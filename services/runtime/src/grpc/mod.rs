@@ -1,14 +1,18 @@
 //! gRPC plumbing shared by every service: the server with health, reflection,
 //! per-RPC spans and metrics and graceful shutdown ([`serve`]), traced
-//! client channels ([`client`]) and admin-RPC authorisation ([`admin`]).
+//! client channels ([`client`]), admin-RPC authorisation ([`admin`]) and
+//! in-process servers on ephemeral ports for tests and benchmarks
+//! ([`LocalServer`]).
 
 pub mod admin;
 pub mod client;
 mod health;
+mod local;
 mod observe;
 mod server;
 mod status;
 
+pub use local::LocalServer;
 pub use observe::{Observe, ObserveLayer, ObservedBody};
 pub use server::{GrpcService, ServiceSpec, serve, serve_with_listener};
 pub use status::code_name;

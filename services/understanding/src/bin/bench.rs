@@ -216,26 +216,14 @@ fn main() -> Result<(), String> {
             },
             batch,
         );
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let addr = grpc.local_addr().map_err(|e| e.to_string())?;
-        tokio::spawn(moltbot_runtime::grpc::serve_with_listener(
-            grpc,
-            metrics,
+        let server = moltbot_runtime::grpc::LocalServer::start(
             moltbot_runtime::grpc::GrpcService::new(UnderstandingServiceServer::new(api)),
             async { Ok(()) },
-            std::future::pending(),
             Duration::from_secs(1),
-        ));
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let channel = server.channel().await.map_err(|e| e.to_string())?;
         let client = UnderstandingServiceClient::new(channel);
         println!("\nClassify through gRPC, service with {service_threads} libtorch thread(s):\n");
         println!("| callers | Classify/s | p50 ms | p99 ms |");
@@ -277,6 +265,7 @@ fn main() -> Result<(), String> {
                 pct(&mut lat, 0.99)
             );
         }
-        Ok::<(), String>(())
+        drop(client);
+        server.shutdown().await.map_err(|e| e.to_string())
     })
 }
