@@ -139,13 +139,17 @@ fn main() -> Result<(), String> {
     let precision = Precision::choose(&args.precision, tch::Device::Cpu)?;
     let all = texts(&args.data)?;
     let mut rates = Vec::new();
+    let mut encoders = Vec::new();
     for p in [Precision::F32, Precision::Bf16] {
         let encoder = Encoder::load_with(&args.encoder_dir, tch::Device::Cpu, p)
             .map_err(|e| e.to_string())?;
         rates.push((ours(&encoder, &all, 1)?, ours(&encoder, &all, 32)?));
+        encoders.push(encoder);
     }
-    let encoder = Encoder::load_with(&args.encoder_dir, tch::Device::Cpu, precision)
-        .map_err(|e| e.to_string())?;
+    // The service's encoder is the one measured in its precision.
+    let chosen = usize::from(precision == Precision::Bf16);
+    let encoder = encoders.swap_remove(chosen);
+    drop(encoders);
     let texts_file =
         std::env::temp_dir().join(format!("moltbot-bench-{}.json", std::process::id()));
     std::fs::write(
@@ -177,7 +181,6 @@ fn main() -> Result<(), String> {
         "| batch | ours f32 | ours bf16 | transformers f32 | transformers bf16 autocast | ours {precision} / transformers f32 |"
     );
     println!("|---|---|---|---|---|---|");
-    let chosen = usize::from(precision == Precision::Bf16);
     for (i, batch) in [1, 32].into_iter().enumerate() {
         let of = |r: &(f64, f64)| if i == 0 { r.0 } else { r.1 };
         let reference_f32 = rate(&format!("batch{batch}_per_s"));
