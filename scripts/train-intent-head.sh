@@ -12,7 +12,8 @@ binary="$1" dir="$2" encoder="$3"
 hash=$(cat services/understanding/src/train/*.rs services/understanding/src/head.rs \
            services/encoder/src/*.rs \
            services/understanding/data/clinc150/data_full_train_val.json \
-           services/understanding/data/clinc150/domains.json | sha256sum | cut -d' ' -f1)
+           services/understanding/data/clinc150/domains.json \
+           services/understanding/data/probes/out_of_scope.txt | sha256sum | cut -d' ' -f1)
 if [[ -f "$dir/metrics.json" && "$(cat "$dir/.source-hash" 2>/dev/null)" == "$hash" ]]; then
   echo "intent-head: $dir is up to date"
   exit 0

@@ -9,12 +9,14 @@ fn main() -> std::process::ExitCode {
         return match moltbot_understanding::train::run(&args) {
             Ok(m) => {
                 println!(
-                    "in-scope accuracy {:.4}, out-of-scope recall {:.4} (precision {:.4}), domain accuracy {:.4}, threshold {:.2}; written to {}",
+                    "in-scope accuracy {:.4}, out-of-scope recall {:.4} (precision {:.4}), domain accuracy {:.4}, threshold {:.2}, probe out-of-scope recall {}; written to {}",
                     m.in_scope_accuracy,
                     m.out_of_scope_recall,
                     m.out_of_scope_precision,
                     m.domain_accuracy,
                     m.threshold,
+                    m.probe_out_of_scope_recall
+                        .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
                     args.out.display()
                 );
                 std::process::ExitCode::SUCCESS

@@ -66,6 +66,14 @@ pub struct TrainArgs {
     /// Learning rate of the encoder while fine-tuning.
     #[arg(long, default_value_t = 5e-5)]
     pub encoder_lr: f64,
+    /// Out-of-scope probe texts, one per line: requests outside every
+    /// intent of the data, flagged or not by the chosen rule and reported
+    /// as `probe_out_of_scope_recall`. They choose nothing. Empty: none.
+    #[arg(
+        long,
+        default_value = "services/understanding/data/probes/out_of_scope.txt"
+    )]
+    pub probes: PathBuf,
     /// Arithmetic of the embeddings the decision rule is chosen on (and,
     /// with `--fine-tune-epochs 0`, the head trained on): `auto`, `f32` or
     /// `bf16`, as the service will run (`MOLTBOT_ENCODER_PRECISION`).
@@ -106,8 +114,14 @@ pub struct Metrics {
     /// `bf16`).
     #[serde(default)]
     pub precision: String,
-    /// Texts per split used.
+    /// CLINC150 training texts used (`train` + `oos_train`).
     pub train_texts: usize,
+    /// Out-of-scope probe texts (`--probes`).
+    #[serde(default)]
+    pub probe_texts: usize,
+    /// Share of the probe texts the chosen rule flags (`None`: no probes).
+    #[serde(default)]
+    pub probe_out_of_scope_recall: Option<f64>,
     /// Validation texts (in-scope + out-of-scope).
     pub val_texts: usize,
     /// The seed.
@@ -204,6 +218,17 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         .collect();
 
     let train: Pairs = [split(&data, "train")?, split(&data, "oos_train")?].concat();
+    let probes: Vec<String> = if args.probes.as_os_str().is_empty() {
+        Vec::new()
+    } else {
+        std::fs::read_to_string(&args.probes)
+            .map_err(|e| format!("{}: {e} (--probes \"\" for none)", args.probes.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
     let val = split(&data, "val")?;
     let oos_val = split(&data, "oos_val")?;
     let label = |pairs: &Pairs| -> Result<(Vec<i64>, Vec<i64>), String> {
@@ -438,6 +463,18 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let oos_signals = signals(&oos_p, &x_oos, &texts(&oos_val))?;
     let (chosen, figures) = rule::select(&val_signals, &oos_signals);
     eprintln!("train: decision rule {chosen:?}: {figures:?}");
+    let probe_recall = if probes.is_empty() {
+        None
+    } else {
+        let probe_texts: Vec<&str> = probes.iter().map(String::as_str).collect();
+        let x_probes = embed_all(&encoder, &probe_texts)?;
+        let (probe_p, _, _) = probs(&x_probes);
+        let flagged = signals(&probe_p, &x_probes, &probe_texts)?
+            .iter()
+            .filter(|s| chosen.flags(s))
+            .count();
+        Some(flagged as f64 / probes.len() as f64)
+    };
     let dom_correct = val_dom
         .iter()
         .zip(&d_val)
@@ -454,6 +491,8 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         base_knn_threshold: chosen.base_knn,
         second_pass_share: figures.gated,
         train_texts: train.len(),
+        probe_texts: probes.len(),
+        probe_out_of_scope_recall: probe_recall,
         val_texts: val.len() + oos_val.len(),
         seed: args.seed,
         precision: precision.to_string(),
