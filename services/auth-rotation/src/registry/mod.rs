@@ -226,13 +226,15 @@ impl Registry {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(std::sync::Arc::new(url::GuardedResolver))
                 .build()
                 .map_err(|e| AuthError::Config(format!("HTTP client: {e}")))?,
         })
     }
 
     /// The HTTP client of health checks and token requests (no redirects: a
-    /// redirect could point at an internal host).
+    /// redirect could point at an internal host; names resolved through
+    /// [`url::GuardedResolver`], so one cannot rebind to one either).
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }

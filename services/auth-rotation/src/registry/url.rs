@@ -2,8 +2,13 @@
 //! must be https (http only on loopback), carry no user info, and not name a
 //! link-local, unspecified, multicast or cloud metadata address, so a
 //! provider entry cannot be turned into a request to an internal host.
+//!
+//! A host name is checked again when it is resolved, by [`GuardedResolver`]:
+//! a name that passed [`validate`] may later resolve to a forbidden address
+//! (DNS rebinding), and the HTTP client then connects only to the allowed
+//! ones.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::AuthError;
 
@@ -42,6 +47,49 @@ fn forbidden_ip(ip: IpAddr) -> Option<&'static str> {
                 None
             }
         }
+    }
+}
+
+/// The addresses of `addrs` that [`validate`] would accept as literal
+/// hosts. Errors with a message naming `host` and the first forbidden kind
+/// when none is left.
+pub fn allowed_addresses(host: &str, addrs: &[SocketAddr]) -> Result<Vec<SocketAddr>, String> {
+    let allowed: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| forbidden_ip(a.ip()).is_none())
+        .collect();
+    if allowed.is_empty() {
+        let why = addrs
+            .iter()
+            .find_map(|a| forbidden_ip(a.ip()))
+            .unwrap_or("no address");
+        return Err(format!("{host} resolves to {why}"));
+    }
+    Ok(allowed)
+}
+
+/// DNS resolution for the service's HTTP client (health checks, token
+/// requests): the system resolver, then [`allowed_addresses`], so a provider
+/// name that rebinds to a link-local or metadata address after it was
+/// registered is never connected to. Cloud metadata host names are refused
+/// outright. Literal IP hosts never reach a resolver; [`validate`] checked
+/// them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().trim_end_matches('.').to_ascii_lowercase();
+        Box::pin(async move {
+            if METADATA_HOSTS.contains(&host.as_str()) {
+                return Err(format!("{host} is a cloud metadata service").into());
+            }
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed = allowed_addresses(&host, &addrs)?;
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -94,6 +142,34 @@ pub fn validate(field: &str, raw: &str) -> Result<String, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolved_addresses_are_filtered() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            allowed_addresses(
+                "api.example.com",
+                &[a("169.254.169.254:0"), a("10.1.2.3:0"), a("[fe80::1]:0")]
+            ),
+            Ok(vec![a("10.1.2.3:0")])
+        );
+        let err = allowed_addresses("rebound.example.com", &[a("169.254.169.254:0")]).unwrap_err();
+        assert!(
+            err.contains("rebound.example.com") && err.contains("link-local"),
+            "{err}"
+        );
+        assert!(allowed_addresses("empty.example.com", &[]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_resolver_refuses_metadata_names_and_resolves_others() {
+        use reqwest::dns::Resolve;
+        let resolve = |n: &str| GuardedResolver.resolve(n.parse().unwrap());
+        let err = resolve("metadata.google.internal.").await.err().unwrap();
+        assert!(err.to_string().contains("metadata"), "{err}");
+        let local: Vec<SocketAddr> = resolve("localhost").await.unwrap().collect();
+        assert!(!local.is_empty() && local.iter().all(|a| a.ip().is_loopback()));
+    }
 
     #[test]
     fn ssrf_rules() {
