@@ -170,6 +170,11 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             .pool_max_idle_per_host(32)
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
+            // Provider names are re-checked at every resolution (DNS
+            // rebinding to link-local or metadata addresses).
+            .dns_resolver(std::sync::Arc::new(
+                moltbot_runtime::egress::GuardedResolver,
+            ))
             .build()
             .map_err(|e| RuntimeError::Config(format!("HTTP client: {e}")))?,
         settings: remote::RemoteSettings {

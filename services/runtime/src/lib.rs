@@ -11,6 +11,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod grpc;
 pub mod metrics;

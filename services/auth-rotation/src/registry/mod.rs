@@ -226,15 +226,18 @@ impl Registry {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .redirect(reqwest::redirect::Policy::none())
-                .dns_resolver(std::sync::Arc::new(url::GuardedResolver))
+                .dns_resolver(std::sync::Arc::new(
+                    moltbot_runtime::egress::GuardedResolver,
+                ))
                 .build()
                 .map_err(|e| AuthError::Config(format!("HTTP client: {e}")))?,
         })
     }
 
-    /// The HTTP client of health checks and token requests (no redirects: a
-    /// redirect could point at an internal host; names resolved through
-    /// [`url::GuardedResolver`], so one cannot rebind to one either).
+    /// The HTTP client of health checks and token requests. No redirects (a
+    /// redirect could point at an internal host), and names are resolved
+    /// through [`moltbot_runtime::egress::GuardedResolver`] (so a name cannot
+    /// rebind to one either).
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
