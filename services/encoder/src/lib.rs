@@ -86,6 +86,13 @@ impl Precision {
         }
     }
 
+    /// [`Precision::choose`] on the CPU, as a clap value parser: a flag's
+    /// `auto` is resolved, and a bad value rejected with the choices, while
+    /// the arguments are parsed.
+    pub fn parse_cpu(spec: &str) -> Result<Self, String> {
+        Self::choose(spec, Device::Cpu)
+    }
+
     /// The dtype of the dense weights.
     fn dense_kind(self) -> Kind {
         match self {

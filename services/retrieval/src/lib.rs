@@ -104,8 +104,13 @@ pub struct Args {
     pub snapshot_interval_s: u64,
     /// Arithmetic of the encoder: `auto` (bf16 mixed precision where the
     /// CPU multiplies bf16 natively, else f32), `f32` or `bf16`.
-    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
-    pub precision: String,
+    #[arg(
+        long,
+        env = "MOLTBOT_ENCODER_PRECISION",
+        default_value = "auto",
+        value_parser = Precision::parse_cpu
+    )]
+    pub precision: Precision,
     /// Intra-op CPU threads of libtorch; 0 = every core but one (left to
     /// the gRPC runtime).
     #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
@@ -138,8 +143,6 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
             "MOLTBOT_HNSW_M must be ≥ 2 and the ef values ≥ 1".into(),
         ));
     }
-    let precision = Precision::choose(&args.precision, tch::Device::Cpu)
-        .map_err(|e| RuntimeError::Config(format!("MOLTBOT_ENCODER_PRECISION: {e}")))?;
     tch::set_num_threads(moltbot_encoder::serving_threads(args.threads) as i32);
     let backend = args.backend();
     let store = match backend {
@@ -155,7 +158,7 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
     }
     .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     let encoder_dir = args.encoder_dir();
-    let encoder = Encoder::load_with(&encoder_dir, tch::Device::Cpu, precision)
+    let encoder = Encoder::load_with(&encoder_dir, tch::Device::Cpu, args.precision)
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     let tokenizer = chunk::load_tokenizer(&encoder_dir.join("tokenizer.json"))
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;

@@ -175,9 +175,14 @@ impl Neighbours {
             .fold(f32::MIN, f32::max)
     }
 
+    /// Rows in the table.
+    fn rows(&self) -> usize {
+        self.vectors.len() / self.dimension
+    }
+
     /// Cosine similarity of unit vector `e` to its nearest neighbour.
     pub fn nearest(&self, e: &[f32]) -> f32 {
-        self.best_in(0..self.vectors.len() / self.dimension, e)
+        self.best_in(0..self.rows(), e)
     }
 
     /// [`Neighbours::nearest`] where only whether it reaches `enough`
@@ -194,10 +199,9 @@ impl Neighbours {
         if first >= enough {
             return first;
         }
-        let rows = self.vectors.len() / self.dimension;
         first
             .max(self.best_in(0..group.start, e))
-            .max(self.best_in(group.end..rows, e))
+            .max(self.best_in(group.end..self.rows(), e))
     }
 }
 

@@ -71,8 +71,13 @@ pub struct Args {
     pub admin_token: Option<String>,
     /// Arithmetic of the encoders: `auto` (bf16 mixed precision where the
     /// CPU multiplies bf16 natively, else f32), `f32` or `bf16`.
-    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
-    pub precision: String,
+    #[arg(
+        long,
+        env = "MOLTBOT_ENCODER_PRECISION",
+        default_value = "auto",
+        value_parser = Precision::parse_cpu
+    )]
+    pub precision: Precision,
     /// Intra-op CPU threads of libtorch; 0 = every core but one (left to
     /// the gRPC runtime).
     #[arg(long, env = "MOLTBOT_THREADS", default_value_t = 0)]
@@ -104,9 +109,8 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             "MOLTBOT_MAX_BATCH and MOLTBOT_MAX_TEXTS must be at least 1".into(),
         ));
     }
-    let precision = Precision::choose(&args.precision, tch::Device::Cpu)
-        .map_err(|e| RuntimeError::Config(format!("MOLTBOT_ENCODER_PRECISION: {e}")))?;
     tch::set_num_threads(moltbot_encoder::serving_threads(args.threads) as i32);
+    let precision = args.precision;
     let encoder = Encoder::load_with(&args.encoder_dir(), tch::Device::Cpu, precision)
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
     tracing::info!(%precision, "encoder loaded");

@@ -63,7 +63,7 @@ fn trained() -> &'static (PathBuf, Metrics) {
             hidden: 1024,
             fine_tune_epochs: 3,
             encoder_lr: 5e-5,
-            precision: "auto".into(),
+            precision: Precision::native(tch::Device::Cpu),
             probes: data.join("../probes/out_of_scope.txt"),
         })
         .unwrap();

@@ -59,8 +59,13 @@ struct Args {
     #[arg(long, env = "MOLTBOT_PYTHON", default_value = ".venv/bin/python")]
     python: PathBuf,
     /// Arithmetic of the service in the Classify runs: `auto`, `f32`, `bf16`.
-    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
-    precision: String,
+    #[arg(
+        long,
+        env = "MOLTBOT_ENCODER_PRECISION",
+        default_value = "auto",
+        value_parser = Precision::parse_cpu
+    )]
+    precision: Precision,
 }
 
 /// 256 `val` texts of `data`: every 11th, cycling.
@@ -136,7 +141,7 @@ fn main() -> Result<(), String> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
     tch::set_num_threads(threads as i32);
-    let precision = Precision::choose(&args.precision, tch::Device::Cpu)?;
+    let precision = args.precision;
     let all = texts(&args.data)?;
     let mut rates = Vec::new();
     let mut encoders = Vec::new();

@@ -78,8 +78,13 @@ pub struct TrainArgs {
     /// with `--fine-tune-epochs 0`, the head trained on): `auto`, `f32` or
     /// `bf16`, as the service will run (`MOLTBOT_ENCODER_PRECISION`).
     /// Fine-tuning itself is always f32.
-    #[arg(long, env = "MOLTBOT_ENCODER_PRECISION", default_value = "auto")]
-    pub precision: String,
+    #[arg(
+        long,
+        env = "MOLTBOT_ENCODER_PRECISION",
+        default_value = "auto",
+        value_parser = Precision::parse_cpu
+    )]
+    pub precision: Precision,
 }
 
 /// Validation figures written to `metrics.json`.
@@ -179,7 +184,7 @@ fn save_encoder(
 
 /// Trains and writes the head. Errors with a message naming what is wrong.
 pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
-    let precision = Precision::choose(&args.precision, Device::Cpu)?;
+    let precision = args.precision;
     tch::manual_seed(args.seed);
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p)
