@@ -72,7 +72,7 @@ models: ml-venv
 	  --encoder-out $(MODELS_DIR)/all-minilm-l6-v2
 
 ## The CLINC150 intent head of the understanding service, trained by our own
-## `moltbot-understanding train` (about 11 minutes on 2 cores); retrained only
+## `moltbot-understanding train` (about 20 minutes, one thread); retrained only
 ## when the training code or data change.
 intent-head: build models
 	bash scripts/train-intent-head.sh $(CARGO_TARGET_DIR)/debug/moltbot-understanding \

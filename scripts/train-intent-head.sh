@@ -13,12 +13,13 @@ hash=$(cat services/understanding/src/train/*.rs services/understanding/src/head
            services/encoder/src/*.rs \
            services/understanding/data/clinc150/data_full_train_val.json \
            services/understanding/data/clinc150/domains.json \
-           services/understanding/data/probes/out_of_scope.txt | sha256sum | cut -d' ' -f1)
+           services/understanding/data/probes/out_of_scope.txt \
+           services/understanding/data/synthetic_oos/synthetic_oos.txt | sha256sum | cut -d' ' -f1)
 if [[ -f "$dir/metrics.json" && "$(cat "$dir/.source-hash" 2>/dev/null)" == "$hash" ]]; then
   echo "intent-head: $dir is up to date"
   exit 0
 fi
-echo "intent-head: training into $dir (CLINC150, about 11 minutes on 2 cores)"
+echo "intent-head: training into $dir (CLINC150, about 20 minutes on one thread)"
 tmp="$dir.tmp.$$"
 rm -rf "$tmp"
 "$binary" train --out "$tmp" --encoder-dir "$encoder"

@@ -17,7 +17,10 @@
 //! Selection ([`select`]): first the probability threshold alone, the
 //! highest in-scope accuracy with out-of-scope recall ≥ 0.70; then the best
 //! accuracy + recall over every combination that keeps recall ≥ 0.70 and
-//! gives up at most half a point of that accuracy. Thresholds are on a grid
+//! gives up at most half a point of that accuracy, never going under the
+//! in-scope accuracy target (`--min-in-scope-accuracy`, 0.95) when the
+//! threshold alone meets it: the targets are constraints, recall is what is
+//! left to maximise. Thresholds are on a grid
 //! (probabilities by 0.01, similarities by 0.02); each combination of the
 //! similarity rules is scored for every probability threshold at once from
 //! cumulative counts, so the search is O(combinations × (texts + 100)).
@@ -139,9 +142,11 @@ fn sweep(rule: &Rule, in_scope: &[(Signals, bool)], oos: &[Signals]) -> Vec<(f64
     out
 }
 
-/// Chooses the rule on validation data (see the module doc). Returns the
-/// rule and its scores.
-pub fn select(in_scope: &[(Signals, bool)], oos: &[Signals]) -> (Rule, Score) {
+/// Chooses the rule on validation data (see the module doc); the
+/// combinations keep in-scope accuracy ≥ `min_accuracy` (a share, e.g. the
+/// issue's 0.95) whenever the probability threshold alone reaches it.
+/// Returns the rule and its scores.
+pub fn select(in_scope: &[(Signals, bool)], oos: &[Signals], min_accuracy: f64) -> (Rule, Score) {
     // 1. The probability threshold alone.
     let alone = sweep(&Rule::default(), in_scope, oos);
     let pick = |pred: &dyn Fn(&(f64, f64)) -> bool, key: &dyn Fn(&(f64, f64)) -> f64| {
@@ -158,7 +163,12 @@ pub fn select(in_scope: &[(Signals, bool)], oos: &[Signals]) -> (Rule, Score) {
     let base_index = pick(&|e| e.1 >= 0.70, &|e| e.0)
         .or_else(|| pick(&|_| true, &|e| e.0 + e.1))
         .unwrap_or(50);
-    let floor = alone[base_index].0 - 0.005;
+    // The combinations may give up half a point of that accuracy, but not
+    // fall under `min_accuracy` when the threshold alone reaches it.
+    let mut floor = alone[base_index].0 - 0.005;
+    if alone[base_index].0 >= min_accuracy {
+        floor = floor.max(min_accuracy);
+    }
     let mut best = (
         Rule {
             threshold: at(base_index),
@@ -257,7 +267,7 @@ mod tests {
             (0..100).map(|_| (s(0.95, 0.95, 0.8), true)).collect();
         in_scope.extend((0..20).map(|_| (s(0.95, 0.75, 0.7), true)));
         let oos: Vec<Signals> = (0..30).map(|_| s(0.95, 0.75, 0.4)).collect();
-        let (rule, figures) = select(&in_scope, &oos);
+        let (rule, figures) = select(&in_scope, &oos, 0.95);
         assert!(
             rule.gate > 0.75 && rule.base_knn > 0.4 && rule.base_knn <= 0.7,
             "{rule:?}"
