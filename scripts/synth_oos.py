@@ -10,8 +10,7 @@ local Qwen2.5-Coder-0.5B-Instruct (the generation service's model, converted
 by `scripts/prepare_model.py`) for short user messages of each kind of task
 people give an assistant (`TASKS`: InstructGPT's use cases, in their
 measured shares) about Wikipedia's main topic classifications (`TOPICS`, in
-turn); neither list is ours,
-with fixed seeds, then keeps the ones that are no closer to any in-scope
+turn; neither list is ours), sampled with a fixed seed, then keeps the ones that are no closer to any in-scope
 CLINC150 training text than most of CLINC150's own out-of-scope training
 texts are (base all-MiniLM-L6-v2, cosine), and drops any near-duplicate of
 an evaluation text: CLINC150 `val`/`oos_val`, the probes, the issue's
@@ -134,19 +133,15 @@ def generate(model_dir: str, prompts_n: int, per_prompt: int, seed: int) -> list
 
 
 def embed(encoder_dir: str, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised MiniLM embeddings [len(texts), 384] f32."""
+    """Mean-pooled, L2-normalised MiniLM embeddings [len(texts), 384] f32,
+    by the parity test's reference (`reference_embed.embed`), 128 at a time."""
     from transformers import AutoModel, AutoTokenizer
+
+    from reference_embed import embed as reference
 
     tok = AutoTokenizer.from_pretrained(encoder_dir)
     model = AutoModel.from_pretrained(encoder_dir).eval()
-    rows = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 128):
-            b = tok(texts[i : i + 128], padding=True, truncation=True, return_tensors="pt")
-            h = model(**b).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).float()
-            rows.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(rows)
+    return torch.cat([reference(model, tok, texts[i : i + 128], 256) for i in range(0, len(texts), 128)])
 
 
 def main() -> None:
