@@ -19,14 +19,13 @@ export CARGO_TARGET_DIR
 export MOLTBOT_MODELS_DIR := $(MODELS_DIR)
 
 # tch links the libtorch of the virtualenv's torch wheel (LIBTORCH_USE_PYTORCH:
-# torch-sys asks `python` of the active virtualenv where torch lives), and the
-# binaries find libtorch's shared objects through LD_LIBRARY_PATH.
+# torch-sys asks `python` of the active virtualenv where torch lives). Every
+# libtorch-linked target carries an rpath to that directory
+# (build-support/src/lib.rs), so nothing here depends on the virtualenv's
+# layout when make starts: the venv may not exist yet.
 export LIBTORCH_USE_PYTORCH := 1
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
-LD_LIBRARY_PATH_ORIG := $(LD_LIBRARY_PATH)
-TORCH_LIB = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/torch/lib))
-export LD_LIBRARY_PATH = $(TORCH_LIB)$(if $(LD_LIBRARY_PATH_ORIG),:$(LD_LIBRARY_PATH_ORIG))
 export MOLTBOT_PYTHON := $(VENV)/bin/python
 
 # Pinned tool versions (PyPI / npm), so every machine runs the same ones.
@@ -100,8 +99,10 @@ build: ml-venv
 build-release: ml-venv
 	$(CARGO) build --release --workspace --bins
 
-## The whole mesh on this machine (Ctrl-C stops it cleanly).
-up: build-release models intent-head-release
+## The whole mesh on this machine (Ctrl-C stops it cleanly). Chat is served
+## as soon as generation, context and retrieval are ready; a missing intent
+## head is trained in the background meanwhile (see `moltbot up --help`).
+up: build-release models
 	$(CARGO_TARGET_DIR)/release/moltbot up
 
 doctor: build-release

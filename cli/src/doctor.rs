@@ -21,13 +21,29 @@ pub struct DoctorArgs {
     pub models_dir: std::path::PathBuf,
 }
 
-/// The directory on `LD_LIBRARY_PATH` holding libtorch, if any.
-fn libtorch_dir() -> Option<std::path::PathBuf> {
-    std::env::var("LD_LIBRARY_PATH")
-        .ok()?
-        .split(':')
-        .map(std::path::PathBuf::from)
-        .find(|d| d.join("libtorch_cpu.so").exists())
+/// The binaries that link libtorch (they carry an rpath to it; see
+/// `build-support/src/lib.rs`).
+pub const LIBTORCH_BINARIES: [&str; 3] = [
+    "moltbot-understanding",
+    "moltbot-generation",
+    "moltbot-retrieval",
+];
+
+/// Runs `binary --help` with `LD_LIBRARY_PATH` removed: `Ok` when it
+/// starts, else the loader's complaint (e.g. `libtorch_cpu.so: cannot open
+/// shared object file`).
+pub async fn starts_without_ld_path(binary: &std::path::Path) -> Result<(), String> {
+    let output = tokio::process::Command::new(binary)
+        .arg("--help")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
 }
 
 struct Report {
@@ -80,15 +96,21 @@ pub async fn run(args: DoctorArgs) -> Result<(), CliError> {
             "run `make build` (or `cargo build --release --bins`)",
         );
     }
-    let torch = libtorch_dir();
-    report.check(
-        torch.is_some(),
-        &format!(
-            "libtorch on LD_LIBRARY_PATH{}",
-            torch.map(|d| format!(" ({})", d.display())).unwrap_or_default()
-        ),
-        "run `make ml-venv`, then `export LD_LIBRARY_PATH=$(.venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__)+\"/lib\")')` (make targets set it)",
-    );
+    for name in LIBTORCH_BINARIES {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let started = starts_without_ld_path(&path).await;
+        report.check(
+            started.is_ok(),
+            &format!(
+                "{name} finds libtorch by itself{}",
+                started.err().map(|e| format!(" ({e})")).unwrap_or_default()
+            ),
+            "rebuild with the virtualenv active (`make build`): the build embeds torch's lib/ as an rpath",
+        );
+    }
     let models = &args.models_dir;
     report.check(
         crate::models::prepared(models).contains(&crate::models::DEFAULT_MODEL.to_owned()),

@@ -240,6 +240,9 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                     p.healthy,
                     p.models.join(",")
                 );
+                if !p.health_detail.is_empty() {
+                    println!("  health: {}", p.health_detail);
+                }
                 for c in p.credentials {
                     let state = CredentialState::try_from(c.state)
                         .map(|s| s.as_str_name())

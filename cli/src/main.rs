@@ -55,9 +55,6 @@ pub enum CliError {
     /// A child process could not be started or waited for.
     #[error("cannot run {0}: {1}")]
     Spawn(String, std::io::Error),
-    /// A service exited before the mesh was stopped.
-    #[error("{0} exited unexpectedly with {1}; its log lines above say why")]
-    ChildExited(String, std::process::ExitStatus),
     /// The mesh did not become ready in time.
     #[error("the mesh was not ready within {0} s; check the logs above, or run `moltbot doctor`")]
     NotReady(u64),

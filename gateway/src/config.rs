@@ -1,4 +1,4 @@
-//! The gateway's flags and environment (names pinned in DESIGN.md).
+//! The gateway's flags and environment (names pinned in docs/architecture.md, "Pinned names").
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

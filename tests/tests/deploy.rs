@@ -1,6 +1,6 @@
 //! Deployment files checked without a cluster or a Docker daemon: the
 //! Dockerfile's targets and the files they copy exist; the compose file and
-//! the Helm chart use the ports and variables DESIGN.md pins (cross-checked
+//! the Helm chart use the ports and variables docs/architecture.md pins (cross-checked
 //! against `moltbot_runtime::ports`); the chart renders with the real Helm
 //! binary and validates against the Kubernetes schemas
 //! (`kubernetes-validate --strict`); the Tiltfile references what exists.

@@ -1,4 +1,4 @@
-//! The chat pipeline (DESIGN.md, "The request path"): load the session's
+//! The chat pipeline (docs/architecture.md, "The request path"): load the session's
 //! history, classify the message and search the route's collection
 //! concurrently, pick the route, assemble the prompt within the model's
 //! context window, generate with retries and fallback, then append both turns

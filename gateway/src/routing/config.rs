@@ -96,7 +96,7 @@ fn one() -> u32 {
     1
 }
 
-/// Retry policy per candidate (DESIGN.md "Reliability semantics").
+/// Retry policy per candidate (docs/architecture.md, "Reliability semantics").
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {

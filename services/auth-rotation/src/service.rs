@@ -23,7 +23,7 @@ use crate::{
     store::ProviderRow,
 };
 
-/// Default health-check interval, seconds (DESIGN.md).
+/// Default health-check interval, seconds (docs/architecture.md).
 pub const DEFAULT_HEALTH_INTERVAL_S: u32 = 30;
 
 /// The service.

@@ -166,17 +166,14 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
     let auth = moltbot_runtime::config::parse_upstream_url("MOLTBOT_AUTH_URL", &args.auth_url)?;
     let remote = service::RemoteConfig {
         auth: moltbot_runtime::grpc::client::channel(&auth)?,
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(32)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            // Provider names are re-checked at every resolution (DNS
-            // rebinding to link-local or metadata addresses).
-            .dns_resolver(std::sync::Arc::new(
-                moltbot_runtime::egress::GuardedResolver,
-            ))
-            .build()
-            .map_err(|e| RuntimeError::Config(format!("HTTP client: {e}")))?,
+        // rustls with the platform's roots plus SSL_CERT_FILE/SSL_CERT_DIR;
+        // provider names re-checked at every resolution (DNS rebinding).
+        http: moltbot_runtime::tls::ProviderClient {
+            timeout: None,
+            pool_per_host: 32,
+        }
+        .build()
+        .map_err(RuntimeError::Config)?,
         settings: remote::RemoteSettings {
             ttft_timeout: std::time::Duration::from_millis(args.remote_ttft_timeout_ms.max(1)),
             idle_timeout: std::time::Duration::from_millis(args.remote_idle_timeout_ms.max(1)),

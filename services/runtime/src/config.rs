@@ -1,5 +1,5 @@
 //! Flags and environment variables shared by every service (names pinned in
-//! DESIGN.md). Each flag also reads its environment variable; defaults work on
+//! docs/architecture.md). Each flag also reads its environment variable; defaults work on
 //! one machine.
 
 use std::{net::SocketAddr, time::Duration};
@@ -11,12 +11,12 @@ use crate::RuntimeError;
 /// Where a gRPC service listens and how it shuts down.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// gRPC listen address [default: the service's port in DESIGN.md]. Port 0
+    /// gRPC listen address [default: the service's port in docs/architecture.md]. Port 0
     /// picks a free port (logged as `grpc_addr`).
     #[arg(long, env = "MOLTBOT_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
     /// Prometheus `/metrics` listen address [default: the service's metrics
-    /// port in DESIGN.md]. Port 0 picks a free port.
+    /// port in docs/architecture.md]. Port 0 picks a free port.
     #[arg(long, env = "MOLTBOT_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Grace period for in-flight calls after SIGTERM, in milliseconds.

@@ -1,6 +1,6 @@
 //! `moltbot-runtime`: what every MoltBot service binary shares.
 //!
-//! - [`config`]: flags and environment variables pinned in DESIGN.md, validated
+//! - [`config`]: flags and environment variables pinned in docs/architecture.md, validated
 //!   at start-up with messages that say what to fix;
 //! - [`telemetry`]: JSON logs (one object a line), OpenTelemetry tracing over
 //!   OTLP, and W3C trace-context propagation;
@@ -8,7 +8,9 @@
 //!   graceful shutdown) and traced client channels;
 //! - [`metrics`]: the process's Prometheus registry and `/metrics` endpoint;
 //! - [`ports`]: the pinned service names and default addresses;
-//! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`shutdown`]: SIGTERM/SIGINT handling;
+//! - [`egress`] and [`tls`]: the provider-facing HTTP client (rustls, extra
+//!   CAs, guarded DNS) and the words for a failed handshake.
 
 pub mod config;
 pub mod egress;
@@ -18,6 +20,7 @@ pub mod metrics;
 pub mod ports;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 use std::{future::Future, process::ExitCode};
 

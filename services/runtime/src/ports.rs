@@ -1,4 +1,4 @@
-//! The pinned service identities and default addresses (DESIGN.md, "Pinned
+//! The pinned service identities and default addresses (docs/architecture.md, "Pinned
 //! names"). The CLI's `up`, the gateway's upstream defaults and the deploy
 //! files all follow this table.
 

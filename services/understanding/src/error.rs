@@ -12,7 +12,7 @@ pub enum UnderstandingError {
     InvalidArgument(String),
     /// No trained intent head is loaded.
     #[error(
-        "no trained intent head at {0}; train one with `moltbot-understanding train --data services/understanding/data/clinc150/data_full_train_val.json --domains services/understanding/data/clinc150/domains.json --out {0}`"
+        "no trained intent head at {0} yet (`moltbot up` trains one in the background and it is served once written); train one yourself with `moltbot-understanding train --data services/understanding/data/clinc150/data_full_train_val.json --domains services/understanding/data/clinc150/domains.json --out {0}`"
     )]
     NoHead(String),
     /// A head directory is missing files or does not fit the encoder.

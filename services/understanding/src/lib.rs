@@ -7,8 +7,10 @@
 //!   dropping traffic;
 //! - [`head`]: the trained intent/domain head and its out-of-scope rule.
 //!
-//! Until a head is trained, Classify answers FAILED_PRECONDITION naming the
-//! train command; Embed works from the start.
+//! Until a head is trained, health is NOT_SERVING and Classify answers
+//! FAILED_PRECONDITION naming the train command; Embed works from the start.
+//! A head that appears in the head directory later (`moltbot up` trains it
+//! in the background) is loaded without a restart.
 
 mod error;
 pub mod head;
@@ -124,7 +126,7 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
     let classifier = match Classifier::load(&args.head_dir(), &batcher, batch) {
         Ok(c) => Some(c),
         Err(UnderstandingError::NoHead(dir)) => {
-            tracing::warn!(%dir, "no trained intent head: Classify answers FAILED_PRECONDITION until one is trained and reloaded");
+            tracing::warn!(%dir, "no trained intent head: Classify answers FAILED_PRECONDITION until one is trained");
             None
         }
         Err(e) => return Err(RuntimeError::NotReady(e.to_string())),
@@ -140,9 +142,14 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
         batch,
     )
     .with_admin_token(args.admin_token.clone());
-    let service = GrpcService::new(UnderstandingServiceServer::new(api));
-    grpc::serve(&ports::UNDERSTANDING, &args.server, service, async {
+    // Health turns SERVING once a head is served: at once when one was
+    // loaded above, else when one appears in the head directory (trained in
+    // the background by `moltbot up`) or arrives through ReloadModel.
+    let waiting = api.clone();
+    let ready = async move {
+        waiting.wait_for_head(Duration::from_secs(2)).await;
         Ok(())
-    })
-    .await
+    };
+    let service = GrpcService::new(UnderstandingServiceServer::new(api));
+    grpc::serve(&ports::UNDERSTANDING, &args.server, service, ready).await
 }

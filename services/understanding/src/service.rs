@@ -155,6 +155,48 @@ impl UnderstandingApi {
         Ok(())
     }
 
+    /// Resolves once a head is being served: at once when one was loaded at
+    /// start, else when `<head_dir>/metrics.json` appears (the trainer
+    /// writes the head to a temporary directory and renames it into place,
+    /// so a head seen there is complete) and loads, or when ReloadModel
+    /// installs one. Polls every `poll`. Until then the server's health is
+    /// NOT_SERVING and Classify answers FAILED_PRECONDITION with the reason;
+    /// a head that fails to load is logged and tried again.
+    pub async fn wait_for_head(&self, poll: std::time::Duration) {
+        let mut announced = false;
+        loop {
+            if self.current().is_ok() {
+                return;
+            }
+            if !announced {
+                tracing::warn!(
+                    dir = %self.head_dir.display(),
+                    "no intent head yet: NOT_SERVING until one appears there (`moltbot up` trains it in the background; or run `moltbot-understanding train --out DIR`); Embed works meanwhile"
+                );
+                announced = true;
+            }
+            if self.head_dir.join("metrics.json").exists() {
+                let (dir, base, config) = (self.head_dir.clone(), self.batcher.clone(), self.batch);
+                match tokio::task::spawn_blocking(move || Classifier::load(&dir, &base, config))
+                    .await
+                {
+                    Ok(Ok(classifier)) => {
+                        tracing::info!(model_id = classifier.model_id(), "intent head loaded");
+                        if let Ok(mut slot) = self.classifier.write() {
+                            slot.get_or_insert_with(|| Arc::new(classifier));
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "intent head did not load; trying again")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "intent head loader failed; trying again"),
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
     fn current(&self) -> Result<Arc<Classifier>, UnderstandingError> {
         self.classifier
             .read()

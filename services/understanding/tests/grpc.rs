@@ -70,6 +70,7 @@ fn trained() -> &'static (PathBuf, Metrics) {
             probes: data.join("../probes/out_of_scope.txt"),
             synthetic_oos: data.join("../synthetic_oos/synthetic_oos.txt"),
             oos_weight: 1.0,
+            progress: moltbot_understanding::train::progress::ProgressMode::Lines,
         })
         .unwrap();
         (out, metrics)

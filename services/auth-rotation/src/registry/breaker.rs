@@ -1,5 +1,5 @@
 //! A circuit breaker (Nygard, "Release It!", 2007) with the semantics of
-//! DESIGN.md: 3 consecutive failures open it; after a cool-down that doubles
+//! docs/architecture.md: 3 consecutive failures open it; after a cool-down that doubles
 //! with every re-opening (capped) one half-open probe is let through; its
 //! success closes the breaker, its failure re-opens it.
 

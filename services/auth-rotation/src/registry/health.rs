@@ -48,7 +48,10 @@ async fn probe(registry: &Registry, name: &str, base_url: &str) -> Result<(), St
             "health check failed: no answer within {} s",
             PROBE_TIMEOUT.as_secs()
         )),
-        Err(e) => Err(format!("health check failed: {}", e.without_url())),
+        Err(e) => Err(format!(
+            "health check failed: {}",
+            moltbot_runtime::tls::explain(&e)
+        )),
     }
 }
 

@@ -91,6 +91,8 @@ pub struct ProviderState {
     pub healthy: bool,
     /// Time of the last health check.
     pub last_checked: Option<SystemTime>,
+    /// What the last health check found (empty before the first).
+    pub health_detail: String,
     /// Credentials, by slot.
     pub creds: Vec<Cred>,
     /// Per-model endpoint breakers.
@@ -154,6 +156,7 @@ pub fn status_of(p: &ProviderState, now: Instant) -> ProviderStatus {
             })
             .collect(),
         health_check_interval_seconds: p.row.health_interval_s,
+        health_detail: p.health_detail.clone(),
     }
 }
 
@@ -205,6 +208,7 @@ impl Registry {
                     row,
                     healthy: true,
                     last_checked: None,
+                    health_detail: String::new(),
                     creds: Vec::new(),
                     endpoints,
                 },
@@ -223,14 +227,12 @@ impl Registry {
             key,
             events,
             settings,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .dns_resolver(std::sync::Arc::new(
-                    moltbot_runtime::egress::GuardedResolver,
-                ))
-                .build()
-                .map_err(|e| AuthError::Config(format!("HTTP client: {e}")))?,
+            http: moltbot_runtime::tls::ProviderClient {
+                timeout: Some(Duration::from_secs(10)),
+                pool_per_host: 4,
+            }
+            .build()
+            .map_err(AuthError::Config)?,
         })
     }
 
@@ -294,6 +296,7 @@ impl Registry {
                     row: row.clone(),
                     healthy: true,
                     last_checked: None,
+                    health_detail: String::new(),
                     creds: Vec::new(),
                     endpoints: BTreeMap::new(),
                 });
@@ -574,7 +577,7 @@ impl Registry {
                 message: format!(
                     "token endpoint of `{}` unreachable: {}",
                     f.provider,
-                    e.without_url()
+                    moltbot_runtime::tls::explain(&e)
                 ),
             })?;
         let status = response.status();
@@ -770,6 +773,7 @@ impl Registry {
             let flipped = p.healthy != healthy;
             p.healthy = healthy;
             p.last_checked = Some(SystemTime::now());
+            p.health_detail.clone_from(&reason);
             (first || flipped).then(|| status_of(p, now))
         };
         if let Some(status) = changed {

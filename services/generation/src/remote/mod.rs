@@ -207,7 +207,7 @@ impl Backend for RemoteBackend {
                         return Err(GenerationError::RemoteUnavailable(format!(
                             "{}: {}",
                             self.name,
-                            e.without_url()
+                            moltbot_runtime::tls::explain(&e)
                         )));
                     }
                     Ok(Ok(r)) => r,

@@ -11,7 +11,7 @@ use tower::ServiceBuilder;
 use super::ObserveLayer;
 use crate::{RuntimeError, config::ServerArgs, metrics, shutdown};
 
-/// A service's identity and default addresses (DESIGN.md's table).
+/// A service's identity and default addresses (docs/architecture.md, "Pinned names").
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceSpec {
     /// Binary and default `service.name`, e.g. `moltbot-context`.

@@ -3,7 +3,7 @@
 //! Each line has `timestamp` (RFC 3339, UTC), `level`, `target`, `message`,
 //! the fields of every enclosing span (root first, inner spans override), the
 //! event's own fields, and `trace_id`/`span_id` of the OpenTelemetry span the
-//! event belongs to. Pinned field names (DESIGN.md): `session_id`, `provider`,
+//! event belongs to. Pinned field names (docs/architecture.md): `session_id`, `provider`,
 //! `model`, `latency_ms`, `tokens_used` are ordinary span or event fields.
 //! Fields named `otel.*` only steer the OpenTelemetry layer and are left out.
 

@@ -1,6 +1,7 @@
-//! The OpenTelemetry tracer provider and its OTLP/gRPC exporter.
+//! The OpenTelemetry tracer provider and its OTLP/gRPC exporter (TLS for an
+//! `https://` endpoint).
 
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
     trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
@@ -22,9 +23,19 @@ pub(super) fn provider(
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if let Some(endpoint) = endpoint.filter(|e| !e.is_empty()) {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(endpoint)
+            .with_endpoint(endpoint);
+        if endpoint.starts_with("https://") {
+            // Hosted collectors: the platform's roots plus SSL_CERT_FILE /
+            // SSL_CERT_DIR (the same trust as the provider client, tls/).
+            let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
+            for pem in crate::tls::extra_roots().map_err(RuntimeError::Telemetry)? {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            exporter = exporter.with_tls_config(tls);
+        }
+        let exporter = exporter
             .build()
             .map_err(|e| RuntimeError::Telemetry(format!("OTLP exporter: {e}")))?;
         let processor =

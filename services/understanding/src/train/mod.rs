@@ -27,7 +27,10 @@ use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
 
 use crate::head::{BaseKnnRule, Labels};
 
+pub mod progress;
 pub mod rule;
+
+use progress::{Progress, ProgressMode};
 
 /// Flags of `moltbot-understanding train`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -114,6 +117,11 @@ pub struct TrainArgs {
         value_parser = Precision::parse_cpu
     )]
     pub precision: Precision,
+    /// How training shows progress: `auto` (a bar on a terminal, else a
+    /// line every 30 s), `bar`, `lines`, or `json` (one object a line, for
+    /// `moltbot up`).
+    #[arg(long, env = "MOLTBOT_PROGRESS", value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
 }
 
 /// Validation figures written to `metrics.json`.
@@ -366,11 +374,14 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
             .build(&encoder_vars, args.encoder_lr)
             .map_err(|e| e.to_string())?;
         let train_texts = texts(&train);
+        let batches = (n as usize).div_ceil(32);
+        let mut progress =
+            Progress::start(args.progress, "fine-tune", args.fine_tune_epochs, batches);
         for epoch in 0..args.fine_tune_epochs {
             let perm = Vec::<i64>::try_from(&Tensor::randperm(n, (Kind::Int64, Device::Cpu)))
                 .map_err(|e| e.to_string())?;
             let mut total = 0.0;
-            for chunk in perm.chunks(32) {
+            for (b, chunk) in perm.chunks(32).enumerate() {
                 let batch: Vec<&str> = chunk.iter().map(|&i| train_texts[i as usize]).collect();
                 let (ids, mask) = encoder.batch(&batch).map_err(|e| e.to_string())?;
                 let emb = encoder.forward(&ids, &mask).map_err(|e| e.to_string())?;
@@ -381,13 +392,11 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
                 encoder_opt.step();
                 opt.step();
                 total += loss.double_value(&[]);
+                let last = b + 1 == batches;
+                progress.tick(epoch, b + 1, total / (b + 1) as f64, last);
             }
-            eprintln!(
-                "train: fine-tuning epoch {} loss {:.4}",
-                epoch + 1,
-                total / (n as f64 / 32.0)
-            );
         }
+        progress.finish();
     } else {
         eprintln!("train: embedding {} training texts", train.len());
         let x_train = embed_all(&encoder, &texts(&train))?;

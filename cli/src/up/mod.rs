@@ -1,0 +1,262 @@
+//! `moltbot up`: start every service, then the gateway, wait until `/readyz`
+//! says ready, print how to reach it, and on Ctrl-C or SIGTERM stop every
+//! child with SIGTERM (gateway first) and wait for it.
+//!
+//! Chat is served as soon as generation and context are ready: a missing
+//! intent head is trained in the background ([`training`]) while turns
+//! answer with `degraded: ["understanding"]`, and understanding serves the
+//! head once it is written. Children that exit are restarted with backoff
+//! ([`supervisor`]). Each step prints its elapsed time.
+
+mod supervisor;
+mod training;
+
+use std::time::{Duration, Instant};
+
+use moltbot_runtime::ports;
+use supervisor::Supervised;
+use training::{TrainSpec, human};
+
+use crate::CliError;
+
+/// Flags of `moltbot up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Seconds to wait for the mesh to report ready.
+    #[arg(long, env = "MOLTBOT_UP_TIMEOUT_S", default_value_t = 600)]
+    pub ready_timeout_s: u64,
+    /// Directory of prepared models; the generation model is prepared there
+    /// when missing.
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: std::path::PathBuf,
+    /// Python of the project's virtualenv (for `models prepare`).
+    #[arg(long, env = "MOLTBOT_PYTHON", default_value = ".venv/bin/python")]
+    pub python: std::path::PathBuf,
+    /// CLINC150 training data (`data_full_train_val.json`, `domains.json`) for
+    /// the intent head, trained in the background into the head directory
+    /// when it is missing.
+    #[arg(
+        long,
+        env = "MOLTBOT_INTENT_DATA_DIR",
+        default_value = "services/understanding/data/clinc150"
+    )]
+    pub intent_data_dir: std::path::PathBuf,
+    /// The intent head's directory; default `<models-dir>/intent-head`.
+    #[arg(long, env = "MOLTBOT_INTENT_HEAD_DIR")]
+    pub intent_head_dir: Option<std::path::PathBuf>,
+    /// Train a missing intent head in the background (`false`: leave it to
+    /// the operator; understanding serves whatever head appears there).
+    #[arg(
+        long,
+        env = "MOLTBOT_UP_TRAIN_INTENT_HEAD",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub train_intent_head: bool,
+    /// Data directory of the embedded stores (SQLite files, index snapshots)
+    /// and of the dev-mode secrets.
+    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
+    pub data_dir: std::path::PathBuf,
+    /// Files or directories ingested into the `docs` collection when it is
+    /// empty.
+    #[arg(
+        long,
+        env = "MOLTBOT_DOCS",
+        value_delimiter = ',',
+        default_value = "README.md,BENCHMARKS.md"
+    )]
+    pub docs: Vec<std::path::PathBuf>,
+}
+
+/// Ingests `docs` into the `docs` collection when it has no documents yet.
+async fn ensure_docs(docs: &[std::path::PathBuf]) -> Result<(), CliError> {
+    let url = format!("http://{}", ports::RETRIEVAL.grpc_addr);
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .map_err(|e| CliError::Setup(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| CliError::Setup(format!("cannot reach retrieval: {e}")))?;
+    let mut client =
+        moltbot_proto::retrieval::v1::retrieval_service_client::RetrievalServiceClient::new(
+            channel,
+        );
+    if crate::kb::ensure_collection(&mut client, "docs").await? {
+        return Ok(());
+    }
+    let present: Vec<std::path::PathBuf> = docs.iter().filter(|p| p.exists()).cloned().collect();
+    let (documents, chunks) = crate::kb::ingest(&url, "docs", &present).await?;
+    eprintln!("up: ingested {documents} documents ({chunks} chunks) into the `docs` collection");
+    Ok(())
+}
+
+/// Runs the mesh until Ctrl-C/SIGTERM. Errors when a binary is missing or
+/// the mesh is not ready in time; children that exit are restarted.
+pub async fn run(args: UpArgs) -> Result<(), CliError> {
+    let started = Instant::now();
+    if !crate::models::prepared(&args.models_dir).contains(&crate::models::DEFAULT_MODEL.to_owned())
+    {
+        eprintln!("up: [models] the generation model is not prepared yet; preparing it");
+        let step = Instant::now();
+        crate::models::prepare(&args.models_dir, &args.python).await?;
+        eprintln!(
+            "up: [models] prepared in {}",
+            human(step.elapsed().as_secs_f64())
+        );
+    }
+    let (master_key, made) =
+        crate::devkeys::dev_secret("MOLTBOT_MASTER_KEY", &args.data_dir, "master.key")?;
+    if let Some(path) = made {
+        eprintln!(
+            "up: dev mode: generated MOLTBOT_MASTER_KEY in {} (it encrypts provider keys; keep it, or set your own)",
+            path.display()
+        );
+    }
+    let (admin_token, made) =
+        crate::devkeys::dev_secret("MOLTBOT_ADMIN_TOKEN", &args.data_dir, "admin.token")?;
+    if let Some(path) = made {
+        eprintln!(
+            "up: dev mode: generated MOLTBOT_ADMIN_TOKEN in {} (used by `moltbot keys`)",
+            path.display()
+        );
+    }
+    let head_dir = args
+        .intent_head_dir
+        .clone()
+        .unwrap_or_else(|| args.models_dir.join("intent-head"));
+    let env = [
+        ("MOLTBOT_MASTER_KEY", master_key),
+        ("MOLTBOT_ADMIN_TOKEN", admin_token),
+        ("MOLTBOT_DATA_DIR", args.data_dir.display().to_string()),
+        ("MOLTBOT_INTENT_HEAD_DIR", head_dir.display().to_string()),
+    ];
+    eprintln!("up: [services] starting");
+    let mut children = Vec::new();
+    for spec in ports::ALL {
+        children.push(Supervised::start(spec.binary, &args.models_dir, &env)?);
+    }
+    children.push(Supervised::start("moltbot-gateway", &args.models_dir, &[])?);
+    // The intent head, trained beside the serving mesh when it is missing.
+    let training = (args.train_intent_head && !training::present(&head_dir)).then(|| {
+        eprintln!(
+            "up: [intent head] none in {}; training it in the background (about 20 minutes on one thread); chat is served meanwhile without intents",
+            head_dir.display()
+        );
+        tokio::spawn(training::train(TrainSpec {
+            head_dir: head_dir.clone(),
+            data_dir: args.intent_data_dir.clone(),
+            encoder_dir: args.models_dir.join(crate::models::ENCODER),
+        }))
+    });
+    let result = supervise(&mut children, &args, started, training).await;
+    for c in children.iter_mut().rev() {
+        c.stop().await;
+    }
+    result
+}
+
+/// The gateway's `/readyz`: whether it is ready, and the upstreams that
+/// are not serving.
+async fn readyz(client: &reqwest::Client, url: &str) -> (bool, Vec<String>, bool) {
+    let Ok(response) = client
+        .get(format!("{url}/readyz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    else {
+        return (false, vec!["gateway".to_owned()], false);
+    };
+    let ready = response.status().is_success();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let upstreams = body["upstreams"].as_array().cloned().unwrap_or_default();
+    let missing = upstreams
+        .iter()
+        .filter(|u| u["required"].as_bool() == Some(true) && u["status"] != "SERVING")
+        .filter_map(|u| u["name"].as_str().map(str::to_owned))
+        .collect();
+    let intents = upstreams
+        .iter()
+        .any(|u| u["name"] == "understanding" && u["status"] == "SERVING");
+    (ready, missing, intents)
+}
+
+async fn supervise(
+    children: &mut [Supervised],
+    args: &UpArgs,
+    started: Instant,
+    mut training: Option<tokio::task::JoinHandle<Result<(), CliError>>>,
+) -> Result<(), CliError> {
+    let url = format!("http://{}", ports::GATEWAY_HTTP);
+    let deadline = started + Duration::from_secs(args.ready_timeout_s);
+    let client = reqwest::Client::new();
+    let (mut announced, mut intents_announced, mut was_ready) = (false, false, false);
+    let mut last_wait_line = Instant::now();
+    let stop = moltbot_runtime::shutdown::signal();
+    tokio::pin!(stop);
+    loop {
+        for c in children.iter_mut() {
+            c.poll();
+        }
+        if let Some(job) = training.as_mut().filter(|j| j.is_finished()) {
+            match job.await {
+                Ok(Ok(())) => eprintln!(
+                    "up: [intent head] trained in {}; understanding loads it now",
+                    human(started.elapsed().as_secs_f64())
+                ),
+                Ok(Err(e)) => eprintln!(
+                    "up: [intent head] training failed ({e}); chat goes on without intents"
+                ),
+                Err(e) => eprintln!("up: [intent head] training task failed: {e}"),
+            }
+            training = None;
+        }
+        let (ready, missing, intents) = readyz(&client, &url).await;
+        let first = ready && !announced;
+        if first {
+            announced = true;
+            eprintln!(
+                "up: [ready] chat is served {} after start",
+                human(started.elapsed().as_secs_f64())
+            );
+            if let Err(e) = ensure_docs(&args.docs).await {
+                eprintln!(
+                    "up: the `docs` knowledge base is not ingested ({e}); answers go without it"
+                );
+            }
+            eprintln!(
+                "\nMoltBot is up at {url}\n\n  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"default\", \"session_id\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is MoltBot?\"}}]}}'\n\n  curl {url}/readyz    curl {url}/metrics\nPress Ctrl-C to stop.\n"
+            );
+        } else if !announced && last_wait_line.elapsed() >= Duration::from_secs(10) {
+            last_wait_line = Instant::now();
+            eprintln!(
+                "up: [services] waiting for {} ({} elapsed)",
+                missing.join(", "),
+                human(started.elapsed().as_secs_f64())
+            );
+        }
+        if !first && announced && was_ready && !ready {
+            eprintln!("up: not ready: waiting for {}", missing.join(", "));
+        } else if !first && announced && !was_ready && ready {
+            eprintln!("up: ready again");
+        }
+        was_ready = ready;
+        if intents && !intents_announced && announced {
+            intents_announced = true;
+            eprintln!(
+                "up: [intents] served {} after start",
+                human(started.elapsed().as_secs_f64())
+            );
+        }
+        if !announced && Instant::now() > deadline {
+            return Err(CliError::NotReady(args.ready_timeout_s));
+        }
+        tokio::select! {
+            _ = &mut stop => {
+                if let Some(job) = training.take() {
+                    job.abort();
+                }
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

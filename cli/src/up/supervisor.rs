@@ -1,0 +1,198 @@
+//! The service processes of `moltbot up` and their restarts.
+//!
+//! A child that exits while the mesh runs is logged with its exit status
+//! and started again after an exponential backoff — 1 s, doubling to at
+//! most 30 s, back to 1 s once a run has lasted 60 s — the policy of a
+//! compose `restart: on-failure` service or a kubelet's CrashLoopBackOff
+//! (10 s doubling to 5 min there; shorter here, for one machine). While it
+//! is down the gateway's `/readyz` lists it as UNREACHABLE.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::process::{Child, Command};
+
+use crate::{CliError, bin_dir};
+
+/// Restart delays: `initial` doubling to `max`, back to `initial` after a
+/// run of `reset_after`. Pure: the caller says how long the run lasted.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    reset_after: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// 1 s doubling to 30 s, reset after 60 s of running.
+    pub fn standard() -> Self {
+        Self::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// A backoff starting at `initial`, capped at `max`, reset after a run
+    /// of `reset_after`.
+    pub fn new(initial: Duration, max: Duration, reset_after: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            reset_after,
+            next: initial,
+        }
+    }
+
+    /// The delay before restarting a child whose run lasted `ran_for`.
+    pub fn after_exit(&mut self, ran_for: Duration) -> Duration {
+        if ran_for >= self.reset_after {
+            self.next = self.initial;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
+/// One supervised child process.
+pub struct Supervised {
+    /// Binary name, e.g. `moltbot-context`.
+    pub name: &'static str,
+    path: PathBuf,
+    models_dir: PathBuf,
+    env: Vec<(&'static str, String)>,
+    child: Option<Child>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    restarts: u32,
+    backoff: Backoff,
+}
+
+impl Supervised {
+    /// Starts `name` (a binary next to `moltbot`) with `env`. Errors when
+    /// the binary is missing or cannot be started.
+    pub fn start(
+        name: &'static str,
+        models_dir: &Path,
+        env: &[(&'static str, String)],
+    ) -> Result<Self, CliError> {
+        let dir = bin_dir()?;
+        let path = dir.join(name);
+        if !path.exists() {
+            return Err(CliError::MissingBinary(name.to_owned(), dir));
+        }
+        let mut supervised = Self {
+            name,
+            path,
+            models_dir: models_dir.to_path_buf(),
+            env: env.to_vec(),
+            child: None,
+            started: Instant::now(),
+            restart_at: None,
+            restarts: 0,
+            backoff: Backoff::standard(),
+        };
+        supervised.spawn()?;
+        Ok(supervised)
+    }
+
+    fn spawn(&mut self) -> Result<(), CliError> {
+        // Children inherit stdout/stderr: their log lines interleave on ours.
+        let mut command = Command::new(&self.path);
+        command.env("MOLTBOT_MODELS_DIR", &self.models_dir);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| CliError::Spawn(self.name.to_owned(), e))?;
+        eprintln!(
+            "up: started {} (pid {})",
+            self.name,
+            child.id().unwrap_or_default()
+        );
+        self.child = Some(child);
+        self.started = Instant::now();
+        self.restart_at = None;
+        Ok(())
+    }
+
+    /// Notices an exit (logged, restart scheduled) and restarts when the
+    /// backoff has passed. Never fails: a restart that cannot spawn is
+    /// logged and tried again after the next delay.
+    pub fn poll(&mut self) {
+        if let Some(child) = &mut self.child {
+            match child.try_wait() {
+                Ok(None) => return,
+                Ok(Some(status)) => {
+                    let ran = self.started.elapsed();
+                    let delay = self.backoff.after_exit(ran);
+                    self.restarts += 1;
+                    eprintln!(
+                        "up: {} exited unexpectedly with {status} after {:.1} s; restarting in {} s (restart {})",
+                        self.name,
+                        ran.as_secs_f64(),
+                        delay.as_secs(),
+                        self.restarts
+                    );
+                    self.child = None;
+                    self.restart_at = Some(Instant::now() + delay);
+                }
+                Err(e) => {
+                    eprintln!("up: cannot check {}: {e}", self.name);
+                    return;
+                }
+            }
+        }
+        if self.restart_at.is_some_and(|at| Instant::now() >= at)
+            && let Err(e) = self.spawn()
+        {
+            let delay = self.backoff.after_exit(Duration::ZERO);
+            eprintln!("up: {e}; trying again in {} s", delay.as_secs());
+            self.restart_at = Some(Instant::now() + delay);
+        }
+    }
+
+    /// SIGTERM, then up to 15 s for the child to stop, then SIGKILL.
+    pub async fn stop(&mut self) {
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => eprintln!("{} exited with {status}", self.name),
+            Ok(Err(e)) => eprintln!("{}: {e}", self.name),
+            Err(_) => {
+                eprintln!("{} did not stop within 15 s; killing it", self.name);
+                let _ = child.kill().await;
+            }
+        }
+        self.child = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets_after_a_long_run() {
+        let mut b = Backoff::standard();
+        let short = Duration::from_secs(2);
+        let delays: Vec<u64> = (0..7).map(|_| b.after_exit(short).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(b.after_exit(Duration::from_secs(61)).as_secs(), 1);
+        assert_eq!(b.after_exit(short).as_secs(), 2);
+    }
+}

@@ -1,0 +1,202 @@
+//! `moltbot up` as a user runs it (default ports, real models): chat is
+//! served without an intent head (degraded), a head that appears later is
+//! served without a restart, and a service killed with SIGKILL is restarted
+//! by the supervisor so turns answer again within 10 s.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use moltbot_e2e::process::binary;
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::{Value, json};
+
+const GATEWAY: &str = "http://127.0.0.1:8080";
+
+async fn turn(client: &reqwest::Client, session: &str) -> Result<Value, String> {
+    let response = client
+        .post(format!("{GATEWAY}/v1/chat/completions"))
+        .timeout(Duration::from_secs(60))
+        .json(&json!({
+            "model": "default",
+            "session_id": session,
+            "messages": [{"role": "user", "content": "what is my checking account balance"}],
+            "max_tokens": 4,
+        }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
+}
+
+fn degraded(v: &Value) -> Vec<String> {
+    v["moltbot"]["degraded"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn readyz(client: &reqwest::Client) -> u16 {
+    client
+        .get(format!("{GATEWAY}/readyz"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
+    let trained = std::path::PathBuf::from(
+        std::env::var("MOLTBOT_INTENT_HEAD_DIR")
+            .expect("MOLTBOT_INTENT_HEAD_DIR names the trained head (`make test` sets it)"),
+    );
+    let work = std::env::temp_dir().join(format!("moltbot-up-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let head = work.join("intent-head");
+    let mut child = Command::new(binary("moltbot"))
+        .arg("up")
+        .env("MOLTBOT_DATA_DIR", work.join("data"))
+        .env("MOLTBOT_INTENT_HEAD_DIR", &head)
+        .env("MOLTBOT_UP_TRAIN_INTENT_HEAD", "false")
+        .env("MOLTBOT_DOCS", "Cargo.toml")
+        .env("MOLTBOT_UP_TIMEOUT_S", "300")
+        .env_remove("MOLTBOT_MASTER_KEY")
+        .env_remove("MOLTBOT_ADMIN_TOKEN")
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("LD_LIBRARY_PATH")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                eprintln!("[up] {line}");
+                output.lock().unwrap().push(line);
+            }
+        });
+    }
+    let client = reqwest::Client::new();
+    let log = || output.lock().unwrap().join("\n");
+
+    // 1. Ready without a head: turns answer, degraded by understanding.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while readyz(&client).await != 200 {
+        assert!(Instant::now() < deadline, "never ready:\n{}", log());
+        assert!(child.try_wait().unwrap().is_none(), "up exited:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let first = turn(&client, "up-1").await.unwrap();
+    assert!(
+        degraded(&first).contains(&"understanding".to_owned()),
+        "{first}"
+    );
+
+    // 2. A head written into place is served without a restart.
+    copy_dir(&trained, &work.join("head.tmp"));
+    std::fs::rename(work.join("head.tmp"), &head).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = turn(&client, "up-2").await.unwrap();
+        if !degraded(&v).contains(&"understanding".to_owned()) {
+            assert_eq!(v["moltbot"]["intent"]["name"], "balance", "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "head never served: {v}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(log().contains("[intents] served"), "{}", log());
+
+    // 3. SIGKILL the context service: /readyz fails, then the supervisor
+    // restarts it and turns answer again within 10 s.
+    let pid: i32 = log()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("up: started moltbot-context (pid ")
+                .and_then(|rest| rest.strip_suffix(')'))
+                .and_then(|p| p.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no context pid in the log:\n{}", log()));
+    nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let mut saw_not_ready = false;
+    loop {
+        if !saw_not_ready && readyz(&client).await == 503 {
+            saw_not_ready = true;
+        }
+        if saw_not_ready && turn(&client, "up-3").await.is_ok() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "no answer within 10 s of killing context (saw /readyz 503: {saw_not_ready}):\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "answered again {:.1} s after SIGKILL",
+        killed.elapsed().as_secs_f64()
+    );
+    let text = log();
+    assert!(
+        text.contains("moltbot-context exited unexpectedly with signal: 9 (SIGKILL)"),
+        "{text}"
+    );
+    assert!(text.contains("restarting in 1 s (restart 1)"), "{text}");
+
+    // 4. SIGTERM stops everything cleanly.
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "up did not stop:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", log());
+    assert!(!log().contains("panicked at"), "{}", log());
+    let _ = std::fs::remove_dir_all(&work);
+}
