@@ -12,6 +12,10 @@ pub struct Args {
     /// HTTP listen address (API, health and `/metrics`). Port 0 picks a free port.
     #[arg(long, env = "MOLTBOT_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// Client TLS for `https://` upstream URLs: the mesh CA and this
+    /// gateway's certificate (mutual TLS).
+    #[command(flatten)]
+    pub tls: moltbot_runtime::grpc::tls::TlsArgs,
     /// Understanding service (optional enrichment).
     #[arg(
         long,

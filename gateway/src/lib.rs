@@ -34,6 +34,7 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         None => routing::GatewayConfig::default(),
     };
     let keys = Arc::new(edge::KeyRing::new(&config, args.http_addr)?);
+    moltbot_runtime::grpc::tls::install_client(&args.tls)?;
     let upstreams = Arc::new(Upstreams::connect(&args)?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &upstreams,

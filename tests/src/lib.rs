@@ -8,6 +8,7 @@
 pub mod collector;
 pub mod grpc;
 pub mod process;
+pub mod stores;
 pub mod tls;
 
 /// The test-only `moltbot.testing.v1.SlowService`.

@@ -38,6 +38,7 @@ pub struct Listening {
     pub grpc_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
 }
 
 /// A running service process, killed on drop if still running.
@@ -105,6 +106,7 @@ impl ServiceProcess {
                             grpc_addr: parse_addr(&v, "grpc_addr"),
                             metrics_addr: parse_addr(&v, "metrics_addr"),
                             http_addr: parse_addr(&v, "http_addr"),
+                            health_addr: parse_addr(&v, "health_addr"),
                         });
                     }
                     eprintln!("[{name}] {line}");

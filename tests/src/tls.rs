@@ -42,6 +42,11 @@ impl TestCa {
         }
     }
 
+    /// The CA certificate, DER.
+    pub fn der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
     /// The CA certificate, PEM.
     pub fn pem(&self) -> String {
         self.issuer.pem()
@@ -71,16 +76,50 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// A mesh component's certificate: SANs `127.0.0.1`, `localhost` and
+    /// the URI `spiffe://moltbot/<component>`, usable as server and client.
+    pub fn component(&self, component: &str) -> Leaf {
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(format!("spiffe://moltbot/{component}")).unwrap(),
+        ));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, component);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+}
+
 impl Leaf {
+    /// The certificate, DER.
+    pub fn der(&self) -> &[u8] {
+        self.cert_der.as_ref()
+    }
+
+    /// The private key.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
     /// A rustls server configuration presenting this leaf, offering h2 and
     /// http/1.1 in ALPN.
     pub fn server_config(&self) -> rustls::ServerConfig {
         let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
-            .with_single_cert(
-                vec![self.cert_der.clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
-            )
+            .with_single_cert(vec![self.cert_der.clone()], self.key())
             .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config

@@ -22,6 +22,9 @@ pub struct ServerArgs {
     /// Grace period for in-flight calls after SIGTERM, in milliseconds.
     #[arg(long, env = "MOLTBOT_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// TLS of the gRPC listener and of this component's own gRPC clients.
+    #[command(flatten)]
+    pub tls: crate::grpc::tls::TlsArgs,
 }
 
 impl ServerArgs {
@@ -156,6 +159,7 @@ mod tests {
             grpc_addr: Some(addr),
             metrics_addr: Some(addr),
             shutdown_grace_ms: 1,
+            tls: Default::default(),
         };
         assert!(
             args.validate()

@@ -24,16 +24,31 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub type TracedChannel = ClientTrace<Channel>;
 
 /// Opens a lazily-connecting, traced channel to `url` (e.g.
-/// `http://127.0.0.1:50054`). The connection is made on the first call and
-/// re-made after the upstream restarts. Errors with
+/// `http://127.0.0.1:50054`, or `https://…` for TLS with this process's
+/// client certificate: [`super::tls`]). The connection is made on the first
+/// call and re-made after the upstream restarts. Errors with
 /// [`RuntimeError::Transport`] for an invalid URL.
 pub fn channel(url: &str) -> Result<TracedChannel, RuntimeError> {
-    let channel = Endpoint::from_shared(url.to_owned())?
+    let parsed = url::Url::parse(url)
+        .map_err(|e| RuntimeError::Config(format!("{url:?} is not a URL: {e}")))?;
+    let tls = parsed.scheme() == "https";
+    // tonic is handed http://: the TLS is done by our connector, which
+    // reloads the certificate files for each new connection.
+    let plain = if tls {
+        format!("http://{}", url.trim_start_matches("https://"))
+    } else {
+        url.to_owned()
+    };
+    let endpoint = Endpoint::from_shared(plain)?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
+        .keep_alive_while_idle(true);
+    let channel = if tls {
+        endpoint.connect_with_connector_lazy(super::tls::TlsConnector::new(&parsed)?)
+    } else {
+        endpoint.connect_lazy()
+    };
     Ok(ClientTrace { inner: channel })
 }
 

@@ -2,7 +2,7 @@
 //! per-RPC spans and metrics and graceful shutdown ([`serve`]), traced
 //! client channels ([`client`]), admin-RPC authorisation ([`admin`]) and
 //! in-process servers on ephemeral ports for tests and benchmarks
-//! ([`LocalServer`]).
+//! ([`LocalServer`]), and TLS on the mesh's hops ([`tls`]).
 
 pub mod admin;
 pub mod client;
@@ -11,6 +11,7 @@ mod local;
 mod observe;
 mod server;
 mod status;
+pub mod tls;
 
 pub use local::LocalServer;
 pub use observe::{Observe, ObserveLayer, ObservedBody};

@@ -72,15 +72,38 @@ pub async fn serve(
             source,
         })?;
     let metrics_listener = metrics::bind(args.metrics_addr.unwrap_or(spec.metrics_addr)).await?;
-    serve_with_listener(
-        grpc,
-        metrics_listener,
+    let tls = super::tls::ServerTls::from_args(&args.tls)?;
+    let health_listener = match tls.as_ref().and_then(|t| t.health_addr) {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RuntimeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    serve_inner(
+        Listeners {
+            grpc,
+            metrics: metrics_listener,
+            tls,
+            health: health_listener,
+        },
         service,
         ready,
         shutdown::signal(),
         args.shutdown_grace(),
     )
     .await
+}
+
+/// The sockets a server runs on.
+struct Listeners {
+    grpc: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+    /// TLS on `grpc` (mutual when a client CA is configured).
+    tls: Option<super::tls::ServerTls>,
+    /// Plaintext `grpc.health.v1.Health` only, beside a TLS `grpc`.
+    health: Option<tokio::net::TcpListener>,
 }
 
 /// Serves `service` with health and reflection on `grpc`, and `/metrics` on
@@ -102,6 +125,34 @@ pub async fn serve_with_listener(
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) -> Result<(), RuntimeError> {
+    serve_inner(
+        Listeners {
+            grpc,
+            metrics: metrics_listener,
+            tls: None,
+            health: None,
+        },
+        service,
+        ready,
+        stop,
+        grace,
+    )
+    .await
+}
+
+async fn serve_inner(
+    listeners: Listeners,
+    service: GrpcService,
+    ready: impl Future<Output = Result<(), RuntimeError>>,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) -> Result<(), RuntimeError> {
+    let Listeners {
+        grpc,
+        metrics: metrics_listener,
+        tls,
+        health: health_listener,
+    } = listeners;
     let name = service.name;
     let health = tonic_health::server::HealthReporter::new();
     let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
@@ -128,30 +179,63 @@ pub async fn serve_with_listener(
 
     let routes = service
         .routes
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
-    tracing::info!(service = name, %grpc_addr, %metrics_addr, "listening");
+    let health_addr = health_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .map(|a| a.to_string());
+    tracing::info!(
+        service = name,
+        %grpc_addr,
+        %metrics_addr,
+        tls = tls.is_some(),
+        health_addr,
+        "listening"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let layers = ServiceBuilder::new()
         // Outermost: the span and metrics must cover everything below,
         // including tonic's own routing and UNIMPLEMENTED answers.
         .layer(ObserveLayer);
-    let server = Server::builder()
-        .layer(layers)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            // TCP_NODELAY: replies are small frames; with Nagle's algorithm
-            // they wait on the peer's delayed ACK (up to 40 ms at p99).
+    let shutdown = async {
+        let _ = stop_rx.await;
+    };
+    let builder = Server::builder().layer(layers).add_routes(routes);
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(
+            builder.serve_with_incoming_shutdown(std::sync::Arc::new(tls).incoming(grpc), shutdown),
+        ),
+        None => Box::pin(builder.serve_with_incoming_shutdown(
+            // TCP_NODELAY: replies are small frames; with Nagle's
+            // algorithm they wait on the peer's delayed ACK (up to 40 ms
+            // at p99).
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+            shutdown,
+        )),
+    };
+    // The plaintext health listener (kubelet probes) stops with the server.
+    let (health_stop_tx, health_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_task = health_listener.map(|listener| {
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = health_stop_rx.await;
+                    },
+                ),
+        )
+    });
     let mut server = tokio::spawn(server);
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, async {
@@ -213,6 +297,10 @@ pub async fn serve_with_listener(
     };
     let _ = metrics_stop_tx.send(());
     let _ = metrics_task.await;
+    let _ = health_stop_tx.send(());
+    if let Some(task) = health_task {
+        let _ = task.await;
+    }
     tracing::info!(service = name, "stopped");
     result
 }
