@@ -40,9 +40,15 @@ enum Next {
     Fail,
 }
 
-fn next_after(code: tonic::Code) -> Next {
+/// What follows a failed attempt with `code`; `more` says whether the chain
+/// has another model after this one. RESOURCE_EXHAUSTED (every key of a
+/// remote model rate limited or cooling, or a full queue) moves to the next
+/// model at once: a turn never sleeps on a busy model while another could
+/// answer; as the last model it is retried with backoff.
+fn next_after(code: tonic::Code, more: bool) -> Next {
     use tonic::Code;
     match code {
+        Code::ResourceExhausted if more => Next::OtherModel,
         Code::Unavailable
         | Code::ResourceExhausted
         | Code::Aborted
@@ -124,7 +130,8 @@ pub async fn start(
 ) -> Result<Started, ApiError> {
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut deadline_hit = false;
-    'models: for model in chain {
+    'models: for (index, model) in chain.iter().enumerate() {
+        let more = index + 1 < chain.len();
         for n in 1..=policy.max_attempts {
             let wait = routing::backoff(policy, n, &mut rng);
             let now = Instant::now();
@@ -162,7 +169,7 @@ pub async fn start(
                         latency_ms,
                         error: Some(status.message().to_owned()),
                     });
-                    match next_after(status.code()) {
+                    match next_after(status.code(), more) {
                         Next::Retry => {}
                         Next::OtherModel => continue 'models,
                         Next::Fail => {
@@ -207,7 +214,18 @@ mod tests {
             "deadline_exceeded"
         );
         assert_eq!(outcome_name(tonic::Code::Unavailable), "unavailable");
-        assert_eq!(next_after(tonic::Code::NotFound), Next::OtherModel);
-        assert_eq!(next_after(tonic::Code::InvalidArgument), Next::Fail);
+        assert_eq!(next_after(tonic::Code::NotFound, true), Next::OtherModel);
+        assert_eq!(next_after(tonic::Code::InvalidArgument, true), Next::Fail);
+        // A rate-limited model: the next one at once, a retry only when
+        // nothing follows it.
+        assert_eq!(
+            next_after(tonic::Code::ResourceExhausted, true),
+            Next::OtherModel
+        );
+        assert_eq!(
+            next_after(tonic::Code::ResourceExhausted, false),
+            Next::Retry
+        );
+        assert_eq!(next_after(tonic::Code::Unavailable, true), Next::Retry);
     }
 }

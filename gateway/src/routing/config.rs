@@ -337,4 +337,17 @@ api_keys:
         assert!(bad_hash.validate().unwrap_err().contains("sha256"));
         GatewayConfig::default().validate().unwrap();
     }
+
+    #[test]
+    fn the_example_config_has_an_offline_fallback() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.yaml");
+        let c = GatewayConfig::load(&path).unwrap();
+        let assistant = c.routes.iter().find(|r| r.name == "assistant").unwrap();
+        // Remote providers first, the local model last.
+        assert!(assistant.candidates[0].model.contains('/'));
+        assert_eq!(
+            assistant.fallbacks.last().map(String::as_str),
+            Some("qwen2.5-coder-0.5b-instruct")
+        );
+    }
 }

@@ -85,6 +85,13 @@ pub struct Args {
     /// Life of a credential lease, in seconds.
     #[arg(long, env = "MOLTBOT_LEASE_TTL_S", default_value_t = 600)]
     pub lease_ttl_s: u64,
+    /// Cool-down of a credential after a 429 without `Retry-After`, in
+    /// seconds.
+    #[arg(long, env = "MOLTBOT_DEFAULT_RETRY_AFTER_S", default_value_t = 60)]
+    pub default_retry_after_s: u64,
+    /// Longest cool-down a provider's `Retry-After` may impose, in seconds.
+    #[arg(long, env = "MOLTBOT_MAX_RETRY_AFTER_S", default_value_t = 600)]
+    pub max_retry_after_s: u64,
     /// Granularity of the health-check scheduler, in milliseconds.
     #[arg(long, env = "MOLTBOT_HEALTH_TICK_MS", default_value_t = 250)]
     pub health_tick_ms: u64,
@@ -133,7 +140,8 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
             max: Duration::from_millis(args.breaker_max_cooldown_ms.max(args.breaker_cooldown_ms)),
         },
         lease_ttl: Duration::from_secs(args.lease_ttl_s.max(1)),
-        default_retry_after: Duration::from_secs(1),
+        default_retry_after: Duration::from_secs(args.default_retry_after_s),
+        max_retry_after: Duration::from_secs(args.max_retry_after_s.max(1)),
         token_refresh_margin: Duration::from_secs(60),
     };
     let registry = registry::Registry::load(store, key, settings)

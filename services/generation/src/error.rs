@@ -52,6 +52,23 @@ pub enum GenerationError {
     /// or answered 5xx. The caller's route may retry or fall back.
     #[error("remote provider unavailable: {0}")]
     RemoteUnavailable(String),
+    /// A remote model cannot take the request now and says so without
+    /// fault of its own: every credential is rate limited (429) or cooling,
+    /// or auth-rotation has no usable lease (breaker open, provider
+    /// unhealthy). The caller should move to its next model at once rather
+    /// than wait on this one.
+    #[error("remote model busy: {0}")]
+    RemoteExhausted(String),
+    /// The provider rejected the request itself (HTTP 400, 404, 413, 422):
+    /// the caller's error, passed back with the provider's own message;
+    /// retrying or another key would not help.
+    #[error("the provider rejected the request (HTTP {status}): {message}")]
+    ProviderRejected {
+        /// The provider's HTTP status.
+        status: u16,
+        /// The provider's error message.
+        message: String,
+    },
     /// The operation does not apply to this backend (token counting of a
     /// remote model).
     #[error("{0}")]
@@ -79,9 +96,10 @@ impl From<GenerationError> for Status {
             GenerationError::ContextOverflow { .. } | GenerationError::InvalidArgument(_) => {
                 Status::invalid_argument(message)
             }
-            GenerationError::QueueFull(_) | GenerationError::OutOfMemory(_) => {
-                Status::resource_exhausted(message)
-            }
+            GenerationError::QueueFull(_)
+            | GenerationError::OutOfMemory(_)
+            | GenerationError::RemoteExhausted(_) => Status::resource_exhausted(message),
+            GenerationError::ProviderRejected { .. } => Status::invalid_argument(message),
             GenerationError::Load { .. } => Status::failed_precondition(message),
             GenerationError::Tokenizer(_) => Status::invalid_argument(message),
             GenerationError::Tensor(_) => Status::internal(message),

@@ -10,6 +10,12 @@ use moltbot_proto::auth::v1::BreakerState;
 /// Consecutive failures that open a closed breaker.
 pub const FAILURE_THRESHOLD: u32 = 3;
 
+/// How long a half-open probe holds the breaker's single slot. A probe
+/// whose outcome is never reported (the request was cancelled, the caller
+/// crashed, the lease expired) releases it after this, so an endpoint never
+/// stays "retry after" forever behind an abandoned probe.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Cool-down settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Cooldown {
@@ -27,7 +33,8 @@ pub struct Breaker {
     /// Times opened in a row without a success: the cool-down exponent.
     openings: u32,
     open_until: Instant,
-    probe_in_flight: bool,
+    /// While a half-open probe is out: when its slot is released anyway.
+    probe_until: Option<Instant>,
 }
 
 impl Default for Breaker {
@@ -37,7 +44,7 @@ impl Default for Breaker {
             failures: 0,
             openings: 0,
             open_until: Instant::now(),
-            probe_in_flight: false,
+            probe_until: None,
         }
     }
 }
@@ -66,17 +73,20 @@ impl Breaker {
         match self.state(now) {
             BreakerState::Closed | BreakerState::Unspecified => Ok(()),
             BreakerState::Open => Err(self.open_until - now),
-            BreakerState::HalfOpen if self.probe_in_flight => Err(Duration::from_millis(100)),
-            BreakerState::HalfOpen => Ok(()),
+            BreakerState::HalfOpen => match self.probe_until {
+                Some(until) if now < until => Err(until - now),
+                _ => Ok(()),
+            },
         }
     }
 
     /// Lets a call through (after [`Breaker::check`]); in half-open state it
-    /// becomes the probe, and no other call passes until it is reported.
+    /// becomes the probe, and no other call passes until it is reported or
+    /// [`PROBE_DEADLINE`] has passed.
     pub fn admit(&mut self, now: Instant) -> bool {
         let probe = self.state(now) == BreakerState::HalfOpen;
         if probe {
-            self.probe_in_flight = true;
+            self.probe_until = Some(now + PROBE_DEADLINE);
         }
         probe
     }
@@ -88,7 +98,7 @@ impl Breaker {
 
     /// A call failed (5xx, timeout, connection error).
     pub fn failure(&mut self, now: Instant, cooldown: Cooldown) {
-        self.probe_in_flight = false;
+        self.probe_until = None;
         if self.open {
             // The half-open probe failed: open again for longer.
             self.openings += 1;
@@ -104,9 +114,9 @@ impl Breaker {
     }
 
     /// A call ended in a way that says nothing about the endpoint (429,
-    /// 401): a probe's slot is released.
+    /// 401, a client error): a probe's slot is released.
     pub fn neutral(&mut self) {
-        self.probe_in_flight = false;
+        self.probe_until = None;
     }
 
     fn cooldown(c: Cooldown, openings: u32) -> Duration {
@@ -149,6 +159,43 @@ mod tests {
         b.success();
         assert_eq!(b.state(t2), BreakerState::Closed);
         assert_eq!(b.failures(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_probe_releases_its_slot_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        for _ in 0..FAILURE_THRESHOLD {
+            b.failure(t0, C);
+        }
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(
+            b.admit(t1),
+            "the first call after the cool-down is the probe"
+        );
+        // Never reported: others wait, but only until the deadline.
+        let waiting = b.check(t1 + Duration::from_secs(1)).unwrap_err();
+        assert_eq!(waiting, PROBE_DEADLINE - Duration::from_secs(1));
+        let later = t1 + PROBE_DEADLINE;
+        assert!(b.check(later).is_ok());
+        assert!(b.admit(later), "a new probe is let through");
+        // That one succeeds: traffic flows again.
+        b.success();
+        assert_eq!(b.state(later), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_neutral_outcome_frees_the_probe_without_closing() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        for _ in 0..FAILURE_THRESHOLD {
+            b.failure(t0, C);
+        }
+        let t1 = t0 + Duration::from_millis(100);
+        b.admit(t1);
+        b.neutral();
+        assert_eq!(b.state(t1), BreakerState::HalfOpen);
+        assert!(b.check(t1).is_ok());
     }
 
     #[test]

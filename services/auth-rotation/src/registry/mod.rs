@@ -37,6 +37,8 @@ pub struct Settings {
     pub lease_ttl: Duration,
     /// Cool-down of a 429 without `Retry-After`.
     pub default_retry_after: Duration,
+    /// Longest cool-down a `Retry-After` may ask for.
+    pub max_retry_after: Duration,
     /// Refresh OAuth2 tokens this long before they expire.
     pub token_refresh_margin: Duration,
 }
@@ -122,6 +124,17 @@ pub struct Registry {
     /// Settings.
     pub settings: Settings,
     http: reqwest::Client,
+}
+
+/// How long a credential cools after a 429: the provider's `Retry-After`
+/// (already in milliseconds; 0 when it sent none) capped at
+/// `max_retry_after`, else `default_retry_after`.
+pub fn cooling_for(retry_after_ms: u64, settings: &Settings) -> Duration {
+    if retry_after_ms == 0 {
+        settings.default_retry_after
+    } else {
+        Duration::from_millis(retry_after_ms).min(settings.max_retry_after)
+    }
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -698,9 +711,10 @@ impl Registry {
                 Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => {
                     endpoint.failure(now, cooldown)
                 }
-                Outcome::RateLimited | Outcome::AuthFailed | Outcome::Unspecified => {
-                    endpoint.neutral()
-                }
+                Outcome::RateLimited
+                | Outcome::AuthFailed
+                | Outcome::ClientError
+                | Outcome::Unspecified => endpoint.neutral(),
             }
             let endpoint_state = endpoint.state(now);
             let c = p
@@ -717,13 +731,10 @@ impl Registry {
                 }
                 Outcome::RateLimited => {
                     c.breaker.neutral();
-                    let wait = if retry_after_ms > 0 {
-                        Duration::from_millis(retry_after_ms)
-                    } else {
-                        self.settings.default_retry_after
-                    };
+                    let wait = cooling_for(retry_after_ms, &self.settings);
                     c.cooling_until = Some((now + wait, SystemTime::now() + wait));
                 }
+                Outcome::ClientError => c.breaker.neutral(),
                 Outcome::AuthFailed => {
                     c.breaker.neutral();
                     if c.state == CredentialState::Active {

@@ -2,8 +2,12 @@
 //! provider, named `<provider>/<model>`. Every call runs on a credential
 //! lease from the auth-rotation service and reports its outcome there. A 401
 //! or 429 before the first byte moves on to the next credential at once (the
-//! caller never sees it); 5xx, connection errors and timeouts end the call as
-//! UNAVAILABLE so the gateway's route retries or falls back. Time to first
+//! caller never sees it); when no credential is left (all rate limited or
+//! cooling) the call ends RESOURCE_EXHAUSTED, so the gateway moves to its
+//! next model without waiting. A 400/404/413/422 is the request's own fault:
+//! INVALID_ARGUMENT with the provider's message, nothing retried or counted.
+//! 5xx, connection errors and timeouts end the call as UNAVAILABLE so the
+//! gateway's route retries or falls back. Time to first
 //! token and the gap between stream events are bounded, so a stuck provider
 //! fails over instead of hanging.
 
@@ -54,21 +58,52 @@ pub fn split_name(name: &str) -> Option<(&str, &str)> {
     (!p.is_empty() && !m.is_empty()).then_some((p, m))
 }
 
-fn outcome_of(status: u16) -> Outcome {
+/// What a provider's HTTP status says about the call: 2xx ok; 401/403 the
+/// credential; 429 rate limited; 400/404/413/422 the request itself (the
+/// client's error, counted by no breaker); anything else (5xx, 529
+/// overloaded) the provider, counted by the breakers.
+pub fn outcome_of(status: u16) -> Outcome {
     match status {
         200..=299 => Outcome::Ok,
         401 | 403 => Outcome::AuthFailed,
         429 => Outcome::RateLimited,
+        400 | 404 | 413 | 422 => Outcome::ClientError,
         _ => Outcome::ServerError,
     }
 }
 
-fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> u64 {
-    headers
+/// `Retry-After` in milliseconds (RFC 9110 §10.2.3): delta-seconds, or an
+/// HTTP-date (counted from `now`; a date in the past is 0). 0 when absent
+/// or unreadable: auth-rotation then applies its default cool-down.
+pub fn retry_after_ms(headers: &reqwest::header::HeaderMap, now: std::time::SystemTime) -> u64 {
+    let Some(value) = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |s| (s * 1000.0) as u64)
+        .map(str::trim)
+    else {
+        return 0;
+    };
+    if let Ok(seconds) = value.parse::<f64>() {
+        return if seconds.is_finite() && seconds > 0.0 {
+            (seconds * 1000.0) as u64
+        } else {
+            0
+        };
+    }
+    httpdate::parse_http_date(value)
+        .ok()
+        .and_then(|at| at.duration_since(now).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The provider's error message from an error body: OpenAI's and
+/// Anthropic's `{"error": {"message": …}}`, else the body's first 500
+/// characters.
+pub fn provider_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.chars().take(500).collect())
 }
 
 /// Reports how a leased call went; failures to report are logged (the call's
@@ -123,6 +158,11 @@ impl RemoteBackend {
             .await
             .map_err(|s| match s.code() {
                 tonic::Code::NotFound => GenerationError::UnknownModel(self.name.clone()),
+                // No usable lease (every key cooling or behind an open
+                // breaker, the provider unhealthy): not worth waiting on.
+                tonic::Code::Unavailable => {
+                    GenerationError::RemoteExhausted(format!("{}: {}", self.name, s.message()))
+                }
                 _ => GenerationError::RemoteUnavailable(format!("auth-rotation: {}", s.message())),
             })?;
         response.into_inner().lease.ok_or_else(|| {
@@ -162,8 +202,18 @@ impl Backend for RemoteBackend {
         input: GenerateInput,
     ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
         let mut last_error = String::new();
+        let mut rate_limited = false;
         for _ in 0..self.settings.max_credentials.max(1) {
-            let lease = self.lease().await?;
+            let lease = match self.lease().await {
+                Ok(lease) => lease,
+                // A key already refused this turn and no other to lease.
+                Err(GenerationError::RemoteExhausted(m)) if !last_error.is_empty() => {
+                    return Err(GenerationError::RemoteExhausted(format!(
+                        "{m} (after {last_error})"
+                    )));
+                }
+                Err(e) => return Err(e),
+            };
             let kind = ProviderKind::try_from(lease.kind).unwrap_or(ProviderKind::Openai);
             let (url, body) = match kind {
                 ProviderKind::Anthropic => (
@@ -216,13 +266,29 @@ impl Backend for RemoteBackend {
             let outcome = outcome_of(status);
             match outcome {
                 Outcome::Ok => {}
+                Outcome::ClientError => {
+                    report(self.auth.clone(), &lease, outcome, status, 0, started).await;
+                    let body = tokio::time::timeout(
+                        self.settings.ttft_timeout.saturating_sub(started.elapsed()),
+                        response.text(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                    return Err(GenerationError::ProviderRejected {
+                        status,
+                        message: provider_message(&body),
+                    });
+                }
                 Outcome::AuthFailed | Outcome::RateLimited => {
                     // This credential cannot serve now; the next lease gets
                     // another one (auth-rotation invalidates or cools it).
-                    let wait = retry_after_ms(response.headers());
+                    let wait = retry_after_ms(response.headers(), std::time::SystemTime::now());
                     report(self.auth.clone(), &lease, outcome, status, wait, started).await;
                     tracing::warn!(provider = %self.provider, model = %self.model, credential_id = %lease.credential_id, http_status = status, "credential refused; trying the next");
                     last_error = format!("HTTP {status} from {}", self.provider);
+                    rate_limited |= outcome == Outcome::RateLimited;
                     continue;
                 }
                 _ => {
@@ -251,10 +317,12 @@ impl Backend for RemoteBackend {
             });
             return Ok(rx);
         }
-        Err(GenerationError::RemoteUnavailable(format!(
-            "{}: no credential was accepted ({last_error})",
-            self.name
-        )))
+        let message = format!("{}: no credential was accepted ({last_error})", self.name);
+        Err(if rate_limited {
+            GenerationError::RemoteExhausted(message)
+        } else {
+            GenerationError::RemoteUnavailable(message)
+        })
     }
 }
 
@@ -357,4 +425,65 @@ fn finished(
     usage.total_ms = received.elapsed().as_millis() as u64;
     let _ = tx.send(Event::Finished { reason, usage });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn with_retry_after(v: &str) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            reqwest::header::HeaderValue::from_str(v)
+                .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static("unreadable")),
+        );
+        h
+    }
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        assert_eq!(outcome_of(200), Outcome::Ok);
+        assert_eq!(outcome_of(401), Outcome::AuthFailed);
+        assert_eq!(outcome_of(403), Outcome::AuthFailed);
+        assert_eq!(outcome_of(429), Outcome::RateLimited);
+        for client in [400, 404, 413, 422] {
+            assert_eq!(outcome_of(client), Outcome::ClientError, "{client}");
+        }
+        for server in [500, 502, 503, 529] {
+            assert_eq!(outcome_of(server), Outcome::ServerError, "{server}");
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after_ms(&with_retry_after("7"), now), 7_000);
+        assert_eq!(retry_after_ms(&with_retry_after("0.5"), now), 500);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(42));
+        assert_eq!(retry_after_ms(&with_retry_after(&later), now), 42_000);
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(5));
+        assert_eq!(retry_after_ms(&with_retry_after(&earlier), now), 0);
+        assert_eq!(retry_after_ms(&with_retry_after("soon"), now), 0);
+        assert_eq!(retry_after_ms(&reqwest::header::HeaderMap::new(), now), 0);
+    }
+
+    #[test]
+    fn provider_messages_come_from_either_error_envelope() {
+        assert_eq!(
+            provider_message(
+                r#"{"error":{"message":"max_tokens is too large","type":"invalid_request_error"}}"#
+            ),
+            "max_tokens is too large"
+        );
+        assert_eq!(
+            provider_message(
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages: empty"}}"#
+            ),
+            "messages: empty"
+        );
+        assert_eq!(provider_message("plain text"), "plain text");
+    }
 }
