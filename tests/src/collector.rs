@@ -80,11 +80,25 @@ pub struct Collector {
 impl Collector {
     /// Starts on an ephemeral port.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts on an ephemeral port, speaking TLS with `leaf` when given
+    /// (a hosted collector's `https://` endpoint).
+    pub async fn start_with(leaf: Option<&crate::tls::Leaf>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let sink = Sink::default();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(leaf) = leaf {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(&leaf.cert_pem, &leaf.key_pem),
+                ))
+                .unwrap();
+        }
+        let server = builder
             .add_service(TraceServiceServer::new(sink.clone()))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -103,6 +117,11 @@ impl Collector {
     /// `http://<addr>`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `https://127.0.0.1:<port>`, for a collector started with TLS.
+    pub fn https_endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
     }
 
     /// Every span received so far.

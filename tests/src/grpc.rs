@@ -77,3 +77,12 @@ pub async fn reflection_services(channel: &Channel) -> Vec<String> {
         other => panic!("unexpected reflection answer: {other:?}"),
     }
 }
+
+/// `msg` as a request carrying `authorization: Bearer <token>` (admin RPCs).
+pub fn with_bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(msg);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}

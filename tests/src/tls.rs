@@ -65,18 +65,9 @@ impl TestCa {
         params
             .distinguished_name
             .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().clone(),
-            key_der: key.serialize_der(),
-        }
+        self.sign(&params)
     }
-}
 
-impl TestCa {
     /// A mesh component's certificate: SANs `127.0.0.1`, `localhost` and
     /// the URI `spiffe://moltbot/<component>`, usable as server and client.
     pub fn component(&self, component: &str) -> Leaf {
@@ -92,6 +83,11 @@ impl TestCa {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        self.sign(&params)
+    }
+
+    /// A new key pair and its certificate from `params`, signed by this CA.
+    fn sign(&self, params: &CertificateParams) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {

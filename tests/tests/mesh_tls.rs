@@ -105,6 +105,20 @@ async fn presented(pki: &Pki, port: u16, identity: &Leaf) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// True when the connection failed, or a call over it did.
+async fn refused(connected: Result<Channel, tonic::transport::Error>) -> bool {
+    match connected {
+        Err(_) => true,
+        Ok(channel) => ContextServiceClient::new(channel)
+            .get_history(GetHistoryRequest {
+                session_id: "mtls-1".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_turn_over_mutual_tls_on_every_hop() {
     let pki = Pki::new();
@@ -197,28 +211,15 @@ async fn one_turn_over_mutual_tls_on_every_hop() {
         .unwrap()
         .connect()
         .await;
-    let refused = match plain {
-        Err(_) => true,
-        Ok(channel) => ContextServiceClient::new(channel)
-            .get_history(GetHistoryRequest {
-                session_id: "mtls-1".into(),
-                ..Default::default()
-            })
-            .await
-            .is_err(),
-    };
-    assert!(refused, "a plaintext client reached a TLS-only server");
-    let anonymous = match client(&pki, &https(&context), None).await {
-        Err(_) => true,
-        Ok(channel) => ContextServiceClient::new(channel)
-            .get_history(GetHistoryRequest {
-                session_id: "mtls-1".into(),
-                ..Default::default()
-            })
-            .await
-            .is_err(),
-    };
-    assert!(anonymous, "a client without a certificate was served");
+    assert!(
+        refused(plain).await,
+        "a plaintext client reached a TLS-only server"
+    );
+    let anonymous = client(&pki, &https(&context), None).await;
+    assert!(
+        refused(anonymous).await,
+        "a client without a certificate was served"
+    );
 
     // Rotation: replace context's certificate on disk; the next connection
     // is shown the new one, no restart.

@@ -148,10 +148,7 @@ async fn start_fake(fake: Arc<Fake>) -> String {
 }
 
 fn admin<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", "Bearer admin".parse().unwrap());
-    r
+    grpc::with_bearer(msg, "admin")
 }
 
 async fn provider(

@@ -2,8 +2,10 @@
 //! behind rustls with a certificate from a CA made here, trusted only
 //! through `SSL_CERT_FILE`, registered with `moltbot keys add --base-url
 //! https://127.0.0.1:PORT/v1`, answers a chat turn through the gateway
-//! (`"model": "<provider>/<model>"`) over HTTP/2. A second fake whose CA is
-//! not trusted is refused, and its health says why.
+//! (`"model": "<provider>/<model>"`) over HTTP/2; so do an Anthropic
+//! provider (Messages API, streamed) and one whose key is an OAuth2 token
+//! fetched from a token endpoint over HTTPS. A second fake whose CA is not
+//! trusted is refused, and its health says why.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
@@ -20,11 +22,14 @@ use axum::{
 };
 use moltbot_e2e::{grpc, process::ServiceProcess, tls};
 use moltbot_proto::auth::v1::{
-    ListProvidersRequest, auth_rotation_service_client::AuthRotationServiceClient,
+    AddCredentialRequest, ListProvidersRequest, OAuth2ClientCredentials, ProviderKind,
+    UpsertProviderRequest, add_credential_request,
+    auth_rotation_service_client::AuthRotationServiceClient,
 };
 use serde_json::{Value, json};
 
 const KEY: &str = "sk-tls-provider-key";
+const OAUTH_TOKEN: &str = "tok-from-the-tls-token-endpoint";
 
 /// An OpenAI-compatible fake that streams `reply` and records the HTTP
 /// version of each chat request.
@@ -33,8 +38,9 @@ fn fake(reply: &'static str, versions: Arc<Mutex<Vec<Version>>>) -> Router {
         let versions = versions.clone();
         async move {
             versions.lock().unwrap().push(version);
-            if headers.get("authorization").and_then(|v| v.to_str().ok())
-                != Some(&format!("Bearer {KEY}"))
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+            if auth != Some(&format!("Bearer {KEY}"))
+                && auth != Some(&format!("Bearer {OAUTH_TOKEN}"))
             {
                 return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
             }
@@ -50,8 +56,45 @@ fn fake(reply: &'static str, versions: Arc<Mutex<Vec<Version>>>) -> Router {
             (StatusCode::OK, h, body)
         }
     };
+    // Anthropic's Messages API, streamed, for the `x-api-key` key.
+    let messages = |headers: HeaderMap| async move {
+        if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(KEY) {
+            return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
+        }
+        let events = [
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 7}}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello from Claude"}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " over TLS"}}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}}),
+            json!({"type": "message_stop"}),
+        ];
+        let body: String = events
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/event-stream".parse().unwrap());
+        (StatusCode::OK, h, body)
+    };
+    // An OAuth2 token endpoint (client credentials, RFC 6749 §4.4).
+    let token = |body: String| async move {
+        if !body.contains("client_secret=cs-tls") {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "invalid_client"})),
+            );
+        }
+        (
+            StatusCode::OK,
+            axum::Json(
+                json!({"access_token": OAUTH_TOKEN, "token_type": "Bearer", "expires_in": 3600}),
+            ),
+        )
+    };
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(messages))
+        .route("/oauth/token", post(token))
         .route(
             "/v1/models",
             get(|| async { axum::Json(json!({"data": []})).into_response() }),
@@ -59,15 +102,13 @@ fn fake(reply: &'static str, versions: Arc<Mutex<Vec<Version>>>) -> Router {
 }
 
 fn keys_add(auth_url: &str, provider: &str, base_url: &str, model: &str) {
+    keys_add_kind(auth_url, provider, "openai", base_url, model);
+}
+
+fn keys_add_kind(auth_url: &str, provider: &str, kind: &str, base_url: &str, model: &str) {
     let output = std::process::Command::new(moltbot_e2e::process::binary("moltbot"))
-        .args([
-            "keys",
-            "add",
-            "--provider",
-            provider,
-            "--base-url",
-            base_url,
-        ])
+        .args(["keys", "add", "--provider", provider, "--kind", kind])
+        .args(["--base-url", base_url])
         .args(["--models", model])
         .env("MOLTBOT_AUTH_URL", auth_url)
         .env("MOLTBOT_ADMIN_TOKEN", "admin")
@@ -124,9 +165,50 @@ async fn an_https_provider_trusted_through_ssl_cert_file_answers_a_turn() {
         "gpt-rogue",
     );
 
+    let mut client = AuthRotationServiceClient::new(grpc::connect(&auth.grpc_url()).await);
+    let base = format!("https://127.0.0.1:{}", trusted.port());
+    // Anthropic over HTTPS, and an OpenAI-compatible provider whose key is
+    // an OAuth2 access token from a token endpoint over HTTPS.
+    keys_add_kind(
+        &auth.grpc_url(),
+        "tlsclaude",
+        "anthropic",
+        &format!("{base}/v1"),
+        "claude-tls",
+    );
+    client
+        .upsert_provider(grpc::with_bearer(
+            UpsertProviderRequest {
+                name: "tlsoauth".into(),
+                kind: ProviderKind::Openai as i32,
+                base_url: format!("{base}/v1"),
+                models: vec!["gpt-oauth".into()],
+                health_check_interval_seconds: 30,
+            },
+            "admin",
+        ))
+        .await
+        .unwrap();
+    client
+        .add_credential(grpc::with_bearer(
+            AddCredentialRequest {
+                provider: "tlsoauth".into(),
+                secret: Some(add_credential_request::Secret::Oauth2(
+                    OAuth2ClientCredentials {
+                        token_url: format!("{base}/oauth/token"),
+                        client_id: "moltbot".into(),
+                        client_secret: "cs-tls".into(),
+                        scopes: vec!["chat".into()],
+                    },
+                )),
+            },
+            "admin",
+        ))
+        .await
+        .unwrap();
+
     // Health checks run over HTTPS: the trusted provider is healthy, the
     // other is unhealthy with the reason in words.
-    let mut client = AuthRotationServiceClient::new(grpc::connect(&auth.grpc_url()).await);
     let deadline = Instant::now() + Duration::from_secs(20);
     let (good, bad) = loop {
         let providers = client
@@ -197,6 +279,20 @@ async fn an_https_provider_trusted_through_ssl_cert_file_answers_a_turn() {
         trusted_versions.lock().unwrap().as_slice(),
         &[Version::HTTP_2],
         "the provider offered h2 in ALPN"
+    );
+
+    trusted_versions.lock().unwrap().clear();
+    let (status, body) = chat("tlsclaude/claude-tls").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "Hello from Claude over TLS",
+        "{body}"
+    );
+    let (status, body) = chat("tlsoauth/gpt-oauth").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "Hello over TLS",
+        "{body}"
     );
 
     // The untrusted provider is never spoken to: no request reached it.

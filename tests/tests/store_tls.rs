@@ -1,8 +1,9 @@
 //! The stores over TLS, as managed Redis and PostgreSQL require: context on
 //! a Redis that listens only on its TLS port (`rediss://`), and
 //! auth-rotation on a PostgreSQL whose `pg_hba.conf` admits TLS connections
-//! only (`sslmode=verify-full`), each trusting a CA made here. A client that
-//! does not trust the CA is refused.
+//! only (`sslmode=verify-full`), each trusting a CA made here; and spans
+//! exported to an `https://` OTLP collector, as hosted collectors require. A
+//! client that does not trust the CA is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
@@ -152,5 +153,41 @@ async fn auth_rotation_stores_providers_in_postgres_over_verified_tls() {
         .providers;
     assert!(listed.iter().any(|p| p.name == "over-tls"), "{listed:?}");
     auth.stop();
+    let _ = std::fs::remove_file(root);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_reach_an_https_collector_trusted_through_ssl_cert_file() {
+    let ca = TestCa::new("MoltBot test collector CA");
+    let collector =
+        moltbot_e2e::collector::Collector::start_with(Some(&ca.leaf(&["127.0.0.1"]))).await;
+    let root = bundle(&ca, "otlp-ca");
+    let context = ServiceProcess::start(
+        "moltbot-context",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.https_endpoint()),
+            ("OTEL_SERVICE_NAME", "moltbot-context".to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            ("SSL_CERT_FILE", root.display().to_string()),
+        ],
+    );
+    let channel = grpc::connect(&context.grpc_url()).await;
+    grpc::wait_serving(&channel, "", Duration::from_secs(20)).await;
+    let _ = ContextServiceClient::new(channel)
+        .get_history(GetHistoryRequest {
+            session_id: "otlp-tls".into(),
+            ..Default::default()
+        })
+        .await;
+    let spans = collector
+        .wait_for(Duration::from_secs(10), |s| {
+            s.iter().any(|x| x.service_name == "moltbot-context")
+        })
+        .await;
+    assert!(
+        spans.iter().any(|x| x.service_name == "moltbot-context"),
+        "no span reached the TLS collector"
+    );
+    context.stop();
     let _ = std::fs::remove_file(root);
 }

@@ -1,11 +1,23 @@
-//! The live state of providers, credentials and endpoints: which credential a
-//! lease gets, how outcomes move breakers and credential states, and the
-//! stream of state changes. The store holds what must survive a restart
-//! (providers, ciphertext, invalid/revoked states); cool-downs, breakers and
-//! OAuth2 access tokens live here.
+//! The registry: providers, credentials and endpoints, and the stream of
+//! their state changes. The store holds what must survive a restart
+//! (providers, ciphertext, invalid/revoked states); cool-downs, breakers,
+//! leases and OAuth2 access tokens live here. By concern:
+//!
+//! - [`state`]: the live state and its client-facing statuses;
+//! - [`select`]: which credential a lease gets (pure);
+//! - [`outcome`]: what a reported outcome changes (pure);
+//! - [`breaker`]: the circuit breaker;
+//! - `oauth`: OAuth2 token fetches and refreshes;
+//! - [`health`]: the periodic health checks.
+//!
+//! This module owns the lock, the leases, persistence and events.
 
 pub mod breaker;
 pub mod health;
+mod oauth;
+pub mod outcome;
+pub mod select;
+pub mod state;
 pub mod url;
 
 use std::{
@@ -15,8 +27,8 @@ use std::{
 };
 
 use moltbot_proto::auth::v1::{
-    BreakerState, CredentialSlot, CredentialState, CredentialStatus, EndpointStatus, Lease,
-    Outcome, ProviderKind, ProviderStatus, ReportOutcomeResponse, WatchProviderHealthResponse,
+    BreakerState, CredentialSlot, CredentialState, CredentialStatus, Lease, Outcome, ProviderKind,
+    ProviderStatus, ReportOutcomeResponse, WatchProviderHealthResponse,
 };
 use rand::Rng;
 use tokio::sync::broadcast;
@@ -26,7 +38,9 @@ use crate::{
     crypto::{MasterKey, Secret},
     store::{CredentialRow, ProviderRow, Store},
 };
-use breaker::{Breaker, Cooldown};
+use breaker::Cooldown;
+use oauth::TokenFetch;
+pub use state::{Cred, OAuth, ProviderState, cred_status, slot_name, status_of, timestamp};
 
 /// Settings of the registry.
 #[derive(Debug, Clone, Copy)]
@@ -41,64 +55,6 @@ pub struct Settings {
     pub max_retry_after: Duration,
     /// Refresh OAuth2 tokens this long before they expire.
     pub token_refresh_margin: Duration,
-}
-
-/// An OAuth2 client-credentials grant and its current access token.
-#[derive(Debug, Clone)]
-pub struct OAuth {
-    /// Token endpoint.
-    pub token_url: String,
-    /// Client id.
-    pub client_id: String,
-    /// Scopes, space-separated.
-    pub scopes: String,
-    /// Current access token and its expiry.
-    pub token: Option<(Secret, SystemTime)>,
-}
-
-/// One credential's live state.
-#[derive(Debug, Clone)]
-pub struct Cred {
-    /// Id.
-    pub id: String,
-    /// Slot.
-    pub slot: CredentialSlot,
-    /// Active, invalid or revoked (cooling is `cooling_until`).
-    pub state: CredentialState,
-    /// End of a 429 cool-down.
-    pub cooling_until: Option<(Instant, SystemTime)>,
-    /// Its breaker.
-    pub breaker: Breaker,
-    /// The key, or the OAuth2 client secret.
-    pub secret: Secret,
-    /// OAuth2 grant, for the OAuth2 slot.
-    pub oauth: Option<OAuth>,
-}
-
-impl Cred {
-    fn effective_state(&self, now: Instant) -> CredentialState {
-        match (self.state, self.cooling_until) {
-            (CredentialState::Active, Some((until, _))) if now < until => CredentialState::Cooling,
-            (s, _) => s,
-        }
-    }
-}
-
-/// One provider's live state.
-#[derive(Debug, Clone)]
-pub struct ProviderState {
-    /// Its stored configuration.
-    pub row: ProviderRow,
-    /// Result of the last health check (true before the first).
-    pub healthy: bool,
-    /// Time of the last health check.
-    pub last_checked: Option<SystemTime>,
-    /// What the last health check found (empty before the first).
-    pub health_detail: String,
-    /// Credentials, by slot.
-    pub creds: Vec<Cred>,
-    /// Per-model endpoint breakers.
-    pub endpoints: BTreeMap<String, Breaker>,
 }
 
 struct LeaseInfo {
@@ -126,81 +82,8 @@ pub struct Registry {
     http: reqwest::Client,
 }
 
-/// How long a credential cools after a 429: the provider's `Retry-After`
-/// (already in milliseconds; 0 when it sent none) capped at
-/// `max_retry_after`, else `default_retry_after`.
-pub fn cooling_for(retry_after_ms: u64, settings: &Settings) -> Duration {
-    if retry_after_ms == 0 {
-        settings.default_retry_after
-    } else {
-        Duration::from_millis(retry_after_ms).min(settings.max_retry_after)
-    }
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The status of `p` as clients see it (no secrets).
-pub fn status_of(p: &ProviderState, now: Instant) -> ProviderStatus {
-    ProviderStatus {
-        name: p.row.name.clone(),
-        kind: p.row.kind,
-        base_url: p.row.base_url.clone(),
-        models: p.row.models.clone(),
-        healthy: p.healthy,
-        last_checked_at: p.last_checked.map(timestamp),
-        credentials: p.creds.iter().map(|c| cred_status(c, now)).collect(),
-        endpoints: p
-            .endpoints
-            .iter()
-            .map(|(model, b)| EndpointStatus {
-                model: model.clone(),
-                breaker: b.state(now) as i32,
-                consecutive_failures: b.failures(),
-            })
-            .collect(),
-        health_check_interval_seconds: p.row.health_interval_s,
-        health_detail: p.health_detail.clone(),
-    }
-}
-
-fn cred_status(c: &Cred, now: Instant) -> CredentialStatus {
-    let state = c.effective_state(now);
-    CredentialStatus {
-        credential_id: c.id.clone(),
-        slot: c.slot as i32,
-        state: state as i32,
-        breaker: c.breaker.state(now) as i32,
-        consecutive_failures: c.breaker.failures(),
-        cooling_until: match (state, c.cooling_until) {
-            (CredentialState::Cooling, Some((_, wall))) => Some(timestamp(wall)),
-            _ => None,
-        },
-        token_expires_at: c
-            .oauth
-            .as_ref()
-            .and_then(|o| o.token.as_ref())
-            .map(|(_, at)| timestamp(*at)),
-    }
-}
-
-/// What a lease needs from an OAuth2 credential whose token must be fetched.
-struct TokenFetch {
-    provider: String,
-    credential_id: String,
-    token_url: String,
-    client_id: String,
-    client_secret: Secret,
-    scopes: String,
 }
 
 impl Registry {
@@ -210,27 +93,14 @@ impl Registry {
     pub async fn load(store: Store, key: MasterKey, settings: Settings) -> Result<Self, AuthError> {
         let mut inner = Inner::default();
         for row in store.providers().await? {
-            let endpoints = row
-                .models
-                .iter()
-                .map(|m| (m.clone(), Breaker::default()))
-                .collect();
-            inner.providers.insert(
-                row.name.clone(),
-                ProviderState {
-                    row,
-                    healthy: true,
-                    last_checked: None,
-                    health_detail: String::new(),
-                    creds: Vec::new(),
-                    endpoints,
-                },
-            );
+            inner
+                .providers
+                .insert(row.name.clone(), ProviderState::new(row));
         }
         for c in store.credentials().await? {
             let secret = key.open(&c.id, &c.secret)?;
             if let Some(p) = inner.providers.get_mut(&c.provider) {
-                p.creds.push(cred_from(&c, secret));
+                p.creds.push(Cred::from_row(&c, secret)?);
             }
         }
         let (events, _) = broadcast::channel(1024);
@@ -305,14 +175,7 @@ impl Registry {
             let p = inner
                 .providers
                 .entry(row.name.clone())
-                .or_insert_with(|| ProviderState {
-                    row: row.clone(),
-                    healthy: true,
-                    last_checked: None,
-                    health_detail: String::new(),
-                    creds: Vec::new(),
-                    endpoints: BTreeMap::new(),
-                });
+                .or_insert_with(|| ProviderState::new(row.clone()));
             p.row = row.clone();
             p.endpoints.retain(|m, _| row.models.contains(m));
             for m in &row.models {
@@ -356,7 +219,7 @@ impl Registry {
                 AuthError::NotFound(format!("provider `{provider}` does not exist"))
             })?;
             p.creds.retain(|c| c.slot != slot);
-            p.creds.push(cred_from(&row, secret));
+            p.creds.push(Cred::from_row(&row, secret)?);
             p.creds.sort_by_key(|c| c.slot as i32);
             let c = p
                 .creds
@@ -454,59 +317,8 @@ impl Registry {
             let p = inner.providers.get_mut(provider).ok_or_else(|| {
                 AuthError::NotFound(format!("provider `{provider}` does not exist"))
             })?;
-            if !p.row.models.iter().any(|m| m == model) {
-                return Err(AuthError::NotFound(format!(
-                    "provider `{provider}` does not serve model `{model}`"
-                )));
-            }
-            if !p.healthy {
-                return Err(AuthError::Unavailable {
-                    message: format!("provider `{provider}` failed its last health check"),
-                });
-            }
-            let endpoint = p.endpoints.entry(model.to_owned()).or_default();
-            if let Err(wait) = endpoint.check(now) {
-                return Err(AuthError::Unavailable {
-                    message: format!(
-                        "endpoint {provider}/{model}: breaker open; retry after {} ms",
-                        wait.as_millis().max(1)
-                    ),
-                });
-            }
-            let mut soonest: Option<Duration> = None;
-            let mut pick = None;
-            for (i, c) in p.creds.iter().enumerate() {
-                let wait = match c.effective_state(now) {
-                    CredentialState::Active => c.breaker.check(now).err(),
-                    CredentialState::Cooling => c.cooling_until.map(|(u, _)| u - now),
-                    _ => continue,
-                };
-                match wait {
-                    None => {
-                        pick = Some(i);
-                        break;
-                    }
-                    Some(w) => soonest = Some(soonest.map_or(w, |s: Duration| s.min(w))),
-                }
-            }
-            let Some(i) = pick else {
-                return Err(AuthError::Unavailable {
-                    message: match soonest {
-                        Some(w) => format!(
-                            "no usable credential for `{provider}`; retry after {} ms",
-                            w.as_millis().max(1)
-                        ),
-                        None => format!(
-                            "no usable credential for `{provider}`: every one is invalid or revoked; rotate one"
-                        ),
-                    },
-                });
-            };
-            if let Some(e) = p.endpoints.get_mut(model) {
-                e.admit(now);
-            }
-            let c = &mut p.creds[i];
-            c.breaker.admit(now);
+            let i = select::select(p, model, now)?;
+            let c = &p.creds[i];
             let kind = ProviderKind::try_from(p.row.kind).unwrap_or(ProviderKind::Openai);
             let base_url = p.row.base_url.clone();
             let fetch = match &c.oauth {
@@ -566,112 +378,6 @@ impl Registry {
         })
     }
 
-    /// Fetches an OAuth2 access token (RFC 6749 §4.4) and caches it.
-    async fn fetch_token(&self, f: TokenFetch) -> Result<Secret, AuthError> {
-        let mut form = vec![
-            ("grant_type", "client_credentials".to_owned()),
-            ("client_id", f.client_id.clone()),
-            ("client_secret", f.client_secret.expose().to_owned()),
-        ];
-        if !f.scopes.is_empty() {
-            form.push(("scope", f.scopes.clone()));
-        }
-        let body = ::url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
-            .finish();
-        let response = self
-            .http
-            .post(&f.token_url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| AuthError::Unavailable {
-                message: format!(
-                    "token endpoint of `{}` unreachable: {}",
-                    f.provider,
-                    moltbot_runtime::tls::explain(&e)
-                ),
-            })?;
-        let status = response.status();
-        if !status.is_success() {
-            if status.as_u16() == 401 || status.as_u16() == 400 {
-                let _ = self
-                    .set_state(
-                        &f.provider,
-                        &f.credential_id,
-                        CredentialState::Invalid,
-                        "token request rejected",
-                    )
-                    .await;
-            }
-            return Err(AuthError::Unavailable {
-                message: format!("token endpoint of `{}` answered HTTP {status}", f.provider),
-            });
-        }
-        let json: serde_json::Value =
-            response.json().await.map_err(|_| AuthError::Unavailable {
-                message: format!(
-                    "token endpoint of `{}` sent an unreadable answer",
-                    f.provider
-                ),
-            })?;
-        let token = json["access_token"]
-            .as_str()
-            .ok_or_else(|| AuthError::Unavailable {
-                message: format!("token endpoint of `{}` sent no access_token", f.provider),
-            })?;
-        let expires_in = json["expires_in"].as_u64().unwrap_or(3600);
-        let secret = Secret::new(token);
-        let expires = SystemTime::now() + Duration::from_secs(expires_in);
-        let mut inner = lock(&self.inner);
-        if let Some(c) = inner
-            .providers
-            .get_mut(&f.provider)
-            .and_then(|p| p.creds.iter_mut().find(|c| c.id == f.credential_id))
-            && let Some(o) = c.oauth.as_mut()
-        {
-            o.token = Some((secret.clone(), expires));
-        }
-        tracing::info!(provider = %f.provider, credential_id = %f.credential_id, expires_in, "OAuth2 token refreshed");
-        Ok(secret)
-    }
-
-    /// OAuth2 credentials whose token expires within the refresh margin (or
-    /// has none yet), for the background refresher.
-    pub async fn refresh_tokens(&self) {
-        let due: Vec<TokenFetch> = {
-            let inner = lock(&self.inner);
-            let soon = SystemTime::now() + self.settings.token_refresh_margin;
-            inner
-                .providers
-                .values()
-                .flat_map(|p| {
-                    p.creds.iter().filter_map(move |c| {
-                        let o = c.oauth.as_ref()?;
-                        if c.state != CredentialState::Active {
-                            return None;
-                        }
-                        let fresh = o.token.as_ref().is_some_and(|(_, exp)| *exp > soon);
-                        (!fresh).then(|| TokenFetch {
-                            provider: p.row.name.clone(),
-                            credential_id: c.id.clone(),
-                            token_url: o.token_url.clone(),
-                            client_id: o.client_id.clone(),
-                            client_secret: c.secret.clone(),
-                            scopes: o.scopes.clone(),
-                        })
-                    })
-                })
-                .collect()
-        };
-        for f in due {
-            if let Err(e) = self.fetch_token(f).await {
-                tracing::warn!(error = %e, "OAuth2 token refresh failed");
-            }
-        }
-    }
-
     /// Applies the outcome of a leased call.
     ///
     /// Errors: [`AuthError::InvalidArgument`] for an unspecified outcome;
@@ -688,7 +394,7 @@ impl Registry {
             return Err(AuthError::InvalidArgument("outcome is unspecified".into()));
         }
         let now = Instant::now();
-        let mut persist_invalid = None;
+        let persist_invalid;
         let (response, changed) = {
             let mut inner = lock(&self.inner);
             let lease = inner
@@ -704,51 +410,17 @@ impl Registry {
                 AuthError::NotFound(format!("provider `{}` is gone", lease.provider))
             })?;
             let before = status_of(p, now);
-            let cooldown = self.settings.cooldown;
-            let endpoint = p.endpoints.entry(lease.model.clone()).or_default();
-            match outcome {
-                Outcome::Ok => endpoint.success(),
-                Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => {
-                    endpoint.failure(now, cooldown)
-                }
-                Outcome::RateLimited
-                | Outcome::AuthFailed
-                | Outcome::ClientError
-                | Outcome::Unspecified => endpoint.neutral(),
-            }
-            let endpoint_state = endpoint.state(now);
-            let c = p
-                .creds
-                .iter_mut()
-                .find(|c| c.id == lease.credential_id)
-                .ok_or_else(|| {
-                    AuthError::NotFound(format!("credential `{}` is gone", lease.credential_id))
-                })?;
-            match outcome {
-                Outcome::Ok => c.breaker.success(),
-                Outcome::ServerError | Outcome::Timeout | Outcome::ConnectionError => {
-                    c.breaker.failure(now, cooldown)
-                }
-                Outcome::RateLimited => {
-                    c.breaker.neutral();
-                    let wait = cooling_for(retry_after_ms, &self.settings);
-                    c.cooling_until = Some((now + wait, SystemTime::now() + wait));
-                }
-                Outcome::ClientError => c.breaker.neutral(),
-                Outcome::AuthFailed => {
-                    c.breaker.neutral();
-                    if c.state == CredentialState::Active {
-                        c.state = CredentialState::Invalid;
-                        persist_invalid = Some(c.id.clone());
-                    }
-                }
-                Outcome::Unspecified => {}
-            }
-            let response = ReportOutcomeResponse {
-                credential_state: c.effective_state(now) as i32,
-                credential_breaker: c.breaker.state(now) as i32,
-                endpoint_breaker: endpoint_state as i32,
-            };
+            let applied = outcome::apply(
+                p,
+                &lease.model,
+                &lease.credential_id,
+                outcome,
+                retry_after_ms,
+                (now, SystemTime::now()),
+                &self.settings,
+            )?;
+            persist_invalid = applied.invalidated;
+            let response = applied.response;
             let after = status_of(p, now);
             tracing::info!(
                 provider = %lease.provider,
@@ -826,36 +498,5 @@ impl Registry {
                     .map(move |c| (p.row.name.clone(), c.id.clone(), c.breaker.state(now)))
             })
             .collect()
-    }
-}
-
-/// `primary`, `secondary` or `oauth2`.
-pub fn slot_name(slot: CredentialSlot) -> &'static str {
-    match slot {
-        CredentialSlot::Primary => "primary",
-        CredentialSlot::Secondary => "secondary",
-        CredentialSlot::Oauth2 => "oauth2",
-        CredentialSlot::Unspecified => "unspecified",
-    }
-}
-
-fn cred_from(row: &CredentialRow, secret: Secret) -> Cred {
-    let oauth = match (&row.token_url, &row.client_id) {
-        (Some(token_url), Some(client_id)) => Some(OAuth {
-            token_url: token_url.clone(),
-            client_id: client_id.clone(),
-            scopes: row.scopes.clone().unwrap_or_default(),
-            token: None,
-        }),
-        _ => None,
-    };
-    Cred {
-        id: row.id.clone(),
-        slot: CredentialSlot::try_from(row.slot).unwrap_or(CredentialSlot::Primary),
-        state: CredentialState::try_from(row.state).unwrap_or(CredentialState::Active),
-        cooling_until: None,
-        breaker: Breaker::default(),
-        secret,
-        oauth,
     }
 }
