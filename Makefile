@@ -49,7 +49,9 @@ $(VENV)/.created:
 
 $(VENV)/.ml-installed: scripts/requirements-ml.txt $(VENV)/.created
 	@echo "ml-venv: installing scripts/requirements-ml.txt into $(VENV) (torch is ~4.7 GB the first time)"
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-ml.txt
+	# Not --quiet: pip's own progress (a bar per download on a terminal, a
+	# line per package otherwise) is the only sign of life for minutes.
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -r scripts/requirements-ml.txt
 	touch $@
 
 ml-venv: $(VENV)/.ml-installed
@@ -71,7 +73,7 @@ models: ml-venv
 	  --encoder-out $(MODELS_DIR)/all-minilm-l6-v2
 
 ## The CLINC150 intent head of the understanding service, trained by our own
-## `moltbot-understanding train` (about 20 minutes, one thread); retrained only
+## `moltbot-understanding train` (about 13 minutes on one thread of an idle 2-core machine); retrained only
 ## when the training code or data change.
 intent-head: build models
 	bash scripts/train-intent-head.sh $(CARGO_TARGET_DIR)/debug/moltbot-understanding \

@@ -37,14 +37,19 @@ import os
 import shutil
 import sys
 import sysconfig
+import time
 
 GGUF_SIZE = 491_400_064
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PARTS = 6
 
 
+_STARTED = time.monotonic()
+
+
 def say(msg: str) -> None:
-    print(f"prepare-model: {msg}", flush=True)
+    """One progress line, with the seconds elapsed since the script began."""
+    print(f"prepare-model: [{time.monotonic() - _STARTED:6.1f} s] {msg}", flush=True)
 
 
 def sha256(path: str) -> str:

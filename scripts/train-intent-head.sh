@@ -19,7 +19,7 @@ if [[ -f "$dir/metrics.json" && "$(cat "$dir/.source-hash" 2>/dev/null)" == "$ha
   echo "intent-head: $dir is up to date"
   exit 0
 fi
-echo "intent-head: training into $dir (CLINC150, about 20 minutes on one thread)"
+echo "intent-head: training into $dir (CLINC150, about 13 minutes on one thread; longer on a busy machine)"
 tmp="$dir.tmp.$$"
 rm -rf "$tmp"
 "$binary" train --out "$tmp" --encoder-dir "$encoder"

@@ -138,7 +138,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     // The intent head, trained beside the serving mesh when it is missing.
     let training = (args.train_intent_head && !training::present(&head_dir)).then(|| {
         eprintln!(
-            "up: [intent head] none in {}; training it in the background (about 20 minutes on one thread); chat is served meanwhile without intents",
+            "up: [intent head] none in {}; training it in the background (about 13 minutes on one thread); chat is served meanwhile without intents",
             head_dir.display()
         );
         tokio::spawn(training::train(TrainSpec {
