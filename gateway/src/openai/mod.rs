@@ -54,8 +54,12 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions` body.
+/// `POST /v1/chat/completions` body. A field not listed here (e.g. `tools`,
+/// `response_format`, `logprobs`) is refused with 400 naming it rather than
+/// ignored: a client that asked for a JSON schema or a tool call must not
+/// get free text with 200.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
     /// Model or route alias (`default`).
     pub model: String,
@@ -266,4 +270,21 @@ pub struct ModelList {
     pub object: &'static str,
     /// Route aliases first, then concrete models.
     pub data: Vec<ModelObject>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_unimplemented_field_is_refused_by_name() {
+        let body = r#"{"model": "default", "messages": [], "response_format": {"type": "json_object"}}"#;
+        let e = serde_json::from_str::<ChatCompletionRequest>(body)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `response_format`"), "{e}");
+        let ok = r#"{"model": "default", "messages": [], "stream_options": {"include_usage": true}, "user": "u1"}"#;
+        assert!(serde_json::from_str::<ChatCompletionRequest>(ok).is_ok());
+    }
 }
