@@ -279,7 +279,8 @@ mod tests {
 
     #[test]
     fn an_unimplemented_field_is_refused_by_name() {
-        let body = r#"{"model": "default", "messages": [], "response_format": {"type": "json_object"}}"#;
+        let body =
+            r#"{"model": "default", "messages": [], "response_format": {"type": "json_object"}}"#;
         let e = serde_json::from_str::<ChatCompletionRequest>(body)
             .unwrap_err()
             .to_string();
