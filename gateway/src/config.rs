@@ -76,6 +76,12 @@ pub struct Args {
     /// Grace period for in-flight requests after SIGTERM, in milliseconds.
     #[arg(long, env = "MOLTBOT_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM: milliseconds to keep serving with health NOT_SERVING
+    /// (the gateway: `/readyz` 503) before the listener closes, so load
+    /// balancers and Kubernetes endpoints stop sending new requests first.
+    /// 0 (the local default) closes at once; the chart sets it.
+    #[arg(long, env = "MOLTBOT_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

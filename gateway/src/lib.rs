@@ -51,7 +51,9 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         keys,
         readiness_timeout: args.readiness_timeout(),
         max_body_bytes: args.max_body_bytes,
+        draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
+    let draining = state.draining.clone();
     let app = http::router(state);
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
@@ -77,7 +79,15 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         _ = stop => {}
         r = &mut server => return Ok(r.map_err(|e| GatewayError::Io(std::io::Error::other(e)))??),
     }
-    tracing::info!(grace_ms = args.shutdown_grace_ms, "draining");
+    // Fail /readyz first and keep serving while endpoints update; only then
+    // stop accepting.
+    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        grace_ms = args.shutdown_grace_ms,
+        drain_delay_ms = args.drain_delay_ms,
+        "draining"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(args.drain_delay_ms)).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(args.shutdown_grace(), &mut server).await {
         Ok(joined) => joined.map_err(|e| GatewayError::Io(std::io::Error::other(e)))??,

@@ -1,6 +1,8 @@
 //! Graceful shutdown: SIGTERM during an in-flight call lets the call finish,
 //! health turns NOT_SERVING while draining, and the process exits 0 within
-//! the grace period.
+//! the grace period. With a drain delay, a service (and the gateway's
+//! `/readyz`) reports the drain first and keeps serving new connections for
+//! the delay, so endpoints update before the listener closes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
@@ -117,4 +119,86 @@ async fn grace_period_bounds_shutdown_of_a_stuck_call() {
         signalled.elapsed()
     );
     assert!(call.await.unwrap().is_err(), "the stuck call was cut off");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_delay_keeps_serving_new_connections_while_not_serving() {
+    let mut server = ServiceProcess::start(
+        "moltbot-test-slow",
+        &[("MOLTBOT_DRAIN_DELAY_MS", "2000".to_owned())],
+    );
+    let url = server.grpc_url();
+    grpc::wait_serving(&grpc::connect(&url).await, "", Duration::from_secs(10)).await;
+    let signalled = Instant::now();
+    server.signal_term();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A brand-new connection inside the delay: health says NOT_SERVING (so
+    // balancers stop sending), yet a call that still arrives is served.
+    let late = grpc::connect(&url).await;
+    assert_eq!(
+        grpc::health(&late, "").await.unwrap(),
+        ServingStatus::NotServing
+    );
+    let reply = SlowServiceClient::new(late)
+        .sleep(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        })
+        .await;
+    assert!(reply.is_ok(), "a call during the drain delay: {reply:?}");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(10));
+        server.assert_no_panic();
+        status
+    })
+    .await
+    .unwrap()
+    .expect("exited after the delay");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "closed before the drain delay: {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_fails_readyz_before_it_stops_accepting() {
+    let mut gateway = ServiceProcess::start(
+        "moltbot-gateway",
+        &[
+            ("MOLTBOT_DRAIN_DELAY_MS", "2000".to_owned()),
+            ("MOLTBOT_CONTEXT_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_GENERATION_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_AUTH_URL", "http://127.0.0.1:9".to_owned()),
+        ],
+    );
+    let base = gateway.http_url();
+    let http = reqwest::Client::new();
+    let signalled = Instant::now();
+    gateway.signal_term();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "draining", "{body}");
+    // Still accepting: a fresh client's request is answered.
+    let alive = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alive.status().as_u16(), 200);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.wait_exit(Duration::from_secs(10));
+        gateway.assert_no_panic();
+        status
+    })
+    .await
+    .unwrap()
+    .expect("exited after the delay");
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() >= Duration::from_secs(2));
 }

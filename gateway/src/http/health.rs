@@ -13,8 +13,15 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// `GET /readyz`: 200 when every required upstream (context, generation)
 /// answers SERVING to `grpc.health.v1.Health/Check`, else 503. The body lists
-/// every upstream's status, optional ones included.
+/// every upstream's status, optional ones included. After SIGTERM it is 503
+/// `draining` while the gateway still serves through its drain delay.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining", "upstreams": []})),
+        );
+    }
     let upstreams = state.upstreams.health(state.readiness_timeout).await;
     let ready = upstreams.iter().filter(|u| u.required).all(|u| u.serving());
     let code = if ready {

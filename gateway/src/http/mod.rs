@@ -30,6 +30,8 @@ pub struct AppState {
     pub readiness_timeout: Duration,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Set on SIGTERM: `/readyz` answers 503 `draining` from then on.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn not_found() -> axum::response::Response {

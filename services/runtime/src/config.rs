@@ -22,6 +22,12 @@ pub struct ServerArgs {
     /// Grace period for in-flight calls after SIGTERM, in milliseconds.
     #[arg(long, env = "MOLTBOT_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM: milliseconds to keep serving with health NOT_SERVING
+    /// (the gateway: `/readyz` 503) before the listener closes, so load
+    /// balancers and Kubernetes endpoints stop sending new requests first.
+    /// 0 (the local default) closes at once; the chart sets it.
+    #[arg(long, env = "MOLTBOT_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
     /// TLS of the gRPC listener and of this component's own gRPC clients.
     #[command(flatten)]
     pub tls: crate::grpc::tls::TlsArgs,
@@ -31,6 +37,11 @@ impl ServerArgs {
     /// The grace period as a [`Duration`].
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// The drain delay as a [`Duration`].
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// Checks the values together. Errors with [`RuntimeError::Config`] when both
@@ -159,6 +170,7 @@ mod tests {
             grpc_addr: Some(addr),
             metrics_addr: Some(addr),
             shutdown_grace_ms: 1,
+            drain_delay_ms: 0,
             tls: Default::default(),
         };
         assert!(

@@ -87,6 +87,7 @@ pub async fn serve(
             metrics: metrics_listener,
             tls,
             health: health_listener,
+            drain_delay: args.drain_delay(),
         },
         service,
         ready,
@@ -104,6 +105,8 @@ struct Listeners {
     tls: Option<super::tls::ServerTls>,
     /// Plaintext `grpc.health.v1.Health` only, beside a TLS `grpc`.
     health: Option<tokio::net::TcpListener>,
+    /// How long to keep serving, NOT_SERVING, before the listener closes.
+    drain_delay: Duration,
 }
 
 /// Serves `service` with health and reflection on `grpc`, and `/metrics` on
@@ -131,6 +134,7 @@ pub async fn serve_with_listener(
             metrics: metrics_listener,
             tls: None,
             health: None,
+            drain_delay: Duration::ZERO,
         },
         service,
         ready,
@@ -152,6 +156,7 @@ async fn serve_inner(
         metrics: metrics_listener,
         tls,
         health: health_listener,
+        drain_delay,
     } = listeners;
     let name = service.name;
     let health = tonic_health::server::HealthReporter::new();
@@ -283,6 +288,16 @@ async fn serve_inner(
     // Health watchers got NOT_SERVING above; end their streams so they do not
     // hold the drain open.
     let _ = draining_tx.send(true);
+    // Keep accepting while load balancers and endpoints learn of the drain;
+    // new calls in this window are still served.
+    if !drain_delay.is_zero() {
+        tracing::info!(
+            service = name,
+            drain_delay_ms = drain_delay.as_millis() as u64,
+            "serving through the drain delay"
+        );
+        tokio::time::sleep(drain_delay).await;
+    }
     let _ = stop_tx.send(());
     let result = match tokio::time::timeout(grace, &mut server).await {
         Ok(joined) => joined?.map_err(RuntimeError::from),
