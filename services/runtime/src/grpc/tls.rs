@@ -55,19 +55,14 @@ pub struct TlsArgs {
 
 impl TlsArgs {
     /// Whether the gRPC listener serves TLS. Errors with
-    /// [`RuntimeError::Config`] when only one of certificate and key is set,
-    /// or a file cannot be read or parsed (checked at start-up, so a wrong
-    /// path fails fast with its name).
+    /// [`RuntimeError::Config`] when only one of certificate and key is set.
     pub fn server_enabled(&self) -> Result<bool, RuntimeError> {
         match (&self.tls_cert, &self.tls_key) {
             (None, None) => Ok(false),
             (Some(_), None) | (None, Some(_)) => Err(RuntimeError::Config(
                 "MOLTBOT_TLS_CERT and MOLTBOT_TLS_KEY go together: set both (TLS) or neither (plaintext)".into(),
             )),
-            (Some(_), Some(_)) => {
-                Files::from(self).server_config()?;
-                Ok(true)
-            }
+            (Some(_), Some(_)) => Ok(true),
         }
     }
 }
@@ -126,8 +121,8 @@ fn platform_roots() -> RootCertStore {
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    for pem in crate::tls::extra_roots().unwrap_or_default() {
-        if let Ok(cert) = CertificateDer::from_pem_slice(&pem) {
+    for bundle in crate::tls::extra_roots().unwrap_or_default() {
+        for cert in CertificateDer::pem_slice_iter(&bundle).flatten() {
             let _ = roots.add(cert);
         }
     }
@@ -238,8 +233,10 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    /// From the flags; `None` when TLS is off. Errors as
-    /// [`TlsArgs::server_enabled`].
+    /// From the flags; `None` when TLS is off. The files are read and
+    /// checked here, at start-up, so a wrong path fails fast with its name.
+    /// Errors as [`TlsArgs::server_enabled`], and with
+    /// [`RuntimeError::Config`] for a file that cannot be read or parsed.
     pub fn from_args(args: &TlsArgs) -> Result<Option<Self>, RuntimeError> {
         if !args.server_enabled()? {
             return Ok(None);

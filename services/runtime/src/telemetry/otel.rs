@@ -30,8 +30,8 @@ pub(super) fn provider(
             // Hosted collectors: the platform's roots plus SSL_CERT_FILE /
             // SSL_CERT_DIR (the same trust as the provider client, tls/).
             let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
-            for pem in crate::tls::extra_roots().map_err(RuntimeError::Telemetry)? {
-                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            for bundle in crate::tls::extra_roots().map_err(RuntimeError::Telemetry)? {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(bundle));
             }
             exporter = exporter.with_tls_config(tls);
         }

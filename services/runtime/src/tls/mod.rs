@@ -43,10 +43,12 @@ impl ProviderClient {
         if let Some(t) = self.timeout {
             builder = builder.timeout(t);
         }
-        for pem in extra_roots()? {
-            let cert = reqwest::Certificate::from_pem(&pem)
+        for bundle in extra_roots()? {
+            let certs = reqwest::Certificate::from_pem_bundle(&bundle)
                 .map_err(|e| format!("a CA certificate from SSL_CERT_FILE/SSL_CERT_DIR: {e}"))?;
-            builder = builder.add_root_certificate(cert);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         builder.build().map_err(|e| format!("HTTP client: {e}"))
     }

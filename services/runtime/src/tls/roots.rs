@@ -1,11 +1,16 @@
-//! Extra trust anchors from the standard OpenSSL variables:
-//! `SSL_CERT_FILE` (a PEM bundle) and `SSL_CERT_DIR` (`:`-separated
-//! directories of PEM files). rustls-native-certs reads the same variables
-//! but then *replaces* the platform store with them; reading them here too
-//! and adding the platform bundle keeps both: the platform's roots plus the
-//! extra CAs.
+//! Extra trust anchors from the standard OpenSSL variables: `SSL_CERT_FILE`
+//! (a PEM bundle) and `SSL_CERT_DIR` (`:`-separated directories of PEM
+//! files). rustls-native-certs reads the same variables but then *replaces*
+//! the platform store with them; reading them here too and adding the
+//! platform bundle keeps both: the platform's roots plus the extra CAs.
+//!
+//! The bundles are handed out as PEM text, whole: each consumer parses them
+//! with its own library (reqwest's `Certificate::from_pem_bundle`, tonic's
+//! `Certificate::from_pem`, rustls-pki-types' `pem_slice_iter`).
 
 use std::path::{Path, PathBuf};
+
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 /// Where distributions keep the platform's CA bundle (the list of
 /// openssl-probe, the crate rustls-native-certs uses on Linux).
@@ -17,33 +22,25 @@ const PLATFORM_BUNDLES: [&str; 5] = [
     "/etc/ssl/cert.pem",
 ];
 
-/// The PEM blocks of `text`, each as its own `-----BEGIN CERTIFICATE-----`
-/// block (other blocks, e.g. keys, are skipped).
-fn certificates(text: &str) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let Some(len) = rest[start..].find("-----END CERTIFICATE-----") else {
-            break;
-        };
-        let end = start + len + "-----END CERTIFICATE-----".len();
-        out.push(rest.as_bytes()[start..end].to_vec());
-        rest = &rest[end..];
-    }
-    out
+/// How many PEM certificates `bundle` holds (other blocks, e.g. keys, are
+/// not counted).
+fn certificates_in(bundle: &[u8]) -> usize {
+    CertificateDer::pem_slice_iter(bundle)
+        .filter(Result::is_ok)
+        .count()
 }
 
-fn read(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
-    Ok(certificates(&text))
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path)
+        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))
 }
 
-/// The extra CA certificates (PEM, one block each) named by `SSL_CERT_FILE`
-/// and `SSL_CERT_DIR`, plus the platform bundle when either is set (so it
-/// is not lost). Empty when neither is set: the platform store is used as
-/// it is. Errors when `SSL_CERT_FILE` names a file that cannot be read or
-/// holds no certificate.
+/// The PEM bundles named by `SSL_CERT_FILE` and `SSL_CERT_DIR`, plus the
+/// platform bundle when either is set (so it is not lost). Empty when
+/// neither is set: the platform store is used as it is. Files in
+/// `SSL_CERT_DIR` that hold no certificate are skipped. Errors when
+/// `SSL_CERT_FILE` names a file that cannot be read or holds no
+/// certificate.
 pub fn extra_roots() -> Result<Vec<Vec<u8>>, String> {
     let file = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
     let dirs = std::env::var_os("SSL_CERT_DIR");
@@ -52,14 +49,14 @@ pub fn extra_roots() -> Result<Vec<Vec<u8>>, String> {
     }
     let mut out = Vec::new();
     if let Some(file) = file {
-        let found = read(&file)?;
-        if found.is_empty() {
+        let bundle = read(&file)?;
+        if certificates_in(&bundle) == 0 {
             return Err(format!(
                 "SSL_CERT_FILE={} holds no PEM certificate",
                 file.display()
             ));
         }
-        out.extend(found);
+        out.push(bundle);
     }
     if let Some(dirs) = dirs {
         for dir in std::env::split_paths(&dirs) {
@@ -68,14 +65,16 @@ pub fn extra_roots() -> Result<Vec<Vec<u8>>, String> {
             };
             for entry in entries.flatten() {
                 let path = entry.path();
-                if path.is_file() {
-                    out.extend(read(&path).unwrap_or_default());
+                if let Ok(bundle) = read(&path)
+                    && certificates_in(&bundle) > 0
+                {
+                    out.push(bundle);
                 }
             }
         }
     }
     if let Some(bundle) = PLATFORM_BUNDLES.iter().map(Path::new).find(|p| p.exists()) {
-        out.extend(read(bundle).unwrap_or_default());
+        out.extend(read(bundle).ok());
     }
     Ok(out)
 }
@@ -85,10 +84,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pem_blocks_are_split_and_keys_skipped() {
-        let text = "junk\n-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nK\n-----END PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
-        let certs = certificates(text);
-        assert_eq!(certs.len(), 2);
-        assert!(String::from_utf8_lossy(&certs[1]).contains("BBB"));
+    fn certificates_are_counted_and_keys_skipped() {
+        let text = "junk\n-----BEGIN CERTIFICATE-----\nQUFB\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nQUFB\n-----END PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----\nQkJC\n-----END CERTIFICATE-----\n";
+        assert_eq!(certificates_in(text.as_bytes()), 2);
+        assert_eq!(certificates_in(b"no pem here"), 0);
     }
 }
