@@ -159,6 +159,27 @@ impl ServiceProcess {
         }
     }
 
+    /// A gateway in front of `context`, `generation` and `auth` alone: its
+    /// enrichments (understanding, retrieval) point at a closed port, so
+    /// turns go on with `degraded` naming them. `extra` adds variables (a
+    /// routes file, say).
+    pub fn gateway_without_enrichments(
+        context: &ServiceProcess,
+        generation: &ServiceProcess,
+        auth: &ServiceProcess,
+        extra: &[(&str, String)],
+    ) -> Self {
+        let mut env = vec![
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".to_owned()),
+            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        Self::start("moltbot-gateway", &env)
+    }
+
     /// `http://<grpc_addr>`.
     pub fn grpc_url(&self) -> String {
         format!(

@@ -128,17 +128,12 @@ routes:
 "#,
     )
     .unwrap();
-    let gateway = ServiceProcess::start(
-        "moltbot-gateway",
-        &[
-            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
-            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
-            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
-            // Enrichments are not running: the turn goes on degraded.
-            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".to_owned()),
-            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
-            ("MOLTBOT_GATEWAY_CONFIG", config.display().to_string()),
-        ],
+    // Enrichments are not running: the turn goes on degraded.
+    let gateway = ServiceProcess::gateway_without_enrichments(
+        &context,
+        &generation,
+        &auth,
+        &[("MOLTBOT_GATEWAY_CONFIG", config.display().to_string())],
     );
     let gen_channel = grpc::connect(&generation.grpc_url()).await;
     grpc::wait_serving(&gen_channel, "", Duration::from_secs(120)).await;

@@ -308,16 +308,11 @@ async fn provider_answers_are_handled_the_way_gateway_users_expect() {
     ]
     .concat();
     std::fs::write(&config, yaml).unwrap();
-    let gateway = ServiceProcess::start(
-        "moltbot-gateway",
-        &[
-            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
-            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
-            ("MOLTBOT_AUTH_URL", auth_proc.grpc_url()),
-            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".to_owned()),
-            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
-            ("MOLTBOT_GATEWAY_CONFIG", config.display().to_string()),
-        ],
+    let gateway = ServiceProcess::gateway_without_enrichments(
+        &context,
+        &generation,
+        &auth_proc,
+        &[("MOLTBOT_GATEWAY_CONFIG", config.display().to_string())],
     );
     grpc::wait_serving(
         &grpc::connect(&generation.grpc_url()).await,

@@ -237,16 +237,7 @@ async fn an_https_provider_trusted_through_ssl_cert_file_answers_a_turn() {
         "moltbot-generation",
         &[("MOLTBOT_AUTH_URL", auth.grpc_url()), ssl.clone()],
     );
-    let gateway = ServiceProcess::start(
-        "moltbot-gateway",
-        &[
-            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
-            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
-            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
-            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".to_owned()),
-            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
-        ],
-    );
+    let gateway = ServiceProcess::gateway_without_enrichments(&context, &generation, &auth, &[]);
     grpc::wait_serving(
         &grpc::connect(&generation.grpc_url()).await,
         "",

@@ -13,9 +13,21 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+/// Waits (off the runtime) up to 10 s for `server` to exit; `None` if it
+/// is still running. Fails the test if it printed a panic.
+async fn exit_within_10s(mut server: ServiceProcess) -> Option<std::process::ExitStatus> {
+    tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(10));
+        server.assert_no_panic();
+        status
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_call_finish_and_exits_zero() {
-    let mut server = ServiceProcess::start(
+    let server = ServiceProcess::start(
         "moltbot-test-slow",
         &[("MOLTBOT_SHUTDOWN_GRACE_MS", "10000".to_owned())],
     );
@@ -73,21 +85,16 @@ async fn sigterm_lets_in_flight_call_finish_and_exits_zero() {
     );
 
     // Exits on its own once the call is done, well within the 10 s grace.
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.wait_exit(Duration::from_secs(10));
-        server.assert_no_panic();
-        status
-    })
-    .await
-    .unwrap()
-    .expect("exited within the grace period");
+    let status = exit_within_10s(server)
+        .await
+        .expect("exited within the grace period");
     assert!(status.success(), "exit status {status:?}");
     assert!(signalled.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grace_period_bounds_shutdown_of_a_stuck_call() {
-    let mut server = ServiceProcess::start(
+    let server = ServiceProcess::start(
         "moltbot-test-slow",
         &[("MOLTBOT_SHUTDOWN_GRACE_MS", "500".to_owned())],
     );
@@ -104,14 +111,7 @@ async fn grace_period_bounds_shutdown_of_a_stuck_call() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let signalled = Instant::now();
     server.signal_term();
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.wait_exit(Duration::from_secs(10));
-        server.assert_no_panic();
-        status
-    })
-    .await
-    .unwrap()
-    .expect("exited");
+    let status = exit_within_10s(server).await.expect("exited");
     assert!(status.success(), "{status:?}");
     assert!(
         signalled.elapsed() < Duration::from_secs(5),
@@ -123,7 +123,7 @@ async fn grace_period_bounds_shutdown_of_a_stuck_call() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drain_delay_keeps_serving_new_connections_while_not_serving() {
-    let mut server = ServiceProcess::start(
+    let server = ServiceProcess::start(
         "moltbot-test-slow",
         &[("MOLTBOT_DRAIN_DELAY_MS", "2000".to_owned())],
     );
@@ -146,14 +146,9 @@ async fn the_drain_delay_keeps_serving_new_connections_while_not_serving() {
         })
         .await;
     assert!(reply.is_ok(), "a call during the drain delay: {reply:?}");
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.wait_exit(Duration::from_secs(10));
-        server.assert_no_panic();
-        status
-    })
-    .await
-    .unwrap()
-    .expect("exited after the delay");
+    let status = exit_within_10s(server)
+        .await
+        .expect("exited after the delay");
     assert!(status.success(), "{status:?}");
     assert!(
         signalled.elapsed() >= Duration::from_secs(2),
@@ -164,7 +159,7 @@ async fn the_drain_delay_keeps_serving_new_connections_while_not_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_fails_readyz_before_it_stops_accepting() {
-    let mut gateway = ServiceProcess::start(
+    let gateway = ServiceProcess::start(
         "moltbot-gateway",
         &[
             ("MOLTBOT_DRAIN_DELAY_MS", "2000".to_owned()),
@@ -191,14 +186,9 @@ async fn the_gateway_fails_readyz_before_it_stops_accepting() {
         .await
         .unwrap();
     assert_eq!(alive.status().as_u16(), 200);
-    let status = tokio::task::spawn_blocking(move || {
-        let status = gateway.wait_exit(Duration::from_secs(10));
-        gateway.assert_no_panic();
-        status
-    })
-    .await
-    .unwrap()
-    .expect("exited after the delay");
+    let status = exit_within_10s(gateway)
+        .await
+        .expect("exited after the delay");
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() >= Duration::from_secs(2));
 }
