@@ -30,8 +30,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The two tests here stop and restart Redis on a port they picked: run
+/// them one at a time, so one cannot pick the port the other just freed.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts a private `redis-server` on `port` and proves that the server
+/// answering there is this child (`INFO server` names its pid): a port taken
+/// by another process in the meantime is a panic here, not a test talking to
+/// someone else's Redis.
 fn start_redis(port: u16) -> Child {
-    let child = Command::new("redis-server")
+    let mut child = Command::new("redis-server")
         .args([
             "--port",
             &port.to_string(),
@@ -46,14 +54,30 @@ fn start_redis(port: u16) -> Child {
         .spawn()
         .expect("redis-server on PATH (make test installs it when missing)");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("private redis-server on port {port} exited: {status}");
+        }
+        if let Ok(mut conn) = client.get_connection() {
+            let info: String = redis::cmd("INFO").arg("server").query(&mut conn).unwrap();
+            let pid = info
+                .lines()
+                .find_map(|l| l.strip_prefix("process_id:"))
+                .map(|p| p.trim().to_string());
+            assert_eq!(
+                pid,
+                Some(child.id().to_string()),
+                "port {port} is served by another redis-server"
+            );
+            return child;
+        }
         assert!(
             Instant::now() < deadline,
             "private redis-server did not start"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
 }
 
 fn append_request(content: &str) -> pb::AppendTurnsRequest {
@@ -73,6 +97,7 @@ fn append_request(content: &str) -> pb::AppendTurnsRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_stop_fails_fast_and_restart_recovers() {
+    let _serial = SERIAL.lock().await;
     let port = free_port();
     let mut redis = start_redis(port);
     let limits = StoreLimits {
@@ -160,6 +185,7 @@ fn flushall(port: u16) {
 async fn archive_keeps_every_acknowledged_turn_across_flushall() {
     const WRITERS: usize = 6;
     const APPENDS: usize = 10; // 6 × 10 × 2 turns = 120, under max_turns
+    let _serial = SERIAL.lock().await;
     let port = free_port();
     let mut redis = start_redis(port);
     let limits = StoreLimits {
