@@ -154,8 +154,9 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
 pub fn grpc_service(registry: Arc<registry::Registry>, admin_token: Option<String>) -> GrpcService {
     GrpcService::new(AuthRotationServiceServer::new(AuthApi::new(
         registry,
-        moltbot_runtime::grpc::admin::configured(admin_token).map(crypto::Secret::new),
+        moltbot_runtime::grpc::admin::configured(admin_token.clone()).map(crypto::Secret::new),
     )))
+    .with_admin_token(admin_token)
 }
 
 /// Serves until SIGTERM/SIGINT, health-checking providers in the background.

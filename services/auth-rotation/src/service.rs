@@ -42,6 +42,9 @@ impl AuthApi {
     }
 
     fn admin<T>(&self, request: &Request<T>) -> Result<(), AuthError> {
+        if moltbot_runtime::grpc::admin::from_operator(request) {
+            return Ok(());
+        }
         let Some(expected) = &self.admin_token else {
             return Err(AuthError::PermissionDenied(
                 "admin RPCs are disabled: start the service with MOLTBOT_ADMIN_TOKEN set".into(),

@@ -57,6 +57,11 @@ pub struct Args {
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+    /// Admin token (`authorization: Bearer <token>`) accepted for the
+    /// knowledge writes under mutual TLS, besides the operator certificate
+    /// (docs/security.md).
+    #[arg(long, env = "MOLTBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Directory of prepared models (the encoder is `all-minilm-l6-v2` in it).
     #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
     pub models_dir: PathBuf,
@@ -226,7 +231,7 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             }
         })
     };
-    let service = grpc_service(state.clone());
+    let service = grpc_service(state.clone()).with_admin_token(args.admin_token.clone());
     let result = grpc::serve(&ports::RETRIEVAL, &args.server, service, async { Ok(()) }).await;
     snapshots.abort();
     let s = state.clone();

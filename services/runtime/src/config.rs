@@ -28,6 +28,16 @@ pub struct ServerArgs {
     /// 0 (the local default) closes at once; the chart sets it.
     #[arg(long, env = "MOLTBOT_DRAIN_DELAY_MS", default_value_t = 0)]
     pub drain_delay_ms: u64,
+    /// Serve on a non-loopback address without mutual TLS, so that nobody
+    /// is authenticated (docs/security.md): only for a network that is
+    /// itself trusted. Without it such a start-up is refused.
+    #[arg(
+        long,
+        env = "MOLTBOT_INSECURE_PLAINTEXT",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub insecure_plaintext: bool,
     /// TLS of the gRPC listener and of this component's own gRPC clients.
     #[command(flatten)]
     pub tls: crate::grpc::tls::TlsArgs,
@@ -171,6 +181,7 @@ mod tests {
             metrics_addr: Some(addr),
             shutdown_grace_ms: 1,
             drain_delay_ms: 0,
+            insecure_plaintext: false,
             tls: Default::default(),
         };
         assert!(

@@ -150,6 +150,7 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
         waiting.wait_for_head(Duration::from_secs(2)).await;
         Ok(())
     };
-    let service = GrpcService::new(UnderstandingServiceServer::new(api));
+    let service = GrpcService::new(UnderstandingServiceServer::new(api))
+        .with_admin_token(args.admin_token.clone());
     grpc::serve(&ports::UNDERSTANDING, &args.server, service, ready).await
 }

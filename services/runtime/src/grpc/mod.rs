@@ -2,13 +2,17 @@
 //! per-RPC spans and metrics and graceful shutdown ([`serve`]), traced
 //! client channels ([`client`]), admin-RPC authorisation ([`admin`]) and
 //! in-process servers on ephemeral ports for tests and benchmarks
-//! ([`LocalServer`]), and TLS on the mesh's hops ([`tls`]).
+//! ([`LocalServer`]), TLS on the mesh's hops ([`tls`]), the authorisation
+//! of every call by the caller's certificate ([`authz`]) and the dev CA
+//! that issues those certificates on one machine ([`pki`]).
 
 pub mod admin;
+pub mod authz;
 pub mod client;
 mod health;
 mod local;
 mod observe;
+pub mod pki;
 mod server;
 mod status;
 pub mod tls;

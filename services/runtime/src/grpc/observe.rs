@@ -52,7 +52,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let (service, method) = rpc_name(req.uri().path());
+        // Label only paths the authorisation table knows: a caller sending
+        // arbitrary paths must not grow the metrics without bound.
+        let (service, method) = match super::authz::rule_for(req.uri().path()) {
+            Some(_) => rpc_name(req.uri().path()),
+            None => ("unknown".to_owned(), "unknown".to_owned()),
+        };
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %format!("{service}/{method}"),

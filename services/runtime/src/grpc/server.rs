@@ -8,7 +8,7 @@ use tonic::{server::NamedService, service::Routes, transport::Server};
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
-use super::ObserveLayer;
+use super::{ObserveLayer, authz::AuthzLayer};
 use crate::{RuntimeError, config::ServerArgs, metrics, shutdown};
 
 /// A service's identity and default addresses (docs/architecture.md, "Pinned names").
@@ -26,6 +26,7 @@ pub struct ServiceSpec {
 pub struct GrpcService {
     name: &'static str,
     routes: Routes,
+    admin_token: Option<std::sync::Arc<str>>,
 }
 
 impl GrpcService {
@@ -46,7 +47,16 @@ impl GrpcService {
         Self {
             name: S::NAME,
             routes: Routes::new(service),
+            admin_token: None,
         }
+    }
+
+    /// Accepts `authorization: Bearer <token>` for the operator rules of
+    /// the authorisation table (docs/security.md) besides the operator
+    /// certificate. An empty token counts as none.
+    pub fn with_admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = super::admin::configured(token).map(std::sync::Arc::from);
+        self
     }
 
     /// Full gRPC name, e.g. `moltbot.context.v1.ContextService`.
@@ -73,6 +83,12 @@ pub async fn serve(
         })?;
     let metrics_listener = metrics::bind(args.metrics_addr.unwrap_or(spec.metrics_addr)).await?;
     let tls = super::tls::ServerTls::from_args(&args.tls)?;
+    let mutual = tls.as_ref().is_some_and(|t| t.mutual());
+    if !mutual && !grpc_addr.ip().is_loopback() && !args.insecure_plaintext {
+        return Err(RuntimeError::Config(format!(
+            "{grpc_addr} is reachable from other hosts but no caller can be authenticated: set MOLTBOT_TLS_CERT, MOLTBOT_TLS_KEY and MOLTBOT_TLS_CA (mutual TLS, docs/security.md), bind to 127.0.0.1, or set MOLTBOT_INSECURE_PLAINTEXT=true if the network itself is trusted"
+        )));
+    }
     let health_listener = match tls.as_ref().and_then(|t| t.health_addr) {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -204,11 +220,23 @@ async fn serve_inner(
         "listening"
     );
 
+    let authz = if tls.as_ref().is_some_and(|t| t.mutual()) {
+        AuthzLayer::enforcing(service.admin_token.clone())
+    } else {
+        tracing::warn!(
+            service = name,
+            "no mutual TLS: callers are not authenticated and the authorisation table is not enforced (docs/security.md)"
+        );
+        AuthzLayer::off()
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let layers = ServiceBuilder::new()
         // Outermost: the span and metrics must cover everything below,
-        // including tonic's own routing and UNIMPLEMENTED answers.
-        .layer(ObserveLayer);
+        // including refusals and tonic's own UNIMPLEMENTED answers.
+        .layer(ObserveLayer)
+        // Before routing: a refused call never reaches a handler, and an
+        // admitted one carries its `Caller` to it.
+        .layer(authz);
     let shutdown = async {
         let _ = stop_rx.await;
     };

@@ -149,7 +149,12 @@ impl Files {
         };
         let builder = match &self.ca {
             Some(ca) => {
+                // A certificate, when presented, must chain to the mesh CA;
+                // a call without one reaches the authorisation layer,
+                // which answers UNAUTHENTICATED naming the rule (or admits
+                // it for health and admin-token calls).
                 let verifier = WebPkiClientVerifier::builder(Arc::new(read_roots(ca)?))
+                    .allow_unauthenticated()
                     .build()
                     .map_err(|e| config_error(ca, "unusable client CA", e))?;
                 ServerConfig::builder().with_client_cert_verifier(verifier)
@@ -228,6 +233,7 @@ impl<T> Reloading<T> {
 /// The server side: a TLS acceptor over the current certificate files.
 pub struct ServerTls {
     config: Reloading<ServerConfig>,
+    mutual: bool,
     /// The plaintext health listener's address, if any.
     pub health_addr: Option<SocketAddr>,
 }
@@ -243,8 +249,15 @@ impl ServerTls {
         }
         Ok(Some(Self {
             config: Reloading::new(Files::from(args), Files::server_config)?,
+            mutual: args.tls_ca.is_some(),
             health_addr: args.health_addr,
         }))
+    }
+
+    /// Whether clients are verified against a CA (`MOLTBOT_TLS_CA`): only
+    /// then can the authorisation table be enforced.
+    pub fn mutual(&self) -> bool {
+        self.mutual
     }
 
     /// Turns accepted TCP connections into TLS streams: each handshake runs
