@@ -39,9 +39,13 @@ pub struct IngestArgs {
     #[arg(
         long,
         env = "MOLTBOT_RETRIEVAL_URL",
-        default_value = "http://127.0.0.1:50053"
+        default_value = "https://127.0.0.1:50053"
     )]
     pub retrieval_url: String,
+    /// Data directory holding `moltbot up`'s operator certificate
+    /// (`pki/operator.pem`), used unless MOLTBOT_TLS_CERT is set.
+    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
+    pub data_dir: PathBuf,
 }
 
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -110,15 +114,7 @@ pub async fn ingest(
     collection: &str,
     paths: &[PathBuf],
 ) -> Result<(u32, u32), CliError> {
-    let channel = Channel::from_shared(url.to_owned())
-        .map_err(|e| CliError::Setup(format!("MOLTBOT_RETRIEVAL_URL {url}: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| {
-            CliError::Setup(format!(
-                "cannot reach retrieval at {url}: {e}; is it running (`moltbot up`)?"
-            ))
-        })?;
+    let channel = crate::mesh::connect("retrieval", url).await?;
     let mut client = RetrievalServiceClient::new(channel).max_decoding_message_size(64 << 20);
     ensure_collection(&mut client, collection).await?;
     let (mut docs, mut chunks) = (0, 0);
@@ -164,6 +160,7 @@ pub async fn ingest(
 pub async fn run(args: KbArgs) -> Result<(), CliError> {
     match args.command {
         KbCommand::Ingest(a) => {
+            crate::mesh::install_tls(&a.data_dir)?;
             if a.paths.is_empty() {
                 return Err(CliError::Setup(
                     "give at least one file or directory to ingest".into(),

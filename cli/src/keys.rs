@@ -10,7 +10,6 @@ use moltbot_proto::auth::v1::{
     ProviderKind, RevokeCredentialRequest, RotateCredentialRequest, UpsertProviderRequest,
     add_credential_request, auth_rotation_service_client::AuthRotationServiceClient,
 };
-use tonic::transport::Channel;
 
 use crate::CliError;
 
@@ -21,7 +20,7 @@ pub struct KeysArgs {
     #[arg(
         long,
         env = "MOLTBOT_AUTH_URL",
-        default_value = "http://127.0.0.1:50055",
+        default_value = "https://127.0.0.1:50055",
         global = true
     )]
     auth_url: String,
@@ -107,16 +106,8 @@ fn status(s: tonic::Status) -> CliError {
 
 /// Runs `moltbot keys`.
 pub async fn run(args: KeysArgs) -> Result<(), CliError> {
-    let channel = Channel::from_shared(args.auth_url.clone())
-        .map_err(|e| CliError::Setup(format!("MOLTBOT_AUTH_URL: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| {
-            CliError::Setup(format!(
-                "cannot reach auth-rotation at {}: {e}; is the mesh up?",
-                args.auth_url
-            ))
-        })?;
+    crate::mesh::install_tls(&args.data_dir)?;
+    let channel = crate::mesh::connect("auth-rotation", &args.auth_url).await?;
     let mut client = AuthRotationServiceClient::new(channel);
     let token = || -> Result<String, CliError> {
         std::env::var("MOLTBOT_ADMIN_TOKEN")

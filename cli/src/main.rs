@@ -13,6 +13,7 @@ mod devkeys;
 mod doctor;
 mod kb;
 mod keys;
+mod mesh;
 mod models;
 mod up;
 

@@ -67,8 +67,9 @@ pub struct Args {
     /// Largest accepted request body, in bytes (413 above it).
     #[arg(long, env = "MOLTBOT_MAX_BODY_BYTES", default_value_t = 1_048_576)]
     pub max_body_bytes: usize,
-    /// Tenant under which the gateway's sessions are stored in context.
-    #[arg(long, env = "MOLTBOT_TENANT", default_value = "default")]
+    /// Tenant of anonymous callers (loopback only); every API key has its
+    /// own tenant (`api_keys[].tenant`, default the key's name).
+    #[arg(long, env = "MOLTBOT_TENANT", default_value = "local")]
     pub tenant: String,
     /// Deadline of each upstream health check behind `/readyz`, in milliseconds.
     #[arg(long, env = "MOLTBOT_READINESS_TIMEOUT_MS", default_value_t = 1_000)]
@@ -82,6 +83,25 @@ pub struct Args {
     /// 0 (the local default) closes at once; the chart sets it.
     #[arg(long, env = "MOLTBOT_DRAIN_DELAY_MS", default_value_t = 0)]
     pub drain_delay_ms: u64,
+    /// Time for a client to send a request's headers, in milliseconds; also
+    /// how long an idle HTTP/1.1 keep-alive connection is kept.
+    #[arg(long, env = "MOLTBOT_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Time for a client to send the whole request body, in milliseconds
+    /// (408 after it).
+    #[arg(long, env = "MOLTBOT_HTTP_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+    /// A streamed answer whose client reads nothing for this long, in
+    /// milliseconds, is dropped and its generation cancelled.
+    #[arg(long, env = "MOLTBOT_SSE_WRITE_IDLE_MS", default_value_t = 30_000)]
+    pub sse_write_idle_ms: u64,
+    /// Requests in flight at most (streams count until they end); more are
+    /// shed at once with 503 and `Retry-After: 1`.
+    #[arg(long, env = "MOLTBOT_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: usize,
+    /// Open client connections at most; more are closed on accept.
+    #[arg(long, env = "MOLTBOT_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,

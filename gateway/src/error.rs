@@ -50,6 +50,12 @@ pub enum ApiError {
     /// 404: no route and no served model has this name.
     #[error("model `{0}` does not exist; GET /v1/models lists the models")]
     ModelNotFound(String),
+    /// 408: the request body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// 503: the gateway is at its in-flight limit (with `Retry-After`).
+    #[error("{0}")]
+    Overloaded(String),
     /// 413: the body is over the limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -143,6 +149,16 @@ impl ApiError {
                 "invalid_request_error",
                 "model_not_found",
             ),
+            Self::RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
+            ),
+            Self::Overloaded(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "overloaded",
+            ),
             Self::PayloadTooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -194,6 +210,11 @@ impl IntoResponse for ApiError {
             tracing::info!(error = %self, status = status.as_u16(), "request rejected");
         }
         let mut response = (status, Json(self.envelope())).into_response();
+        if matches!(self, Self::Overloaded(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if let Self::RateLimited { retry_after, .. } = &self {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

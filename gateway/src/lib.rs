@@ -33,14 +33,13 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         Some(path) => routing::GatewayConfig::load(path)?,
         None => routing::GatewayConfig::default(),
     };
-    let keys = Arc::new(edge::KeyRing::new(&config, args.http_addr)?);
+    let keys = Arc::new(edge::KeyRing::new(&config, args.http_addr, &args.tenant)?);
     moltbot_runtime::grpc::tls::install_client(&args.tls)?;
     let upstreams = Arc::new(Upstreams::connect(&args)?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &upstreams,
         routing::Router::new(config.routes),
         pipeline::PipelineSettings {
-            tenant: args.tenant.clone(),
             enrichment_timeout: std::time::Duration::from_millis(args.enrichment_timeout_ms),
             request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
         },
@@ -50,6 +49,12 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         pipeline,
         keys,
         readiness_timeout: args.readiness_timeout(),
+        admission: Arc::new(edge::admission::Admission::new(
+            args.max_in_flight,
+            std::time::Duration::from_millis(args.body_timeout_ms),
+            args.max_body_bytes,
+        )),
+        sse_write_idle: std::time::Duration::from_millis(args.sse_write_idle_ms),
         max_body_bytes: args.max_body_bytes,
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
@@ -68,13 +73,13 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
     tracing::info!(%http_addr, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let limits = http::serve::ConnLimits {
+        header_read_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
+        max_connections: args.max_connections,
+    };
+    let mut server = tokio::spawn(http::serve::serve(listener, app, limits, async {
+        let _ = stop_rx.await;
+    }));
     tokio::select! {
         _ = stop => {}
         r = &mut server => return Ok(r.map_err(|e| GatewayError::Io(std::io::Error::other(e)))??),

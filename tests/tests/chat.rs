@@ -166,7 +166,7 @@ async fn history_len(mesh: &Mesh, session: &str) -> usize {
     let channel = grpc::connect(&mesh.context.grpc_url()).await;
     match ContextServiceClient::new(channel)
         .get_history(GetHistoryRequest {
-            tenant: "default".to_owned(),
+            tenant: "local".to_owned(),
             session_id: session.to_owned(),
             max_turns: 0,
             max_tokens: 0,

@@ -197,6 +197,8 @@ async fn one_turn_over_mutual_tls_on_every_hop() {
     );
     let history = ctx
         .get_history(GetHistoryRequest {
+            // Anonymous loopback callers of the gateway are tenant `local`.
+            tenant: "local".into(),
             session_id: "mtls-1".into(),
             ..Default::default()
         })

@@ -1,7 +1,10 @@
 //! `moltbot up` as a user runs it (default ports, real models): chat is
 //! served without an intent head (degraded), a head that appears later is
 //! served without a restart, and a service killed with SIGKILL is restarted
-//! by the supervisor so turns answer again within 10 s.
+//! by the supervisor so turns answer again within 10 s. The mesh runs with
+//! mutual TLS: anonymous callers of `AcquireCredential` and `ListSessions`
+//! are refused, plaintext or not, while chat works; the operator
+//! certificate `moltbot up` wrote is admitted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
@@ -74,6 +77,94 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Anonymous callers, plaintext and TLS, are refused `AcquireCredential`
+/// and `ListSessions`; the operator certificate lists sessions.
+async fn probe_refusals(pki: &std::path::Path) {
+    use moltbot_proto::{
+        auth::v1::{
+            AcquireCredentialRequest, auth_rotation_service_client::AuthRotationServiceClient,
+        },
+        context::v1::{ListSessionsRequest, context_service_client::ContextServiceClient},
+    };
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let acquire = || AcquireCredentialRequest {
+        provider: "plainfake".into(),
+        model: "m1".into(),
+    };
+    let list = || ListSessionsRequest {
+        tenant: "local".into(),
+        ..Default::default()
+    };
+    // Plaintext: the listeners speak TLS only.
+    for port in [50055, 50054] {
+        let plain = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await;
+        if let Ok(channel) = plain {
+            let refused = if port == 50055 {
+                AuthRotationServiceClient::new(channel)
+                    .acquire_credential(acquire())
+                    .await
+                    .is_err()
+            } else {
+                ContextServiceClient::new(channel)
+                    .list_sessions(list())
+                    .await
+                    .is_err()
+            };
+            assert!(refused, "a plaintext call on {port} was served");
+        }
+    }
+    let tls = |identity: bool| {
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                std::fs::read(pki.join("ca.pem")).unwrap(),
+            ))
+            .domain_name("localhost");
+        if identity {
+            config = config.identity(Identity::from_pem(
+                std::fs::read(pki.join("operator.pem")).unwrap(),
+                std::fs::read(pki.join("operator.key")).unwrap(),
+            ));
+        }
+        config
+    };
+    let channel = |port: u16, identity: bool| {
+        Channel::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(tls(identity))
+            .unwrap()
+            .connect_lazy()
+    };
+    let err = AuthRotationServiceClient::new(channel(50055, false))
+        .acquire_credential(acquire())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("generation"), "{err:?}");
+    let err = ContextServiceClient::new(channel(50054, false))
+        .list_sessions(list())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // Not even the operator gets provider keys in clear.
+    let err = AuthRotationServiceClient::new(channel(50055, true))
+        .acquire_credential(acquire())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let sessions = ContextServiceClient::new(channel(50054, true))
+        .list_sessions(list())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        sessions.sessions.iter().any(|s| s.session_id == "up-1"),
+        "{sessions:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
     let trained = std::path::PathBuf::from(
@@ -128,6 +219,11 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
         degraded(&first).contains(&"understanding".to_owned()),
         "{first}"
     );
+
+    // 1b. Zero trust: the provider key and the session list are not handed
+    // to a caller who has not proved who it is.
+    let pki = work.join("data/pki");
+    probe_refusals(&pki).await;
 
     // 2. A head written into place is served without a restart.
     copy_dir(&trained, &work.join("head.tmp"));

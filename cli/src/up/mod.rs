@@ -70,12 +70,8 @@ pub struct UpArgs {
 
 /// Ingests `docs` into the `docs` collection when it has no documents yet.
 async fn ensure_docs(docs: &[std::path::PathBuf]) -> Result<(), CliError> {
-    let url = format!("http://{}", ports::RETRIEVAL.grpc_addr);
-    let channel = tonic::transport::Channel::from_shared(url.clone())
-        .map_err(|e| CliError::Setup(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| CliError::Setup(format!("cannot reach retrieval: {e}")))?;
+    let url = format!("https://{}", ports::RETRIEVAL.grpc_addr);
+    let channel = crate::mesh::connect("retrieval", &url).await?;
     let mut client =
         moltbot_proto::retrieval::v1::retrieval_service_client::RetrievalServiceClient::new(
             channel,
@@ -123,18 +119,52 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         .intent_head_dir
         .clone()
         .unwrap_or_else(|| args.models_dir.join("intent-head"));
-    let env = [
-        ("MOLTBOT_MASTER_KEY", master_key),
-        ("MOLTBOT_ADMIN_TOKEN", admin_token),
-        ("MOLTBOT_DATA_DIR", args.data_dir.display().to_string()),
-        ("MOLTBOT_INTENT_HEAD_DIR", head_dir.display().to_string()),
-    ];
+    // Mutual TLS between every hop, with a CA made for this run.
+    let pki = crate::mesh::pki_dir(&args.data_dir);
+    moltbot_runtime::grpc::pki::DevCa::generate()
+        .and_then(|ca| ca.write(&pki))
+        .map_err(|e| CliError::Setup(e.to_string()))?;
+    crate::mesh::install_tls(&args.data_dir)?;
+    eprintln!(
+        "up: mutual TLS: certificates for every component and the operator in {} (new CA each start)",
+        pki.display()
+    );
+    let https = |spec: &moltbot_runtime::grpc::ServiceSpec| format!("https://{}", spec.grpc_addr);
     eprintln!("up: [services] starting");
     let mut children = Vec::new();
     for spec in ports::ALL {
+        let principal = spec.binary.trim_start_matches("moltbot-");
+        let mut env = tls_env(&pki, principal);
+        env.push(("MOLTBOT_DATA_DIR", args.data_dir.display().to_string()));
+        // Each service gets only its own secrets (docs/security.md).
+        match principal {
+            "auth-rotation" => {
+                env.push(("MOLTBOT_MASTER_KEY", master_key.clone()));
+                env.push(("MOLTBOT_ADMIN_TOKEN", admin_token.clone()));
+            }
+            "understanding" => {
+                env.push(("MOLTBOT_ADMIN_TOKEN", admin_token.clone()));
+                env.push(("MOLTBOT_INTENT_HEAD_DIR", head_dir.display().to_string()));
+            }
+            "retrieval" => env.push(("MOLTBOT_ADMIN_TOKEN", admin_token.clone())),
+            "generation" => env.push(("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION))),
+            _ => {}
+        }
         children.push(Supervised::start(spec.binary, &args.models_dir, &env)?);
     }
-    children.push(Supervised::start("moltbot-gateway", &args.models_dir, &[])?);
+    let mut gateway_env = tls_env(&pki, "gateway");
+    gateway_env.extend([
+        ("MOLTBOT_UNDERSTANDING_URL", https(&ports::UNDERSTANDING)),
+        ("MOLTBOT_GENERATION_URL", https(&ports::GENERATION)),
+        ("MOLTBOT_RETRIEVAL_URL", https(&ports::RETRIEVAL)),
+        ("MOLTBOT_CONTEXT_URL", https(&ports::CONTEXT)),
+        ("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION)),
+    ]);
+    children.push(Supervised::start(
+        "moltbot-gateway",
+        &args.models_dir,
+        &gateway_env,
+    )?);
     // The intent head, trained beside the serving mesh when it is missing.
     let training = (args.train_intent_head && !training::present(&head_dir)).then(|| {
         eprintln!(
@@ -152,6 +182,18 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         c.stop().await;
     }
     result
+}
+
+/// The variables giving `principal` its certificate under `pki`.
+fn tls_env(pki: &std::path::Path, principal: &str) -> Vec<(&'static str, String)> {
+    let files = crate::mesh::tls_args(pki, principal);
+    let path =
+        |p: Option<std::path::PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    vec![
+        ("MOLTBOT_TLS_CERT", path(files.tls_cert)),
+        ("MOLTBOT_TLS_KEY", path(files.tls_key)),
+        ("MOLTBOT_TLS_CA", path(files.tls_ca)),
+    ]
 }
 
 /// The gateway's `/readyz`: whether it is ready, and the upstreams that

@@ -106,6 +106,11 @@ impl Supervised {
         // Children inherit stdout/stderr: their log lines interleave on ours.
         let mut command = Command::new(&self.path);
         command.env("MOLTBOT_MODELS_DIR", &self.models_dir);
+        // Secrets reach only the children they are given to below, not
+        // every child through this process's own environment.
+        for secret in ["MOLTBOT_MASTER_KEY", "MOLTBOT_ADMIN_TOKEN"] {
+            command.env_remove(secret);
+        }
         for (k, v) in &self.env {
             command.env(k, v);
         }

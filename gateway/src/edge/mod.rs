@@ -1,6 +1,8 @@
 //! Edge protection: client API keys (stored as SHA-256 hashes, compared in
-//! constant time), per-key rate limits, and the anonymous-on-loopback rule.
+//! constant time), tenants, per-key rate limits and concurrency caps, the
+//! anonymous-on-loopback rule, and admission control ([`admission`]).
 
+pub mod admission;
 pub mod ratelimit;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
@@ -21,8 +23,21 @@ use ratelimit::RateLimiter;
 pub struct Caller {
     /// Key name, or `anonymous`.
     pub name: Arc<str>,
+    /// The tenant whose sessions this caller reads and writes: the key's
+    /// `tenant` (default its name); anonymous loopback callers share the
+    /// gateway's `MOLTBOT_TENANT` (default `local`).
+    pub tenant: Arc<str>,
     /// The caller's limits.
     pub limiter: Arc<RateLimiter>,
+    /// Permits for the caller's concurrent requests.
+    pub concurrency: Arc<tokio::sync::Semaphore>,
+}
+
+fn concurrency(limits: &crate::routing::config::Limits) -> Arc<tokio::sync::Semaphore> {
+    let n = limits
+        .max_concurrent_requests
+        .unwrap_or(crate::routing::config::DEFAULT_MAX_CONCURRENT);
+    Arc::new(tokio::sync::Semaphore::new(n as usize))
 }
 
 /// The configured keys.
@@ -48,7 +63,11 @@ impl KeyRing {
     /// Builds the ring. Anonymous access is allowed only when the config
     /// allows it and `http_addr` is a loopback address; a non-loopback gateway
     /// with no keys is refused with [`GatewayError::Config`] saying what to add.
-    pub fn new(config: &GatewayConfig, http_addr: SocketAddr) -> Result<Self, GatewayError> {
+    pub fn new(
+        config: &GatewayConfig,
+        http_addr: SocketAddr,
+        anonymous_tenant: &str,
+    ) -> Result<Self, GatewayError> {
         let mut by_hash = HashMap::new();
         for k in &config.api_keys {
             let hash = decode_hex(&k.sha256).ok_or_else(|| {
@@ -61,14 +80,18 @@ impl KeyRing {
                 hash,
                 Caller {
                     name: Arc::from(k.name.as_str()),
+                    tenant: Arc::from(k.tenant.as_deref().unwrap_or(k.name.as_str())),
                     limiter: Arc::new(RateLimiter::new(&k.limits)),
+                    concurrency: concurrency(&k.limits),
                 },
             );
         }
         let loopback = http_addr.ip().is_loopback();
         let anonymous = (config.allow_anonymous && loopback).then(|| Caller {
             name: Arc::from("anonymous"),
+            tenant: Arc::from(anonymous_tenant),
             limiter: Arc::new(RateLimiter::new(&config.anonymous_limits)),
+            concurrency: concurrency(&config.anonymous_limits),
         });
         if anonymous.is_none() && by_hash.is_empty() {
             return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(
@@ -120,7 +143,9 @@ impl KeyRing {
 }
 
 /// Middleware of the `/v1` routes: identifies the caller, applies its request
-/// rate limit, and stores the [`Caller`] in the request's extensions.
+/// rate limit and concurrency cap (429 beyond either; the permit is held
+/// until the response body ends), and stores the [`Caller`] in the
+/// request's extensions.
 pub async fn authenticate(
     State(keys): State<Arc<KeyRing>>,
     mut request: Request,
@@ -138,8 +163,16 @@ pub async fn authenticate(
         tracing::info!(caller = %caller.name, "rate limited");
         return e.into_response();
     }
+    let Ok(permit) = caller.concurrency.clone().try_acquire_owned() else {
+        tracing::info!(caller = %caller.name, "too many concurrent requests");
+        return ApiError::RateLimited {
+            limit: "concurrent requests",
+            retry_after: std::time::Duration::from_secs(1),
+        }
+        .into_response();
+    };
     request.extensions_mut().insert(caller);
-    next.run(request).await
+    admission::hold(next.run(request).await, permit)
 }
 
 #[cfg(test)]
@@ -160,12 +193,15 @@ mod tests {
         let c = config(
             "api_keys: [{name: app, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}]",
         );
-        let ring = KeyRing::new(&c, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let ring = KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local").unwrap();
         assert_eq!(&*ring.identify(Some("Bearer test")).unwrap().name, "app");
+        // A key without a tenant is its own tenant; anonymous is `local`.
+        assert_eq!(&*ring.identify(Some("Bearer test")).unwrap().tenant, "app");
+        assert_eq!(&*ring.identify(None).unwrap().tenant, "local");
         assert!(ring.identify(Some("Bearer wrong")).is_err());
         assert_eq!(&*ring.identify(None).unwrap().name, "anonymous");
 
-        let public = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap()).unwrap();
+        let public = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap(), "local").unwrap();
         assert!(public.identify(None).is_err());
         assert!(public.identify(Some("Bearer test")).is_ok());
     }
@@ -173,9 +209,9 @@ mod tests {
     #[test]
     fn no_keys_off_loopback_refuses_to_start() {
         let c = config("");
-        let err = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap()).unwrap_err();
+        let err = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap(), "local").unwrap_err();
         assert!(err.to_string().contains("api_keys"), "{err}");
-        let ring = KeyRing::new(&c, "127.0.0.1:8080".parse().unwrap()).unwrap();
+        let ring = KeyRing::new(&c, "127.0.0.1:8080".parse().unwrap(), "local").unwrap();
         // SDKs always send a key; with none configured it is ignored.
         assert!(ring.identify(Some("Bearer sk-anything")).is_ok());
     }

@@ -1,5 +1,11 @@
 //! Token-bucket rate limits per API key: requests per minute and tokens per
 //! minute (prompt + completion), both refilled continuously.
+//!
+//! Tokens are reserved at admission ([`RateLimiter::reserve`]: the prompt's
+//! tokens plus the completion budget), so eight concurrent turns on a small
+//! key cannot all pass a check that only looks at the level, and settled
+//! when the turn ends ([`Reservation`]): the unused part is given back; a
+//! cancelled or failed turn is charged what it used.
 
 use std::{
     sync::Mutex,
@@ -88,6 +94,39 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// Reserves `prompt + completion` tokens for one turn. Errors with
+    /// [`ApiError::RateLimited`] (`tokens per minute`) and the time until
+    /// that many are available; with no token limit the reservation is
+    /// free. A reservation larger than the whole per-minute capacity is
+    /// admitted when the bucket is full (it then runs the level negative),
+    /// so a key can always make progress.
+    pub fn reserve(
+        self: &std::sync::Arc<Self>,
+        prompt: u32,
+        completion: u32,
+    ) -> Result<Reservation, ApiError> {
+        let total = prompt.saturating_add(completion);
+        if let Some(tokens) = &self.tokens {
+            let mut b = tokens.lock().unwrap_or_else(|p| p.into_inner());
+            b.refill(Instant::now());
+            let need = f64::from(total).min(b.capacity);
+            if b.level < need {
+                return Err(ApiError::RateLimited {
+                    limit: "tokens per minute",
+                    retry_after: b.wait_for(need),
+                });
+            }
+            b.level -= f64::from(total);
+        }
+        Ok(Reservation {
+            limiter: self.clone(),
+            reserved: total,
+            prompt,
+            completion_seen: 0,
+            settled: false,
+        })
+    }
+
     /// Charges the tokens a finished turn used.
     pub fn charge_tokens(&self, tokens: u32) {
         if let Some(bucket) = &self.tokens {
@@ -95,6 +134,56 @@ impl RateLimiter {
             b.refill(Instant::now());
             b.level -= f64::from(tokens);
         }
+    }
+}
+
+/// Tokens held for one turn. [`Reservation::settle`] charges what the
+/// turn used and gives the rest back; dropped unsettled (the client went
+/// away, generation failed) it charges the prompt plus the completion
+/// tokens seen so far ([`Reservation::saw_completion`]).
+#[derive(Debug)]
+pub struct Reservation {
+    limiter: std::sync::Arc<RateLimiter>,
+    reserved: u32,
+    prompt: u32,
+    completion_seen: u32,
+    settled: bool,
+}
+
+impl Reservation {
+    /// Tokens held.
+    pub fn reserved(&self) -> u32 {
+        self.reserved
+    }
+
+    /// Counts `n` completion tokens produced (streamed deltas).
+    pub fn saw_completion(&mut self, n: u32) {
+        self.completion_seen = self.completion_seen.saturating_add(n);
+    }
+
+    /// Charges `used` tokens instead of the reservation.
+    pub fn settle(mut self, used: u32) {
+        self.apply(used);
+    }
+
+    fn apply(&mut self, used: u32) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        if let Some(bucket) = &self.limiter.tokens {
+            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            b.refill(Instant::now());
+            b.level += f64::from(self.reserved) - f64::from(used);
+            b.level = b.level.min(b.capacity);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let used = self.prompt.saturating_add(self.completion_seen);
+        self.apply(used);
     }
 }
 
@@ -108,6 +197,7 @@ mod tests {
         let l = RateLimiter::new(&Limits {
             requests_per_minute: Some(2),
             tokens_per_minute: None,
+            ..Default::default()
         });
         l.admit().unwrap();
         l.admit().unwrap();
@@ -127,6 +217,7 @@ mod tests {
         let l = RateLimiter::new(&Limits {
             requests_per_minute: None,
             tokens_per_minute: Some(600),
+            ..Default::default()
         });
         l.admit().unwrap();
         l.charge_tokens(900); // 300 over: 30 s at 10 tokens/s before the next
@@ -137,5 +228,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn level(l: &RateLimiter) -> f64 {
+        l.tokens.as_ref().unwrap().lock().unwrap().level
+    }
+
+    #[test]
+    fn reservations_hold_tokens_until_settled() {
+        let l = std::sync::Arc::new(RateLimiter::new(&Limits {
+            requests_per_minute: None,
+            tokens_per_minute: Some(600),
+            ..Default::default()
+        }));
+        let a = l.reserve(50, 200).unwrap();
+        let b = l.reserve(50, 200).unwrap();
+        // 100 left: a third turn of 250 waits for 150 more (15 s at 10/s).
+        match l.reserve(50, 200) {
+            Err(ApiError::RateLimited { retry_after, limit }) => {
+                assert_eq!(limit, "tokens per minute");
+                assert!(retry_after > Duration::from_secs(14), "{retry_after:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        a.settle(60); // used 60 of 250: 190 back
+        assert!((level(&l) - 290.0).abs() < 1.0, "{}", level(&l));
+        let mut b = b;
+        b.saw_completion(10);
+        drop(b); // cancelled: prompt 50 + 10 seen charged, 190 back
+        assert!((level(&l) - 480.0).abs() < 1.0, "{}", level(&l));
+        // Larger than the capacity: admitted on a full bucket only.
+        assert!(l.reserve(0, 5000).is_err());
     }
 }

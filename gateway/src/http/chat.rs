@@ -21,13 +21,14 @@ use axum::{
     },
 };
 use moltbot_proto::generation::v1::{FinishReason, GenerationSummary, generate_response};
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::AppState;
 use crate::{
     ApiError,
-    edge::Caller,
+    edge::{Caller, ratelimit::Reservation},
     openai::{
         ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
         ResponseMessage, Usage,
@@ -113,8 +114,21 @@ async fn handle(
         .map(Duration::from_millis);
     let pipeline = state.pipeline.clone();
     let mut prepared = pipeline
-        .prepare(&req, header_str(&headers, "x-session-id"), timeout)
+        .prepare(
+            &req,
+            &caller.tenant,
+            header_str(&headers, "x-session-id"),
+            timeout,
+        )
         .await?;
+    // Reserve the prompt and the whole completion budget before anything
+    // is generated; settled with what the turn used.
+    let budget = prepared
+        .request
+        .sampling
+        .as_ref()
+        .map_or(0, |s| s.max_tokens);
+    let reservation = caller.limiter.reserve(prepared.prompt_tokens, budget)?;
     let started = match pipeline.start(&mut prepared).await {
         Ok(s) => s,
         Err(e) => {
@@ -128,16 +142,22 @@ async fn handle(
         .with_label_values(&[prepared.route.as_str()])
         .observe(prepared.arrived.elapsed().as_secs_f64());
     if req.stream {
-        Ok(stream(pipeline, caller, prepared, started))
+        Ok(stream(
+            pipeline,
+            reservation,
+            prepared,
+            started,
+            state.sse_write_idle,
+        ))
     } else {
-        complete(&pipeline, &caller, prepared, started).await
+        complete(&pipeline, reservation, prepared, started).await
     }
 }
 
 /// Drains the generation and answers with one JSON object.
 async fn complete(
     pipeline: &Pipeline,
-    caller: &Caller,
+    reservation: Reservation,
     mut prepared: Prepared,
     started: Started,
 ) -> Result<Response, ApiError> {
@@ -177,7 +197,7 @@ async fn complete(
     pipeline
         .finish(&mut prepared, &text, usage.completion_tokens)
         .await;
-    caller.limiter.charge_tokens(usage.total_tokens);
+    reservation.settle(usage.total_tokens);
     record_done(&prepared, &usage);
     let body = ChatCompletion {
         id: prepared.id.clone(),
@@ -208,13 +228,17 @@ fn event_of<T: serde::Serialize>(value: &T) -> Event {
 }
 
 /// Streams the answer as SSE. A task drives generation and sends events into
-/// a bounded channel; when the client disconnects the channel closes, the
-/// task returns and drops the generation stream (cancelling it upstream).
+/// a bounded channel; when the client disconnects the channel closes, and
+/// when the client stops reading the channel stays full: after
+/// `write_idle` of that the client counts as gone too. Either way the task
+/// returns and drops the generation stream (cancelling it upstream, which
+/// frees its batch slot), and the reservation charges what was used.
 fn stream(
     pipeline: Arc<Pipeline>,
-    caller: Caller,
+    mut reservation: Reservation,
     mut prepared: Prepared,
     started: Started,
+    write_idle: Duration,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
     let task = async move {
@@ -249,8 +273,13 @@ fn stream(
                         finish_reason: None,
                     }]);
                     first_chunk = false;
-                    if tx.send(Ok(event_of(&c))).await.is_err() {
-                        tracing::info!("client went away; generation cancelled");
+                    reservation.saw_completion(1);
+                    if let Err(e) = tx.send_timeout(Ok(event_of(&c)), write_idle).await {
+                        let why = match e {
+                            SendTimeoutError::Timeout(_) => "client stopped reading",
+                            SendTimeoutError::Closed(_) => "client went away",
+                        };
+                        tracing::info!(why, "generation cancelled");
                         metrics::TURNS
                             .with_label_values(&[prepared.route.as_str(), "cancelled"])
                             .inc();
@@ -280,7 +309,7 @@ fn stream(
         pipeline
             .finish(&mut prepared, &text, usage.completion_tokens)
             .await;
-        caller.limiter.charge_tokens(usage.total_tokens);
+        reservation.settle(usage.total_tokens);
         record_done(&prepared, &usage);
         let last = chunk(vec![ChunkChoice {
             index: 0,
@@ -298,7 +327,7 @@ fn stream(
             event_of(&usage_chunk),
             Event::default().data("[DONE]"),
         ] {
-            if tx.send(Ok(e)).await.is_err() {
+            if tx.send_timeout(Ok(e), write_idle).await.is_err() {
                 return;
             }
         }

@@ -4,6 +4,7 @@ mod chat;
 mod health;
 mod models;
 mod observe;
+pub mod serve;
 
 use std::{sync::Arc, time::Duration};
 
@@ -28,6 +29,10 @@ pub struct AppState {
     pub keys: Arc<edge::KeyRing>,
     /// Deadline of each upstream health check behind `/readyz`.
     pub readiness_timeout: Duration,
+    /// Global in-flight limit and body-read deadline.
+    pub admission: Arc<edge::admission::Admission>,
+    /// A stream whose client reads nothing for this long is dropped.
+    pub sse_write_idle: Duration,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     /// Set on SIGTERM: `/readyz` answers 503 `draining` from then on.
@@ -56,6 +61,12 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.keys.clone(),
             edge::authenticate,
+        ))
+        // Before authentication: shedding must be the cheapest answer, and
+        // the body is read (within its deadline) once, here.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.admission.clone(),
+            edge::admission::admit,
         ))
         // Bodies over the limit are refused while being read (413), before
         // any JSON parsing.

@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 
 use moltbot_runtime::metrics;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
     let _ = metrics::registry().register(Box::new(c.clone()));
@@ -22,6 +22,19 @@ pub static TURNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
                 "Chat turns by route and outcome",
             ),
             &["route", "outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `moltbot_gateway_shed_requests_total`: requests answered 503 because
+/// the gateway was at its in-flight limit (`MOLTBOT_MAX_IN_FLIGHT`).
+#[allow(clippy::expect_used)]
+pub static SHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "moltbot_gateway_shed_requests_total",
+            "Requests shed at the in-flight limit",
         )
         .expect("valid metric"),
     )

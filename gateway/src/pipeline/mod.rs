@@ -53,7 +53,6 @@ pub struct Pipeline {
     understanding: TracedChannel,
     retrieval: TracedChannel,
     router: Router,
-    tenant: String,
     enrichment_timeout: Duration,
     request_timeout: Duration,
     models: Mutex<Option<(Instant, Vec<ModelInfo>)>>,
@@ -63,7 +62,6 @@ impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
             .field("router", &self.router)
-            .field("tenant", &self.tenant)
             .finish_non_exhaustive()
     }
 }
@@ -71,8 +69,6 @@ impl std::fmt::Debug for Pipeline {
 /// Settings of [`Pipeline::new`].
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
-    /// Tenant of the gateway's sessions.
-    pub tenant: String,
     /// Deadline of each enrichment and of the history load.
     pub enrichment_timeout: Duration,
     /// Default (and largest) deadline of a whole turn.
@@ -84,6 +80,11 @@ pub struct PipelineSettings {
 pub struct Prepared {
     /// `chatcmpl-…`, also the idempotency key of the session write.
     pub id: String,
+    /// The caller's tenant: the session is looked up and written under it.
+    pub tenant: String,
+    /// Tokens of the assembled prompt (reserved against the caller's
+    /// tokens-per-minute with the completion budget).
+    pub prompt_tokens: u32,
     /// Unix seconds.
     pub created: u64,
     /// Route name.
@@ -251,7 +252,6 @@ impl Pipeline {
             understanding: upstreams.channel("understanding"),
             retrieval: upstreams.channel("retrieval"),
             router,
-            tenant: settings.tenant,
             enrichment_timeout: settings.enrichment_timeout,
             request_timeout: settings.request_timeout,
             models: Mutex::new(None),
@@ -314,11 +314,12 @@ impl Pipeline {
 
     async fn load_history(
         &self,
+        tenant: &str,
         session_id: &str,
         timeout: Duration,
     ) -> Result<Vec<ctx::Turn>, ApiError> {
         let mut request = tonic::Request::new(ctx::GetHistoryRequest {
-            tenant: self.tenant.clone(),
+            tenant: tenant.to_owned(),
             session_id: session_id.to_owned(),
             max_turns: MAX_HISTORY_TURNS,
             max_tokens: 0,
@@ -356,6 +357,7 @@ impl Pipeline {
     pub async fn prepare(
         &self,
         req: &ChatCompletionRequest,
+        tenant: &str,
         session_header: Option<String>,
         timeout: Option<Duration>,
     ) -> Result<Prepared, ApiError> {
@@ -377,7 +379,7 @@ impl Pipeline {
             .min(deadline.saturating_duration_since(Instant::now()));
         let provisional = Router::provisional(&refs).and_then(|r| r.retrieval.clone());
         let (history, intent, provisional_sources) = tokio::join!(
-            self.load_history(&session_id, hop),
+            self.load_history(tenant, &session_id, hop),
             enrich::classify(self.understanding.clone(), &messages.last_user, hop),
             async {
                 match &provisional {
@@ -440,8 +442,11 @@ impl Pipeline {
         }
 
         let chain = model_chain(route, &mut rand::rng());
-        let system =
-            prompt::system_message(route.system_prompt.as_deref(), &messages.system, &sources);
+        let parts = prompt::Parts {
+            system: prompt::system_message(route.system_prompt.as_deref(), &messages.system),
+            passages: prompt::passages_message(&sources),
+            new: messages.new.clone(),
+        };
         let wanted = req
             .max_completion_tokens
             .or(req.max_tokens)
@@ -454,9 +459,8 @@ impl Pipeline {
             match prompt::assemble(
                 self.generation.clone(),
                 model,
-                system.clone(),
+                parts.clone(),
                 &history,
-                messages.new.clone(),
                 wanted,
                 count_timeout,
             )
@@ -486,9 +490,7 @@ impl Pipeline {
         let assembled = match assembled {
             Some(a) => a,
             // Only remote models on this route: they count for themselves.
-            None if uncountable => {
-                prompt::uncounted(system, &history, messages.new.clone(), wanted)
-            }
+            None if uncountable => prompt::uncounted(parts, &history, wanted),
             None => {
                 return Err(last_err.unwrap_or_else(|| ApiError::ModelNotFound(req.model.clone())));
             }
@@ -520,7 +522,7 @@ impl Pipeline {
         };
         tracing::info!(
             route = %route.name,
-            session_id = %session_id,
+            session = %moltbot_runtime::telemetry::redact::session_id(tenant, &session_id),
             history_kept = assembled.history_kept,
             sources = sources.len(),
             degraded = ?degraded,
@@ -528,6 +530,8 @@ impl Pipeline {
         );
         Ok(Prepared {
             id,
+            tenant: tenant.to_owned(),
+            prompt_tokens: assembled.prompt_tokens,
             created: unix_now(),
             route: route.name.clone(),
             chain,
@@ -574,7 +578,7 @@ impl Pipeline {
             created_at: None,
         });
         let mut request = tonic::Request::new(ctx::AppendTurnsRequest {
-            tenant: self.tenant.clone(),
+            tenant: prepared.tenant.clone(),
             session_id: prepared.ext.session_id.clone(),
             turns,
             idempotency_key: prepared.id.clone(),

@@ -11,7 +11,7 @@
 //!     fallbacks: [fake-openai/gpt-4o-mini]
 //!     retry: { max_attempts: 3, backoff_factor: 1.5, initial_backoff_ms: 100, jitter: 0.2 }
 //! api_keys:
-//!   - { name: app, sha256: "<hex of SHA-256(key)>", requests_per_minute: 60, tokens_per_minute: 20000 }
+//!   - { name: app, tenant: acme, sha256: "<hex of SHA-256(key)>", requests_per_minute: 60, tokens_per_minute: 20000 }
 //! allow_anonymous: true   # honoured only when the gateway listens on loopback
 //! ```
 
@@ -177,10 +177,18 @@ pub struct Limits {
     /// Requests per minute.
     #[serde(default)]
     pub requests_per_minute: Option<u32>,
-    /// Prompt plus completion tokens per minute.
+    /// Prompt plus completion tokens per minute, reserved at admission
+    /// (prompt + completion budget) and settled with what the turn used.
     #[serde(default)]
     pub tokens_per_minute: Option<u32>,
+    /// Requests of this caller in flight at once (streams count until they
+    /// end); more are answered 429. Unset: [`DEFAULT_MAX_CONCURRENT`].
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u32>,
 }
+
+/// Default per-key cap on concurrent requests.
+pub const DEFAULT_MAX_CONCURRENT: u32 = 16;
 
 /// One client API key, stored hashed.
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +198,11 @@ pub struct ApiKeyConfig {
     pub name: String,
     /// Lower-case hex SHA-256 of the key (`printf %s KEY | sha256sum`).
     pub sha256: String,
+    /// The tenant the key belongs to: its sessions, idempotency keys and
+    /// limits are its own (docs/security.md). Default: the key's name, so
+    /// two keys share data only when the config says so.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// The key's limits.
     #[serde(flatten)]
     pub limits: Limits,

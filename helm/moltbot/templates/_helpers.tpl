@@ -44,3 +44,24 @@ app.kubernetes.io/component: {{ .component }}
       optional: true
 {{- end }}
 {{- end -}}
+
+{{/* URL of a service for its callers: https:// under mesh TLS. */}}
+{{- define "moltbot.url" -}}
+{{- printf "%s://%s:%v" (ternary "https" "http" .root.Values.mesh.tls.enabled) (include "moltbot.name" .) (index .root.Values.services .component).grpcPort -}}
+{{- end -}}
+
+{{/* The mesh-TLS environment of a component (its cert-manager secret is
+     mounted at /var/run/moltbot/tls), or the plaintext opt-out. */}}
+{{- define "moltbot.tlsEnv" -}}
+{{- if .root.Values.mesh.tls.enabled }}
+- name: MOLTBOT_TLS_CERT
+  value: /var/run/moltbot/tls/tls.crt
+- name: MOLTBOT_TLS_KEY
+  value: /var/run/moltbot/tls/tls.key
+- name: MOLTBOT_TLS_CA
+  value: /var/run/moltbot/tls/ca.crt
+{{- else }}
+- name: MOLTBOT_INSECURE_PLAINTEXT
+  value: "true"
+{{- end }}
+{{- end -}}

@@ -80,7 +80,7 @@ impl ArchivedStore {
             .await?;
         pg::slide(&mut tx, key, meta.last_active_ms, row.ttl_s).await?;
         tx.commit().await?;
-        tracing::info!(session_id = %key.session_id, tenant = %key.tenant, turns = turns.len(), "session restored from the archive");
+        tracing::info!(session = %moltbot_runtime::telemetry::redact::session_id(&key.tenant, &key.session_id), tenant = %key.tenant, turns = turns.len(), "session restored from the archive");
         Ok(History {
             turns,
             meta,
@@ -136,7 +136,7 @@ impl SessionStore for ArchivedStore {
                     Duration::from_secs(u64::from(ttl_s)),
                 )
                 .await?;
-            tracing::info!(session_id = %key.session_id, tenant = %key.tenant, "session restored from the archive on append");
+            tracing::info!(session = %moltbot_runtime::telemetry::redact::session_id(&key.tenant, &key.session_id), tenant = %key.tenant, "session restored from the archive on append");
         }
         tx.commit().await?;
         outcome.duplicate |= !first_attempt;

@@ -1,6 +1,13 @@
 //! The checkpoint's tokenizer (`tokenizer.json`, Hugging Face `tokenizers`)
 //! and chat template (Jinja, rendered with `minijinja` exactly as
 //! `transformers`' `apply_chat_template(add_generation_prompt=True)`).
+//!
+//! Message content is text, never markup (OWASP LLM01): control tokens the
+//! template writes (`<|im_start|>`, `<|im_end|>`) are parsed as such, while
+//! the same strings typed inside a message are tokenised as plain text, so a
+//! user cannot open a system turn of their own. [`ChatTokenizer::encode_chat`]
+//! renders the template around unguessable placeholders and encodes the
+//! template's text and each message's content separately.
 
 use std::{path::Path, sync::Arc};
 
@@ -21,7 +28,10 @@ pub struct ChatMessage {
 /// Tokenizer and chat template of one model.
 #[derive(Clone)]
 pub struct ChatTokenizer {
+    /// Special tokens in the text are parsed (the template's own text).
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Special tokens in the text are plain text (message content).
+    plain: Arc<tokenizers::Tokenizer>,
     env: Arc<Environment<'static>>,
     eos_ids: Vec<u32>,
 }
@@ -65,8 +75,11 @@ impl ChatTokenizer {
         );
         env.add_template_owned(TEMPLATE, template)
             .map_err(|e| load_err(format!("chat template: {e}")))?;
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Self {
             tokenizer: Arc::new(tokenizer),
+            plain: Arc::new(plain),
             env: Arc::new(env),
             eos_ids,
         })
@@ -89,18 +102,56 @@ impl ChatTokenizer {
             .map_err(|e| GenerationError::Tokenizer(format!("chat template: {e}")))
     }
 
-    /// Token ids of `text` (special tokens written in it are recognised; no
-    /// BOS/EOS added, as `apply_chat_template(tokenize=True)`).
+    /// Token ids of `text` as plain text: a control token written in it
+    /// (`<|im_start|>`) is tokenised as the characters it consists of. No
+    /// BOS/EOS added. Errors with [`GenerationError::Tokenizer`].
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, GenerationError> {
-        self.tokenizer
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| GenerationError::Tokenizer(e.to_string()))
+        encode_with(&self.plain, text)
     }
 
-    /// The prompt's token ids: [`Self::render`] then [`Self::encode`].
+    /// The prompt's token ids: `messages` through the chat template, the
+    /// template's text with its control tokens, each message's content as
+    /// plain text ([`Self::encode`]). For ordinary content the ids equal
+    /// encoding the rendered prompt whole (a unit test checks it). Errors
+    /// with [`GenerationError::Tokenizer`].
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, GenerationError> {
-        self.encode(&self.render(messages)?)
+        // Placeholders nobody can type: a per-call random nonce between
+        // private-use characters.
+        let nonce = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(messages.len());
+            h.finish()
+        };
+        let open = format!("\u{E000}{nonce:016x}:");
+        let masked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage {
+                role: m.role.clone(),
+                content: format!("{open}{i}\u{E001}"),
+            })
+            .collect();
+        let rendered = self.render(&masked)?;
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(at) = rest.find(&open) {
+            ids.extend(encode_with(&self.tokenizer, &rest[..at])?);
+            let after = &rest[at + open.len()..];
+            let end = after.find('\u{E001}').ok_or_else(|| {
+                GenerationError::Tokenizer("chat template cut a message placeholder".into())
+            })?;
+            let index: usize = after[..end].parse().map_err(|_| {
+                GenerationError::Tokenizer("chat template altered a message placeholder".into())
+            })?;
+            let message = messages.get(index).ok_or_else(|| {
+                GenerationError::Tokenizer("chat template altered a message placeholder".into())
+            })?;
+            ids.extend(self.encode(&message.content)?);
+            rest = &after[end + '\u{E001}'.len_utf8()..];
+        }
+        ids.extend(encode_with(&self.tokenizer, rest)?);
+        Ok(ids)
     }
 
     /// Text of `ids`, special tokens skipped.
@@ -109,4 +160,14 @@ impl ChatTokenizer {
             .decode(ids, true)
             .map_err(|e| GenerationError::Tokenizer(e.to_string()))
     }
+}
+
+fn encode_with(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, GenerationError> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    tokenizer
+        .encode(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| GenerationError::Tokenizer(e.to_string()))
 }

@@ -44,9 +44,12 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Whether the authorisation layer admitted `request` on the operator
 /// certificate (mutual TLS): admin handlers then need no bearer token.
 pub fn from_operator<T>(request: &Request<T>) -> bool {
-    request.extensions().get::<super::authz::Caller>().is_some_and(|c| {
-        c.0 == super::authz::Identity::Principal(super::authz::Principal::Operator)
-    })
+    request
+        .extensions()
+        .get::<super::authz::Caller>()
+        .is_some_and(|c| {
+            c.0 == super::authz::Identity::Principal(super::authz::Principal::Operator)
+        })
 }
 
 /// Whether `request` came over a loopback socket (false when unknown).

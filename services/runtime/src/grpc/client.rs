@@ -29,6 +29,28 @@ pub type TracedChannel = ClientTrace<Channel>;
 /// call and re-made after the upstream restarts. Errors with
 /// [`RuntimeError::Transport`] for an invalid URL.
 pub fn channel(url: &str) -> Result<TracedChannel, RuntimeError> {
+    let (endpoint, tls) = endpoint(url)?;
+    let channel = match tls {
+        Some(connector) => endpoint.connect_with_connector_lazy(connector),
+        None => endpoint.connect_lazy(),
+    };
+    Ok(ClientTrace { inner: channel })
+}
+
+/// Connects to `url` now (for tools that should fail at once when the
+/// service is down), TLS as in [`channel`]. Errors with
+/// [`RuntimeError::Config`] for an invalid URL and
+/// [`RuntimeError::Transport`] when the connection fails.
+pub async fn connect(url: &str) -> Result<Channel, RuntimeError> {
+    let (endpoint, tls) = endpoint(url)?;
+    Ok(match tls {
+        Some(connector) => endpoint.connect_with_connector(connector).await?,
+        None => endpoint.connect().await?,
+    })
+}
+
+/// The endpoint for `url`, and the TLS connector when it is `https://`.
+fn endpoint(url: &str) -> Result<(Endpoint, Option<super::tls::TlsConnector>), RuntimeError> {
     let parsed = url::Url::parse(url)
         .map_err(|e| RuntimeError::Config(format!("{url:?} is not a URL: {e}")))?;
     let tls = parsed.scheme() == "https";
@@ -44,12 +66,12 @@ pub fn channel(url: &str) -> Result<TracedChannel, RuntimeError> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    let channel = if tls {
-        endpoint.connect_with_connector_lazy(super::tls::TlsConnector::new(&parsed)?)
+    let connector = if tls {
+        Some(super::tls::TlsConnector::new(&parsed)?)
     } else {
-        endpoint.connect_lazy()
+        None
     };
-    Ok(ClientTrace { inner: channel })
+    Ok((endpoint, connector))
 }
 
 /// Service adding a client span and trace-context propagation to each RPC.

@@ -57,8 +57,8 @@ impl DevCa {
     /// A new self-signed CA (`CN=MoltBot dev CA`). Errors with
     /// [`RuntimeError::Config`] when key generation fails.
     pub fn generate() -> Result<Self, RuntimeError> {
-        let mut params = CertificateParams::new(Vec::<String>::new())
-            .map_err(|e| pki_error("parameters", e))?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(|e| pki_error("parameters", e))?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params
             .distinguished_name

@@ -4,6 +4,7 @@
 mod json;
 mod otel;
 pub mod propagation;
+pub mod redact;
 
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 

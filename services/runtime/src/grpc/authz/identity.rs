@@ -140,7 +140,10 @@ mod tests {
             assert_eq!(Principal::from_spiffe_id(&p.spiffe_id()), Some(p));
         }
         assert_eq!(Principal::from_spiffe_id("spiffe://other/gateway"), None);
-        assert_eq!(Principal::from_spiffe_id("spiffe://moltbot/gateway/x"), None);
+        assert_eq!(
+            Principal::from_spiffe_id("spiffe://moltbot/gateway/x"),
+            None
+        );
         assert_eq!(Principal::from_spiffe_id("spiffe://moltbotx/gateway"), None);
         assert_eq!(Principal::from_spiffe_id("https://moltbot/gateway"), None);
     }
@@ -150,7 +153,7 @@ mod tests {
         let pki = crate::grpc::pki::DevCa::generate().unwrap();
         let gateway = pki.issue(Principal::Gateway).unwrap();
         assert_eq!(
-            from_chain(&[gateway.cert_der.clone()]),
+            from_chain(std::slice::from_ref(&gateway.cert_der)),
             Identity::Principal(Principal::Gateway)
         );
         assert_eq!(from_chain(&[]), Identity::Anonymous);

@@ -77,9 +77,9 @@ pub fn decide(path: &str, identity: &Identity, bearer: Bearer) -> Result<(), Ref
         (Allow::Callers(ps), Identity::Principal(p)) if ps.contains(p) => Ok(()),
         (Allow::Operator, Identity::Principal(Principal::Operator)) => Ok(()),
         (Allow::Operator, _) if bearer == Bearer::Admin => Ok(()),
-        (Allow::Operator, _) if bearer == Bearer::Wrong => Err(Refusal::PermissionDenied(
-            refused("the bearer token is not this service's admin token".into()),
-        )),
+        (Allow::Operator, _) if bearer == Bearer::Wrong => Err(Refusal::PermissionDenied(refused(
+            "the bearer token is not this service's admin token".into(),
+        ))),
         (_, Identity::Anonymous) => Err(Refusal::Unauthenticated(refused(
             "the call presented no client certificate of the mesh CA".into(),
         ))),
@@ -103,12 +103,24 @@ mod tests {
 
     #[test]
     fn credentials_go_to_generation_alone() {
-        assert_eq!(decide(ACQUIRE, &p(Principal::Generation), Bearer::Absent), Ok(()));
+        assert_eq!(
+            decide(ACQUIRE, &p(Principal::Generation), Bearer::Absent),
+            Ok(())
+        );
         let anon = decide(ACQUIRE, &Identity::Anonymous, Bearer::Absent).unwrap_err();
-        assert!(matches!(&anon, Refusal::Unauthenticated(m) if m.contains("AcquireCredential") && m.contains("generation")), "{anon:?}");
-        for other in Principal::ALL.into_iter().filter(|x| *x != Principal::Generation) {
+        assert!(
+            matches!(&anon, Refusal::Unauthenticated(m) if m.contains("AcquireCredential") && m.contains("generation")),
+            "{anon:?}"
+        );
+        for other in Principal::ALL
+            .into_iter()
+            .filter(|x| *x != Principal::Generation)
+        {
             let r = decide(ACQUIRE, &p(other), Bearer::Absent).unwrap_err();
-            assert!(matches!(&r, Refusal::PermissionDenied(m) if m.contains(&other.spiffe_id())), "{r:?}");
+            assert!(
+                matches!(&r, Refusal::PermissionDenied(m) if m.contains(&other.spiffe_id())),
+                "{r:?}"
+            );
         }
         // An admin token is no way around a component rule.
         assert!(decide(ACQUIRE, &Identity::Anonymous, Bearer::Admin).is_err());
@@ -116,7 +128,10 @@ mod tests {
 
     #[test]
     fn operator_rules_take_the_certificate_or_the_token() {
-        assert_eq!(decide(UPSERT, &p(Principal::Operator), Bearer::Absent), Ok(()));
+        assert_eq!(
+            decide(UPSERT, &p(Principal::Operator), Bearer::Absent),
+            Ok(())
+        );
         assert_eq!(decide(UPSERT, &Identity::Anonymous, Bearer::Admin), Ok(()));
         assert!(matches!(
             decide(UPSERT, &Identity::Anonymous, Bearer::Absent),
@@ -136,7 +151,11 @@ mod tests {
     fn health_is_open_and_unknown_paths_are_denied() {
         assert_eq!(decide(HEALTH, &Identity::Anonymous, Bearer::Absent), Ok(()));
         assert_eq!(
-            decide(HEALTH, &Identity::Unknown("spiffe://x/y".into()), Bearer::Absent),
+            decide(
+                HEALTH,
+                &Identity::Unknown("spiffe://x/y".into()),
+                Bearer::Absent
+            ),
             Ok(())
         );
         assert!(matches!(

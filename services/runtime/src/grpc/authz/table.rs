@@ -43,11 +43,21 @@ const GATEWAY_OR_OPERATOR: Allow = Allow::Callers(&[Gateway, Operator]);
 pub const TABLE: &[Rule] = &[
     rule("/grpc.health.v1.Health/*", Allow::Anyone),
     rule("/grpc.reflection.v1.ServerReflection/*", Allow::Operator),
-    rule("/grpc.reflection.v1alpha.ServerReflection/*", Allow::Operator),
-    // context: the gateway asserts the tenant; nobody else writes turns.
+    rule(
+        "/grpc.reflection.v1alpha.ServerReflection/*",
+        Allow::Operator,
+    ),
+    // context: the gateway asserts the tenant; nobody else writes turns,
+    // and the operator may inspect and delete.
     rule("/moltbot.context.v1.ContextService/AppendTurns", GATEWAY),
-    rule("/moltbot.context.v1.ContextService/GetHistory", GATEWAY),
-    rule("/moltbot.context.v1.ContextService/GetSession", GATEWAY),
+    rule(
+        "/moltbot.context.v1.ContextService/GetHistory",
+        GATEWAY_OR_OPERATOR,
+    ),
+    rule(
+        "/moltbot.context.v1.ContextService/GetSession",
+        GATEWAY_OR_OPERATOR,
+    ),
     rule(
         "/moltbot.context.v1.ContextService/ResetSession",
         GATEWAY_OR_OPERATOR,
@@ -98,8 +108,14 @@ pub const TABLE: &[Rule] = &[
         "/moltbot.retrieval.v1.RetrievalService/DeleteCollection",
         Allow::Operator,
     ),
-    rule("/moltbot.retrieval.v1.RetrievalService/Upsert", Allow::Operator),
-    rule("/moltbot.retrieval.v1.RetrievalService/Delete", Allow::Operator),
+    rule(
+        "/moltbot.retrieval.v1.RetrievalService/Upsert",
+        Allow::Operator,
+    ),
+    rule(
+        "/moltbot.retrieval.v1.RetrievalService/Delete",
+        Allow::Operator,
+    ),
     // generation: spends the organisation's provider keys.
     rule(
         "/moltbot.generation.v1.GenerationService/Generate",
@@ -177,8 +193,8 @@ mod tests {
 
     #[test]
     fn every_rpc_has_a_rule_and_every_rule_an_rpc() {
-        let set = prost_types::FileDescriptorSet::decode(moltbot_proto::FILE_DESCRIPTOR_SET)
-            .unwrap();
+        let set =
+            prost_types::FileDescriptorSet::decode(moltbot_proto::FILE_DESCRIPTOR_SET).unwrap();
         let mut served = Vec::new();
         for file in &set.file {
             for service in &file.service {
@@ -197,7 +213,11 @@ mod tests {
             assert!(rule_for(path).is_some(), "no rule for {path}");
         }
         for r in TABLE.iter().filter(|r| r.rpc.starts_with("/moltbot.")) {
-            assert!(served.iter().any(|p| p == r.rpc), "rule for no RPC: {}", r.rpc);
+            assert!(
+                served.iter().any(|p| p == r.rpc),
+                "rule for no RPC: {}",
+                r.rpc
+            );
         }
     }
 
@@ -218,7 +238,10 @@ mod tests {
         let doc = include_str!("../../../../../docs/security.md");
         for r in TABLE {
             let line = format!("| `{}` | {} |", r.rpc, r.allow.describe());
-            assert!(doc.contains(&line), "docs/security.md lacks the line\n{line}");
+            assert!(
+                doc.contains(&line),
+                "docs/security.md lacks the line\n{line}"
+            );
         }
     }
 }
