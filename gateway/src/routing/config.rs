@@ -164,6 +164,22 @@ pub struct Route {
     /// `max_tokens` when the request gives none.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u32,
+    /// What happens to `assistant` and `tool` messages a client sends
+    /// (they may be forged: OWASP LLM01).
+    #[serde(default)]
+    pub client_turns: ClientTurns,
+}
+
+/// Policy for client-supplied `assistant`/`tool` messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientTurns {
+    /// Used in this turn's prompt, never written to the session: the stored
+    /// conversation holds only the users' messages and MoltBot's answers.
+    #[default]
+    Transient,
+    /// Refused with 400 naming the message.
+    Refuse,
 }
 
 fn default_max_tokens() -> u32 {
@@ -235,6 +251,7 @@ impl Default for GatewayConfig {
                 fallbacks: Vec::new(),
                 retry: RetryPolicy::default(),
                 default_max_tokens: default_max_tokens(),
+                client_turns: ClientTurns::default(),
             }],
             api_keys: Vec::new(),
             allow_anonymous: true,

@@ -11,6 +11,18 @@ use tower::ServiceBuilder;
 use super::{ObserveLayer, authz::AuthzLayer};
 use crate::{RuntimeError, config::ServerArgs, metrics, shutdown};
 
+/// Concurrent streams per HTTP/2 connection, and concurrent calls per
+/// connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// Deadline of any call, streams included (the longest generation the
+/// gateway allows is 120 s; a caller's own `grpc-timeout` is shorter).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Connections are closed (gracefully, after GOAWAY) at this age, so that
+/// long-lived clients reconnect and spread over new replicas.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+
 /// A service's identity and default addresses (docs/architecture.md, "Pinned names").
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceSpec {
@@ -240,7 +252,19 @@ async fn serve_inner(
     let shutdown = async {
         let _ = stop_rx.await;
     };
-    let builder = Server::builder().layer(layers).add_routes(routes);
+    // Bounds on what one peer can hold open (OWASP API4): streams per
+    // HTTP/2 connection, a deadline on every call (a caller's shorter
+    // `grpc-timeout` wins), keep-alive pings that close dead peers, and an
+    // upper bound on how long a connection lives so clients re-balance.
+    let builder = Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .concurrency_limit_per_connection(MAX_CONCURRENT_STREAMS as usize)
+        .timeout(REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .layer(layers)
+        .add_routes(routes);
     let server: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match tls {
