@@ -166,7 +166,8 @@ async fn history_len(mesh: &Mesh, session: &str) -> usize {
     let channel = grpc::connect(&mesh.context.grpc_url()).await;
     match ContextServiceClient::new(channel)
         .get_history(GetHistoryRequest {
-            tenant: "local".to_owned(),
+            // The API key `test` has no `tenant`: it is its own tenant.
+            tenant: "test".to_owned(),
             session_id: session.to_owned(),
             max_turns: 0,
             max_tokens: 0,

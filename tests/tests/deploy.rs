@@ -403,6 +403,12 @@ fn helm_chart_renders_validates_and_matches_the_pinned_names() {
             "{name}"
         );
         assert_eq!(has_secret("REDIS_URL"), name == "context", "{name}");
+        // Replicated services refuse process-local stores.
+        assert_eq!(
+            has_secret("MOLTBOT_REPLICATED"),
+            name == "context",
+            "{name}"
+        );
         // Ingress to the gRPC port from the allowed callers only.
         let policy = find("NetworkPolicy", &object);
         let callers: Vec<&str> = policy["spec"]["ingress"][0]["from"]

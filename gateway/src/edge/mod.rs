@@ -215,4 +215,32 @@ mod tests {
         // SDKs always send a key; with none configured it is ignored.
         assert!(ring.identify(Some("Bearer sk-anything")).is_ok());
     }
+
+    #[tokio::test]
+    async fn concurrent_requests_per_key_are_capped_until_the_body_ends() {
+        use tower::ServiceExt;
+        // sha256("test")
+        let c = config(
+            "api_keys: [{name: app, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, max_concurrent_requests: 1}]",
+        );
+        let ring = Arc::new(KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local").unwrap());
+        let app = axum::Router::new()
+            .route("/x", axum::routing::get(|| async { "ok" }))
+            .route_layer(axum::middleware::from_fn_with_state(ring, authenticate));
+        let request = || {
+            axum::http::Request::builder()
+                .uri("/x")
+                .header("authorization", "Bearer test")
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        // The first response's body is not sent yet: its permit is held.
+        let first = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(first.status(), 200);
+        let second = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(second.status(), 429);
+        drop(first);
+        let third = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(third.status(), 200);
+    }
 }

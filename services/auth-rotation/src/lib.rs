@@ -124,6 +124,11 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
     } else {
         Backend::Sqlite
     });
+    args.server.require_shared_store(
+        backend == Backend::Sqlite,
+        "the SQLite credential store",
+        "DATABASE_URL",
+    )?;
     let store = match backend {
         Backend::Sqlite => store::Store::sqlite(&args.data_dir.join("auth.db")).await,
         Backend::Postgres => {

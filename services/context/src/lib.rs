@@ -134,6 +134,11 @@ impl Args {
         } else {
             Backend::Memory
         });
+        self.server.require_shared_store(
+            backend == Backend::Memory,
+            "the in-memory session store",
+            "REDIS_URL",
+        )?;
         match backend {
             Backend::Memory => Ok(Arc::new(MemoryStore::new(self.store_limits()))),
             Backend::Redis => {

@@ -150,6 +150,11 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
     }
     tch::set_num_threads(moltbot_encoder::serving_threads(args.threads) as i32);
     let backend = args.backend();
+    args.server.require_shared_store(
+        backend == Backend::Sqlite,
+        "the SQLite knowledge store",
+        "DATABASE_URL",
+    )?;
     let store = match backend {
         Backend::Sqlite => store::Store::sqlite(&args.data_dir.join("retrieval.db")).await,
         Backend::Postgres => {

@@ -38,6 +38,17 @@ pub struct ServerArgs {
         action = clap::ArgAction::Set
     )]
     pub insecure_plaintext: bool,
+    /// This service runs as one of several replicas (the chart sets it when
+    /// `replicas > 1` or autoscaling is on): a process-local store (memory,
+    /// SQLite) would give each replica its own data, so start-up is refused
+    /// without the shared store.
+    #[arg(
+        long,
+        env = "MOLTBOT_REPLICATED",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub replicated: bool,
     /// TLS of the gRPC listener and of this component's own gRPC clients.
     #[command(flatten)]
     pub tls: crate::grpc::tls::TlsArgs,
@@ -52,6 +63,23 @@ impl ServerArgs {
     /// The drain delay as a [`Duration`].
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(self.drain_delay_ms)
+    }
+
+    /// Refuses a process-local `store` (e.g. `the in-memory session store`)
+    /// when this service is replicated. Errors with [`RuntimeError::Config`]
+    /// naming `setting`, the variable that selects the shared store.
+    pub fn require_shared_store(
+        &self,
+        local: bool,
+        store: &str,
+        setting: &str,
+    ) -> Result<(), RuntimeError> {
+        if self.replicated && local {
+            return Err(RuntimeError::Config(format!(
+                "MOLTBOT_REPLICATED=true but {store} is local to this process, so replicas would not share it: set {setting}"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks the values together. Errors with [`RuntimeError::Config`] when both
@@ -174,6 +202,29 @@ mod tests {
     }
 
     #[test]
+    fn replicated_services_refuse_local_stores() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            server: ServerArgs,
+        }
+        let mut args = <Cli as clap::Parser>::parse_from(["x"]).server;
+        assert!(
+            args.require_shared_store(true, "memory", "REDIS_URL")
+                .is_ok()
+        );
+        args.replicated = true;
+        let err = args
+            .require_shared_store(true, "the in-memory session store", "REDIS_URL")
+            .unwrap_err();
+        assert!(err.to_string().contains("set REDIS_URL"), "{err}");
+        assert!(
+            args.require_shared_store(false, "redis", "REDIS_URL")
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn same_port_for_grpc_and_metrics_is_rejected() {
         let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let args = ServerArgs {
@@ -182,6 +233,7 @@ mod tests {
             shutdown_grace_ms: 1,
             drain_delay_ms: 0,
             insecure_plaintext: false,
+            replicated: false,
             tls: Default::default(),
         };
         assert!(
