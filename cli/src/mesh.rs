@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moltbot_runtime::grpc::tls::TlsArgs;
+use moltbot_runtime::grpc::{pki::Files, tls::TlsArgs};
 use tonic::transport::Channel;
 
 use crate::CliError;
@@ -17,10 +17,11 @@ pub fn pki_dir(data_dir: &Path) -> PathBuf {
 
 /// The TLS files of `principal` (e.g. `operator`) under `pki`.
 pub fn tls_args(pki: &Path, principal: &str) -> TlsArgs {
+    let files = Files::of(pki, principal);
     TlsArgs {
-        tls_cert: Some(pki.join(format!("{principal}.pem"))),
-        tls_key: Some(pki.join(format!("{principal}.key"))),
-        tls_ca: Some(pki.join("ca.pem")),
+        tls_cert: Some(files.cert),
+        tls_key: Some(files.key),
+        tls_ca: Some(files.ca),
         health_addr: None,
     }
 }
@@ -38,7 +39,7 @@ pub fn install_tls(data_dir: &Path) -> Result<(), CliError> {
         health_addr: None,
     };
     let pki = pki_dir(data_dir);
-    if args.tls_cert.is_none() && pki.join("operator.pem").exists() {
+    if args.tls_cert.is_none() && Files::of(&pki, "operator").cert.exists() {
         args = tls_args(&pki, "operator");
     }
     moltbot_runtime::grpc::tls::install_client(&args)

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -11,6 +11,39 @@ use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
+
+/// An `https://` endpoint with tonic's own rustls client (independent of
+/// the mesh's connector): the server verified against `ca_pem` as
+/// `localhost`, presenting `identity` (certificate and key PEM) or none.
+pub fn mtls_endpoint(url: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Endpoint {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+}
+
+/// [`mtls_endpoint`] with the CA and the certificate of `principal` (e.g.
+/// `operator`; none: anonymous) from a directory written by the dev CA
+/// (`moltbot_runtime::grpc::pki`).
+pub fn pki_endpoint(url: &str, pki: &std::path::Path, principal: Option<&str>) -> Endpoint {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+    let ca = read(pki.join("ca.pem"));
+    let identity = principal.map(|name| {
+        let files = moltbot_runtime::grpc::pki::Files::of(pki, name);
+        (read(files.cert), read(files.key))
+    });
+    mtls_endpoint(
+        url,
+        &ca,
+        identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+    )
+}
 
 /// Connects to `url`, retrying for up to 10 s.
 pub async fn connect(url: &str) -> Channel {

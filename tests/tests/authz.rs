@@ -16,12 +16,15 @@
 use std::time::Duration;
 
 use moltbot_e2e::{grpc, process::ServiceProcess};
-use moltbot_runtime::grpc::{authz::Principal, pki::DevCa};
+use moltbot_runtime::grpc::{
+    authz::Principal,
+    pki::{DevCa, Files},
+};
 use prost::Message;
 use tonic::{
     Code,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+    transport::Channel,
 };
 
 const ADMIN_TOKEN: &str = "authz-test-admin-token";
@@ -136,19 +139,7 @@ fn rpcs() -> Vec<(String, String)> {
 }
 
 async fn channel(url: &str, pki: &std::path::Path, identity: Option<Principal>) -> Channel {
-    let ca = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("localhost");
-    if let Some(p) = identity {
-        let cert = std::fs::read_to_string(pki.join(format!("{}.pem", p.name()))).unwrap();
-        let key = std::fs::read_to_string(pki.join(format!("{}.key", p.name()))).unwrap();
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(url.to_owned())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
+    grpc::pki_endpoint(url, pki, identity.map(Principal::name))
         .connect()
         .await
         .unwrap()
@@ -160,16 +151,11 @@ async fn every_rpc_refuses_every_caller_the_table_does_not_name() {
     let pki = dir.join("pki");
     DevCa::generate().unwrap().write(&pki).unwrap();
     let env = |principal: &str| {
+        let files = Files::of(&pki, principal);
         vec![
-            (
-                "MOLTBOT_TLS_CERT",
-                pki.join(format!("{principal}.pem")).display().to_string(),
-            ),
-            (
-                "MOLTBOT_TLS_KEY",
-                pki.join(format!("{principal}.key")).display().to_string(),
-            ),
-            ("MOLTBOT_TLS_CA", pki.join("ca.pem").display().to_string()),
+            ("MOLTBOT_TLS_CERT", files.cert.display().to_string()),
+            ("MOLTBOT_TLS_KEY", files.key.display().to_string()),
+            ("MOLTBOT_TLS_CA", files.ca.display().to_string()),
             ("MOLTBOT_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
             ("MOLTBOT_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
         ]
@@ -315,22 +301,16 @@ async fn every_rpc_refuses_every_caller_the_table_does_not_name() {
     // A certificate from another CA does not complete the handshake.
     let rogue_dir = dir.join("rogue");
     DevCa::generate().unwrap().write(&rogue_dir).unwrap();
+    // Trusting the mesh CA, presenting a generation certificate of another.
+    let rogue_ca = std::fs::read_to_string(rogue_dir.join("ca.pem")).unwrap();
     std::fs::copy(pki.join("ca.pem"), rogue_dir.join("ca.pem")).unwrap();
-    let ca = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
-    let rogue = Channel::from_shared(url.clone())
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("localhost")
-                .identity(Identity::from_pem(
-                    std::fs::read_to_string(rogue_dir.join("generation.pem")).unwrap(),
-                    std::fs::read_to_string(rogue_dir.join("generation.key")).unwrap(),
-                )),
-        )
-        .unwrap()
+    let rogue = grpc::pki_endpoint(&url, &rogue_dir, Some("generation"))
         .connect()
         .await;
+    assert_ne!(
+        rogue_ca,
+        std::fs::read_to_string(pki.join("ca.pem")).unwrap()
+    );
     let rogue_refused = match rogue {
         Err(_) => true,
         Ok(c) => {

@@ -25,7 +25,7 @@ use moltbot_proto::{
     },
 };
 use serde_json::{Value, json};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 struct Pki {
     dir: std::path::PathBuf,
@@ -73,18 +73,13 @@ async fn client(
     url: &str,
     identity: Option<&Leaf>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(pki.ca.pem()))
-        .domain_name("localhost");
-    if let Some(leaf) = identity {
-        tls = tls.identity(Identity::from_pem(&leaf.cert_pem, &leaf.key_pem));
-    }
-    Channel::from_shared(url.to_owned())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
+    grpc::mtls_endpoint(
+        url,
+        &pki.ca.pem(),
+        identity.map(|l| (l.cert_pem.as_str(), l.key_pem.as_str())),
+    )
+    .connect()
+    .await
 }
 
 /// The certificate a fresh TLS connection to `port` is shown.

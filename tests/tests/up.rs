@@ -86,7 +86,7 @@ async fn probe_refusals(pki: &std::path::Path) {
         },
         context::v1::{ListSessionsRequest, context_service_client::ContextServiceClient},
     };
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    use tonic::transport::Channel;
     let acquire = || AcquireCredentialRequest {
         provider: "plainfake".into(),
         model: "m1".into(),
@@ -116,26 +116,13 @@ async fn probe_refusals(pki: &std::path::Path) {
             assert!(refused, "a plaintext call on {port} was served");
         }
     }
-    let tls = |identity: bool| {
-        let mut config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(
-                std::fs::read(pki.join("ca.pem")).unwrap(),
-            ))
-            .domain_name("localhost");
-        if identity {
-            config = config.identity(Identity::from_pem(
-                std::fs::read(pki.join("operator.pem")).unwrap(),
-                std::fs::read(pki.join("operator.key")).unwrap(),
-            ));
-        }
-        config
-    };
-    let channel = |port: u16, identity: bool| {
-        Channel::from_shared(format!("https://127.0.0.1:{port}"))
-            .unwrap()
-            .tls_config(tls(identity))
-            .unwrap()
-            .connect_lazy()
+    let channel = |port: u16, operator: bool| {
+        moltbot_e2e::grpc::pki_endpoint(
+            &format!("https://127.0.0.1:{port}"),
+            pki,
+            operator.then_some("operator"),
+        )
+        .connect_lazy()
     };
     let err = AuthRotationServiceClient::new(channel(50055, false))
         .acquire_credential(acquire())

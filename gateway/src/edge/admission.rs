@@ -48,11 +48,6 @@ impl Admission {
             max_body_bytes,
         }
     }
-
-    /// Requests in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.limit - self.in_flight.available_permits()
-    }
 }
 
 /// Middleware: sheds the request with 503 and `Retry-After: 1` when the

@@ -126,15 +126,6 @@ impl RateLimiter {
             settled: false,
         })
     }
-
-    /// Charges the tokens a finished turn used.
-    pub fn charge_tokens(&self, tokens: u32) {
-        if let Some(bucket) = &self.tokens {
-            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-            b.refill(Instant::now());
-            b.level -= f64::from(tokens);
-        }
-    }
 }
 
 /// Tokens held for one turn. [`Reservation::settle`] charges what the
@@ -151,11 +142,6 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Tokens held.
-    pub fn reserved(&self) -> u32 {
-        self.reserved
-    }
-
     /// Counts `n` completion tokens produced (streamed deltas).
     pub fn saw_completion(&mut self, n: u32) {
         self.completion_seen = self.completion_seen.saturating_add(n);
@@ -214,13 +200,15 @@ mod tests {
 
     #[test]
     fn tokens_per_minute_blocks_after_a_large_turn() {
-        let l = RateLimiter::new(&Limits {
+        let l = std::sync::Arc::new(RateLimiter::new(&Limits {
             requests_per_minute: None,
             tokens_per_minute: Some(600),
             ..Default::default()
-        });
+        }));
         l.admit().unwrap();
-        l.charge_tokens(900); // 300 over: 30 s at 10 tokens/s before the next
+        // A turn that used more than it reserved: 300 over, 30 s at 10
+        // tokens/s before the next.
+        l.reserve(10, 10).unwrap().settle(900);
         match l.admit() {
             Err(ApiError::RateLimited { retry_after, limit }) => {
                 assert_eq!(limit, "tokens per minute");

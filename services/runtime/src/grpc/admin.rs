@@ -23,10 +23,20 @@ pub fn configured(token: Option<String>) -> Option<String> {
 /// Whether `request` carries `expected` as its bearer token. Errors with
 /// [`AdminDenied::MissingToken`] or [`AdminDenied::WrongToken`].
 pub fn check_bearer<T>(request: &Request<T>, expected: &str) -> Result<(), AdminDenied> {
-    let given = request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
+    check_authorization(
+        request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        expected,
+    )
+}
+
+/// Whether an `authorization` header value is `Bearer <expected>`. Errors
+/// with [`AdminDenied::MissingToken`] (no header, or not a bearer token) or
+/// [`AdminDenied::WrongToken`].
+pub fn check_authorization(authorization: Option<&str>, expected: &str) -> Result<(), AdminDenied> {
+    let given = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(AdminDenied::MissingToken)?;
     if constant_time_eq(given.as_bytes(), expected.as_bytes()) {

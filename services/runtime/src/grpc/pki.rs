@@ -38,7 +38,7 @@ pub struct Issued {
     pub cert_der: CertificateDer<'static>,
 }
 
-/// Where [`DevCa::write`] put the files of one principal.
+/// Where [`DevCa::write`] puts the files of one principal.
 #[derive(Debug, Clone)]
 pub struct Files {
     /// `<dir>/<name>.pem`.
@@ -47,6 +47,18 @@ pub struct Files {
     pub key: PathBuf,
     /// `<dir>/ca.pem`, the CA every peer is verified against.
     pub ca: PathBuf,
+}
+
+impl Files {
+    /// The files of the principal named `name` (e.g. `operator`,
+    /// `auth-rotation`) under `dir`.
+    pub fn of(dir: &Path, name: &str) -> Self {
+        Self {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+            ca: dir.join("ca.pem"),
+        }
+    }
 }
 
 fn pki_error(what: &str, e: impl std::fmt::Display) -> RuntimeError {
@@ -107,28 +119,19 @@ impl DevCa {
     }
 
     /// Writes `ca.pem` and, for every principal, `<name>.pem` and
-    /// `<name>.key` into `dir` (created; keys mode 0600, replaced by
-    /// rename so a reader never sees half a file). Returns each
-    /// principal's [`Files`]. Errors with [`RuntimeError::Config`] naming
-    /// the file that could not be written.
-    pub fn write(&self, dir: &Path) -> Result<Vec<(Principal, Files)>, RuntimeError> {
+    /// `<name>.key` into `dir` ([`Files::of`]; created; keys mode 0600,
+    /// replaced by rename so a reader never sees half a file). Errors with
+    /// [`RuntimeError::Config`] naming the file that could not be written.
+    pub fn write(&self, dir: &Path) -> Result<(), RuntimeError> {
         std::fs::create_dir_all(dir).map_err(|e| pki_error(&dir.display().to_string(), e))?;
-        let ca = dir.join("ca.pem");
-        write_file(&ca, &self.ca_pem(), false)?;
-        Principal::ALL
-            .into_iter()
-            .map(|p| {
-                let issued = self.issue(p)?;
-                let files = Files {
-                    cert: dir.join(format!("{}.pem", p.name())),
-                    key: dir.join(format!("{}.key", p.name())),
-                    ca: ca.clone(),
-                };
-                write_file(&files.key, &issued.key_pem, true)?;
-                write_file(&files.cert, &issued.cert_pem, false)?;
-                Ok((p, files))
-            })
-            .collect()
+        write_file(&dir.join("ca.pem"), &self.ca_pem(), false)?;
+        for p in Principal::ALL {
+            let issued = self.issue(p)?;
+            let files = Files::of(dir, p.name());
+            write_file(&files.key, &issued.key_pem, true)?;
+            write_file(&files.cert, &issued.cert_pem, false)?;
+        }
+        Ok(())
     }
 }
 

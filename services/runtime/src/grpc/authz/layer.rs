@@ -12,7 +12,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use super::{Bearer, Identity, decide, identity};
-use crate::grpc::admin::constant_time_eq;
+use crate::grpc::admin::{AdminDenied, check_authorization};
 
 /// The identity an admitted call was made with (request extension; read
 /// it with `request.extensions().get::<Caller>()`).
@@ -41,11 +41,6 @@ impl AuthzLayer {
     pub fn off() -> Self {
         Self::default()
     }
-
-    /// Whether calls are checked.
-    pub fn is_enforcing(&self) -> bool {
-        self.enforce
-    }
 }
 
 impl<S> Layer<S> for AuthzLayer {
@@ -66,16 +61,15 @@ pub struct Authz<S> {
 }
 
 fn bearer<B>(req: &http::Request<B>, admin_token: Option<&str>) -> Bearer {
-    let Some(given) = req
+    let header = req
         .headers()
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return Bearer::Absent;
-    };
-    match admin_token {
-        Some(t) if constant_time_eq(given.as_bytes(), t.as_bytes()) => Bearer::Admin,
+        .and_then(|v| v.to_str().ok());
+    // Without an admin token of its own the service accepts none: any
+    // bearer token it is sent is wrong.
+    match check_authorization(header, admin_token.unwrap_or_default()) {
+        Err(AdminDenied::MissingToken) => Bearer::Absent,
+        Ok(()) if admin_token.is_some() => Bearer::Admin,
         _ => Bearer::Wrong,
     }
 }
