@@ -35,7 +35,7 @@ BUF_PKG     := @bufbuild/buf@1.75.0
 GRPCURL := $(VENV)/bin/grpcurl
 BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 
-.PHONY: deploy-tools bench-retrieval all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: deploy-tools bench-mesh bench-retrieval all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -121,6 +121,11 @@ test: $(GRPCURL) stores models intent-head deploy-tools
 ## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
 bench-generation: build-release models
 	$(CARGO_TARGET_DIR)/release/moltbot-generation-bench --model-dir $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
+
+## Scale-out and gateway-overhead benchmarks (BENCHMARKS.md, "Scale out"):
+## real processes of the release build; the services' logs are dropped.
+bench-mesh: build-release models
+	$(CARGO_TARGET_DIR)/release/moltbot-mesh-bench 2>/dev/null
 
 bench-retrieval: build-release models
 	$(CARGO_TARGET_DIR)/release/moltbot-retrieval-bench --sizes 100000,1000000

@@ -16,6 +16,10 @@ pub struct Args {
     /// gateway's certificate (mutual TLS).
     #[command(flatten)]
     pub tls: moltbot_runtime::grpc::tls::TlsArgs,
+    /// Load balancing over every endpoint of each upstream: a URL, or
+    /// several separated by commas, each host resolved to all its addresses.
+    #[command(flatten)]
+    pub balance: moltbot_runtime::grpc::balance::BalanceArgs,
     /// Understanding service (optional enrichment).
     #[arg(
         long,
@@ -56,6 +60,21 @@ pub struct Args {
     /// anonymous access on loopback.
     #[arg(long, env = "MOLTBOT_GATEWAY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Redis holding the API keys' rate-limit buckets, shared by every
+    /// gateway replica (`redis://…`, `rediss://…` for TLS). Unset: each
+    /// gateway keeps its own buckets (one gateway only).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// This gateway runs as one of several replicas (the chart sets it):
+    /// start-up is refused without REDIS_URL, since per-process buckets
+    /// would give each key its limit once per replica.
+    #[arg(
+        long,
+        env = "MOLTBOT_REPLICATED",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub replicated: bool,
     /// Deadline of a whole chat turn when the client gives none
     /// (`x-request-timeout-ms` header), in milliseconds.
     #[arg(long, env = "MOLTBOT_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]

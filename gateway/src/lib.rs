@@ -33,8 +33,23 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         Some(path) => routing::GatewayConfig::load(path)?,
         None => routing::GatewayConfig::default(),
     };
-    let keys = Arc::new(edge::KeyRing::new(&config, args.http_addr, &args.tenant)?);
+    let shared_buckets = match args.redis_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => Some(Arc::new(edge::ratelimit::shared::SharedBuckets::new(url)?)),
+        None if args.replicated => {
+            return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(
+                "MOLTBOT_REPLICATED=true but the rate-limit buckets would be local to each gateway, giving every key its limit once per replica: set REDIS_URL".to_owned(),
+            )));
+        }
+        None => None,
+    };
+    let keys = Arc::new(edge::KeyRing::new(
+        &config,
+        args.http_addr,
+        &args.tenant,
+        shared_buckets,
+    )?);
     moltbot_runtime::grpc::tls::install_client(&args.tls)?;
+    moltbot_runtime::grpc::balance::install(&args.balance)?;
     let upstreams = Arc::new(Upstreams::connect(&args)?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &upstreams,

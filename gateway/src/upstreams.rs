@@ -117,9 +117,7 @@ impl Upstreams {
             Some(u) => u.channel.clone(),
             None => {
                 tracing::error!(name, "no such upstream");
-                client::ClientTrace::new(
-                    tonic::transport::Endpoint::from_static("http://0.0.0.0:1").connect_lazy(),
-                )
+                client::unreachable(&format!("no upstream named {name}"))
             }
         }
     }

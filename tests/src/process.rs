@@ -16,20 +16,19 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-/// Path of a workspace binary, next to the test executable's `deps/` folder.
+/// Path of a workspace binary: next to the running executable (a bench
+/// binary in `target/<profile>/`) or next to its `deps/` folder (a test).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`; `make test` does it)",
-        path.display()
-    );
-    path
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [Some(dir.join(name)), dir.parent().map(|d| d.join(name))];
+    let found = candidates.iter().flatten().find(|p| p.exists()).cloned();
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: build the workspace binaries first (`cargo build --workspace --bins`; `make test` does it)",
+            dir.display()
+        )
+    })
 }
 
 /// Addresses a process logged in its `listening` line.
@@ -200,6 +199,12 @@ impl ServiceProcess {
     pub fn signal_term(&self) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)
             .expect("send SIGTERM");
+    }
+
+    /// Sends SIGKILL (a crash: nothing drains). The process is reaped on
+    /// drop.
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
     }
 
     /// Waits for exit up to `timeout`; `None` if still running.

@@ -381,12 +381,39 @@ fn helm_chart_renders_validates_and_matches_the_pinned_names() {
             Some(u64::from(health))
         );
         assert_eq!(env_of(c, "MOLTBOT_TLS_CA"), "/var/run/moltbot/tls/ca.crt");
+        // Clients dial the headless Service, which resolves to every
+        // ready pod, and balance over them.
         assert_eq!(
             env_of(gateway, gateway_var),
-            format!("https://{object}:{}", spec.grpc_addr.port())
+            format!("https://{object}-pods:{}", spec.grpc_addr.port())
+        );
+        let headless = find("Service", &format!("{object}-pods"));
+        assert_eq!(headless["spec"]["clusterIP"], "None", "{name}");
+        assert_eq!(
+            headless["spec"]["ports"][0]["port"].as_u64(),
+            Some(u64::from(spec.grpc_addr.port())),
+            "{name}"
+        );
+        assert_eq!(headless["spec"]["selector"], service["spec"]["selector"]);
+        // Drain: NOT_SERVING for the delay, then the grace, within the
+        // pod's termination budget.
+        assert_eq!(env_of(c, "MOLTBOT_DRAIN_DELAY_MS"), "10000");
+        assert_eq!(
+            find("Deployment", &object)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                .as_u64(),
+            Some(35),
+            "{name}"
         );
         let cert = find("Certificate", &object);
         assert_eq!(cert["spec"]["uris"][0], format!("spiffe://moltbot/{name}"));
+        assert!(
+            cert["spec"]["dnsNames"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|n| n.as_str() == Some(&format!("{object}-pods"))),
+            "{name}: the certificate must name the headless Service its clients dial"
+        );
         assert_eq!(cert["spec"]["secretName"], format!("{object}-tls"));
         // Secrets only where they are needed: the master key to
         // auth-rotation alone.
@@ -403,10 +430,15 @@ fn helm_chart_renders_validates_and_matches_the_pinned_names() {
             "{name}"
         );
         assert_eq!(has_secret("REDIS_URL"), name == "context", "{name}");
-        // Replicated services refuse process-local stores.
+        assert_eq!(
+            has_secret("DATABASE_URL"),
+            ["context", "retrieval", "auth-rotation"].contains(&name),
+            "{name}"
+        );
+        // Stateful services refuse process-local stores (stores.required).
         assert_eq!(
             has_secret("MOLTBOT_REPLICATED"),
-            name == "context",
+            ["context", "retrieval", "auth-rotation"].contains(&name),
             "{name}"
         );
         // Ingress to the gRPC port from the allowed callers only.
@@ -430,6 +462,17 @@ fn helm_chart_renders_validates_and_matches_the_pinned_names() {
     }
     find("Certificate", "moltbot-gateway");
     assert!(!default.contains("MOLTBOT_INSECURE_PLAINTEXT"));
+    // Two or more gateways share the rate-limit buckets in Redis: the
+    // chart marks them replicated (start-up then needs REDIS_URL) and hands
+    // them REDIS_URL.
+    assert_eq!(env_of(gateway, "MOLTBOT_REPLICATED"), "true");
+    assert!(
+        gateway["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "REDIS_URL")
+    );
     // Only the gateway's policy admits traffic from anywhere.
     let gw_policy = find("NetworkPolicy", "moltbot-gateway");
     assert!(gw_policy["spec"]["ingress"][0]["from"].is_null());

@@ -63,11 +63,21 @@ impl KeyRing {
     /// Builds the ring. Anonymous access is allowed only when the config
     /// allows it and `http_addr` is a loopback address; a non-loopback gateway
     /// with no keys is refused with [`GatewayError::Config`] saying what to add.
+    ///
+    /// With `shared`, each caller's rate-limit buckets live in Redis
+    /// ([`ratelimit::shared`]) under the key's name, shared by every gateway.
     pub fn new(
         config: &GatewayConfig,
         http_addr: SocketAddr,
         anonymous_tenant: &str,
+        shared: Option<Arc<ratelimit::shared::SharedBuckets>>,
     ) -> Result<Self, GatewayError> {
+        let limiter = |limits: &crate::routing::config::Limits, name: &str| {
+            Arc::new(match &shared {
+                Some(buckets) => RateLimiter::shared(limits, name, buckets.clone()),
+                None => RateLimiter::new(limits),
+            })
+        };
         let mut by_hash = HashMap::new();
         for k in &config.api_keys {
             let hash = decode_hex(&k.sha256).ok_or_else(|| {
@@ -81,7 +91,7 @@ impl KeyRing {
                 Caller {
                     name: Arc::from(k.name.as_str()),
                     tenant: Arc::from(k.tenant.as_deref().unwrap_or(k.name.as_str())),
-                    limiter: Arc::new(RateLimiter::new(&k.limits)),
+                    limiter: limiter(&k.limits, &k.name),
                     concurrency: concurrency(&k.limits),
                 },
             );
@@ -90,7 +100,7 @@ impl KeyRing {
         let anonymous = (config.allow_anonymous && loopback).then(|| Caller {
             name: Arc::from("anonymous"),
             tenant: Arc::from(anonymous_tenant),
-            limiter: Arc::new(RateLimiter::new(&config.anonymous_limits)),
+            limiter: limiter(&config.anonymous_limits, "anonymous"),
             concurrency: concurrency(&config.anonymous_limits),
         });
         if anonymous.is_none() && by_hash.is_empty() {
@@ -159,7 +169,7 @@ pub async fn authenticate(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = caller.limiter.admit() {
+    if let Err(e) = caller.limiter.admit().await {
         tracing::info!(caller = %caller.name, "rate limited");
         return e.into_response();
     }
@@ -193,7 +203,7 @@ mod tests {
         let c = config(
             "api_keys: [{name: app, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}]",
         );
-        let ring = KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local").unwrap();
+        let ring = KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local", None).unwrap();
         assert_eq!(&*ring.identify(Some("Bearer test")).unwrap().name, "app");
         // A key without a tenant is its own tenant; anonymous is `local`.
         assert_eq!(&*ring.identify(Some("Bearer test")).unwrap().tenant, "app");
@@ -201,7 +211,7 @@ mod tests {
         assert!(ring.identify(Some("Bearer wrong")).is_err());
         assert_eq!(&*ring.identify(None).unwrap().name, "anonymous");
 
-        let public = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap(), "local").unwrap();
+        let public = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap(), "local", None).unwrap();
         assert!(public.identify(None).is_err());
         assert!(public.identify(Some("Bearer test")).is_ok());
     }
@@ -209,9 +219,9 @@ mod tests {
     #[test]
     fn no_keys_off_loopback_refuses_to_start() {
         let c = config("");
-        let err = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap(), "local").unwrap_err();
+        let err = KeyRing::new(&c, "0.0.0.0:8080".parse().unwrap(), "local", None).unwrap_err();
         assert!(err.to_string().contains("api_keys"), "{err}");
-        let ring = KeyRing::new(&c, "127.0.0.1:8080".parse().unwrap(), "local").unwrap();
+        let ring = KeyRing::new(&c, "127.0.0.1:8080".parse().unwrap(), "local", None).unwrap();
         // SDKs always send a key; with none configured it is ignored.
         assert!(ring.identify(Some("Bearer sk-anything")).is_ok());
     }
@@ -223,7 +233,8 @@ mod tests {
         let c = config(
             "api_keys: [{name: app, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, max_concurrent_requests: 1}]",
         );
-        let ring = Arc::new(KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local").unwrap());
+        let ring =
+            Arc::new(KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local", None).unwrap());
         let app = axum::Router::new()
             .route("/x", axum::routing::get(|| async { "ok" }))
             .route_layer(axum::middleware::from_fn_with_state(ring, authenticate));

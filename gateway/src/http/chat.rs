@@ -128,7 +128,10 @@ async fn handle(
         .sampling
         .as_ref()
         .map_or(0, |s| s.max_tokens);
-    let reservation = caller.limiter.reserve(prepared.prompt_tokens, budget)?;
+    let reservation = caller
+        .limiter
+        .reserve(prepared.prompt_tokens, budget)
+        .await?;
     let started = match pipeline.start(&mut prepared).await {
         Ok(s) => s,
         Err(e) => {
@@ -154,13 +157,12 @@ async fn handle(
     }
 }
 
-/// Drains the generation and answers with one JSON object.
-async fn complete(
-    pipeline: &Pipeline,
-    reservation: Reservation,
-    mut prepared: Prepared,
-    started: Started,
-) -> Result<Response, ApiError> {
+/// Generations restarted after a stream broke mid-answer, per turn.
+const MAX_RESTARTS: u32 = 2;
+
+/// Reads one generation to its summary: (model, text, summary), or the
+/// status that broke it.
+async fn drain(started: Started) -> Result<(String, String, GenerationSummary), tonic::Status> {
     let Started {
         model,
         first,
@@ -168,19 +170,54 @@ async fn complete(
     } = started;
     let mut text = String::new();
     let mut event = Some(first);
-    let summary = loop {
+    loop {
         match event.and_then(|e| e.event) {
             Some(generate_response::Event::Delta(d)) => text.push_str(&d.text),
-            Some(generate_response::Event::Summary(s)) => break s,
+            Some(generate_response::Event::Summary(s)) => return Ok((model, text, s)),
             None => {}
         }
-        event = match stream.message().await {
-            Ok(Some(e)) => Some(e),
-            Ok(None) => {
-                return Err(ApiError::Upstream {
-                    service: "generation",
-                    status: tonic::Status::internal("the stream ended without a summary"),
-                });
+        event = match stream.message().await? {
+            Some(e) => Some(e),
+            None => {
+                return Err(tonic::Status::unavailable(
+                    "the generation stream ended without a summary",
+                ));
+            }
+        };
+    }
+}
+
+/// Drains the generation and answers with one JSON object. Nothing has
+/// reached the client yet, so a generation that breaks mid-answer (its
+/// replica died, say) is started again, on whichever replica the balancer
+/// picks, up to [`MAX_RESTARTS`] times within the turn's deadline.
+async fn complete(
+    pipeline: &Pipeline,
+    reservation: Reservation,
+    mut prepared: Prepared,
+    started: Started,
+) -> Result<Response, ApiError> {
+    let mut started = started;
+    let mut restarts = 0;
+    let (model, text, summary) = loop {
+        match drain(started).await {
+            Ok(done) => break done,
+            Err(status)
+                if restarts < MAX_RESTARTS
+                    && crate::pipeline::generate::restartable(status.code())
+                    && std::time::Instant::now() < prepared.deadline =>
+            {
+                restarts += 1;
+                tracing::warn!(code = ?status.code(), error = %status.message(), restarts, "generation broke mid-answer; starting it again");
+                started = match pipeline.start(&mut prepared).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        metrics::TURNS
+                            .with_label_values(&[prepared.route.as_str(), "error"])
+                            .inc();
+                        return Err(e);
+                    }
+                };
             }
             Err(status) => {
                 metrics::TURNS
@@ -191,7 +228,7 @@ async fn complete(
                     status,
                 });
             }
-        };
+        }
     };
     let usage = usage_of(&summary);
     pipeline

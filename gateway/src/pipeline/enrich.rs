@@ -19,13 +19,20 @@ use crate::{
     routing::config::RetrievalConfig,
 };
 
-/// Runs `call` within `timeout` (also sent as the gRPC deadline by the
-/// caller), turning a timeout and a status into a short reason.
-async fn bounded<T>(
-    timeout: Duration,
-    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(timeout, call).await {
+/// Runs `call` within `timeout` (sent as the gRPC deadline of each attempt
+/// too), retrying a transient failure on another replica
+/// ([`super::retry::idempotent`]), turning a timeout and a status into a
+/// short reason.
+async fn bounded<T, F, Fut>(timeout: Duration, mut call: F) -> Result<T, String>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let attempts = super::retry::idempotent(deadline, || {
+        call(deadline.saturating_duration_since(tokio::time::Instant::now()))
+    });
+    match tokio::time::timeout(timeout, attempts).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
@@ -39,13 +46,16 @@ pub async fn classify(
     text: &str,
     timeout: Duration,
 ) -> Result<IntentInfo, String> {
-    let mut request = tonic::Request::new(ClassifyRequest {
-        text: text.to_owned(),
-        top_k: 0,
-    });
-    request.set_timeout(timeout);
-    let mut client = UnderstandingServiceClient::new(channel);
-    let response = bounded(timeout, client.classify(request)).await?;
+    let response = bounded(timeout, |left| {
+        let mut request = tonic::Request::new(ClassifyRequest {
+            text: text.to_owned(),
+            top_k: 0,
+        });
+        request.set_timeout(left);
+        let mut client = UnderstandingServiceClient::new(channel.clone());
+        async move { client.classify(request).await }
+    })
+    .await?;
     let c = response
         .classification
         .ok_or_else(|| "understanding answered without a classification".to_owned())?;
@@ -67,17 +77,20 @@ pub async fn retrieve(
     text: &str,
     timeout: Duration,
 ) -> Result<Vec<Source>, String> {
-    let mut request = tonic::Request::new(SearchRequest {
-        collection: config.collection.clone(),
-        query: Some(search_request::Query::Text(text.to_owned())),
-        top_k: config.top_k,
-        filter: Default::default(),
-        min_score: config.min_score,
-        exact: false,
-    });
-    request.set_timeout(timeout);
-    let mut client = RetrievalServiceClient::new(channel);
-    let response = bounded(timeout, client.search(request)).await?;
+    let response = bounded(timeout, |left| {
+        let mut request = tonic::Request::new(SearchRequest {
+            collection: config.collection.clone(),
+            query: Some(search_request::Query::Text(text.to_owned())),
+            top_k: config.top_k,
+            filter: Default::default(),
+            min_score: config.min_score,
+            exact: false,
+        });
+        request.set_timeout(left);
+        let mut client = RetrievalServiceClient::new(channel.clone());
+        async move { client.search(request).await }
+    })
+    .await?;
     Ok(response
         .hits
         .into_iter()

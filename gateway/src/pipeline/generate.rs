@@ -68,6 +68,13 @@ fn next_after(code: tonic::Code, more: bool) -> Next {
     }
 }
 
+/// Whether a generation that failed with `code` after it had started may
+/// be started again (when nothing has reached the client): any failure but
+/// one the request itself caused.
+pub fn restartable(code: tonic::Code) -> bool {
+    next_after(code, false) == Next::Retry
+}
+
 /// Snake-case name of a gRPC code, as reported in `moltbot.attempts`.
 pub fn outcome_name(code: tonic::Code) -> String {
     let debug = format!("{code:?}");

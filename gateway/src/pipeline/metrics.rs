@@ -40,6 +40,20 @@ pub static SHED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// `moltbot_gateway_rate_limit_store_errors_total`: rate-limit checks that
+/// could not reach the shared buckets in Redis and used this gateway's
+/// own buckets instead.
+#[allow(clippy::expect_used)]
+pub static RATE_LIMIT_STORE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "moltbot_gateway_rate_limit_store_errors_total",
+            "Rate-limit checks that fell back to process-local buckets",
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `moltbot_gateway_degraded_turns_total{enrichment}`: turns answered without
 /// an enrichment (`understanding`, `retrieval`) or whose context write failed.
 #[allow(clippy::expect_used)]

@@ -13,6 +13,7 @@ mod enrich;
 pub mod generate;
 pub mod metrics;
 pub mod prompt;
+pub mod retry;
 
 use std::{
     sync::Mutex,
@@ -345,19 +346,23 @@ impl Pipeline {
         session_id: &str,
         timeout: Duration,
     ) -> Result<Vec<ctx::Turn>, ApiError> {
-        let mut request = tonic::Request::new(ctx::GetHistoryRequest {
-            tenant: tenant.to_owned(),
-            session_id: session_id.to_owned(),
-            max_turns: MAX_HISTORY_TURNS,
-            max_tokens: 0,
+        let deadline = tokio::time::Instant::now() + timeout;
+        let call = retry::idempotent(deadline, || {
+            let mut request = tonic::Request::new(ctx::GetHistoryRequest {
+                tenant: tenant.to_owned(),
+                session_id: session_id.to_owned(),
+                max_turns: MAX_HISTORY_TURNS,
+                max_tokens: 0,
+            });
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let mut client = ContextServiceClient::new(self.context.clone());
+            async move {
+                client
+                    .get_history(request)
+                    .await
+                    .map(|r| r.into_inner().turns)
+            }
         });
-        request.set_timeout(timeout);
-        let call = async {
-            ContextServiceClient::new(self.context.clone())
-                .get_history(request)
-                .await
-                .map(|r| r.into_inner().turns)
-        };
         match tokio::time::timeout(timeout, call).await {
             // A session's first turn: no history yet.
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(Vec::new()),
@@ -599,7 +604,8 @@ impl Pipeline {
     }
 
     /// Appends the request's messages and the answer to the session in one
-    /// idempotent call (key: the completion id). A failure does not fail the
+    /// idempotent call (key: the completion id), retried on another context
+    /// replica after a transient failure. A failure does not fail the
     /// answered turn: `context_write` is added to `degraded`.
     pub async fn finish(&self, prepared: &mut Prepared, answer: &str, completion_tokens: u32) {
         let mut turns = std::mem::take(&mut prepared.new_turns);
@@ -609,18 +615,23 @@ impl Pipeline {
             token_count: completion_tokens,
             created_at: None,
         });
-        let mut request = tonic::Request::new(ctx::AppendTurnsRequest {
-            tenant: prepared.tenant.clone(),
-            session_id: prepared.ext.session_id.clone(),
-            turns,
-            idempotency_key: prepared.id.clone(),
-            ttl_seconds: None,
-        });
-        request.set_timeout(self.enrichment_timeout);
-        if let Err(status) = ContextServiceClient::new(self.context.clone())
-            .append_turns(request)
-            .await
-        {
+        // Idempotent by its key: a retry after a replica died mid-write
+        // (the write may have landed) stores nothing twice.
+        let deadline = tokio::time::Instant::now() + self.enrichment_timeout;
+        let written = retry::idempotent(deadline, || {
+            let mut request = tonic::Request::new(ctx::AppendTurnsRequest {
+                tenant: prepared.tenant.clone(),
+                session_id: prepared.ext.session_id.clone(),
+                turns: turns.clone(),
+                idempotency_key: prepared.id.clone(),
+                ttl_seconds: None,
+            });
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let mut client = ContextServiceClient::new(self.context.clone());
+            async move { client.append_turns(request).await }
+        })
+        .await;
+        if let Err(status) = written {
             tracing::warn!(code = ?status.code(), error = %status.message(), "context write failed");
             metrics::DEGRADED
                 .with_label_values(&["context_write"])

@@ -31,6 +31,14 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .root.Values.telemetry.logLevel | quote }}
 - name: OTEL_SERVICE_NAME
   value: {{ printf "moltbot-%s" .component | quote }}
+# After SIGTERM: NOT_SERVING (gateway: /readyz 503) for the drain delay
+# while endpoints and clients' resolvers drop the pod, then close.
+- name: MOLTBOT_DRAIN_DELAY_MS
+  value: {{ .root.Values.drain.delayMs | quote }}
+- name: MOLTBOT_SHUTDOWN_GRACE_MS
+  value: {{ .root.Values.drain.graceMs | quote }}
+- name: MOLTBOT_RESOLVE_INTERVAL_MS
+  value: {{ .root.Values.drain.resolveIntervalMs | quote }}
 {{- with .root.Values.telemetry.otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
@@ -45,9 +53,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* URL of a service for its callers: https:// under mesh TLS. */}}
+{{/* URL of a service for its callers: its headless Service, whose name
+     resolves to every ready pod, so each client balances over all of them
+     (services/runtime/src/grpc/balance/); https:// under mesh TLS. */}}
 {{- define "moltbot.url" -}}
-{{- printf "%s://%s:%v" (ternary "https" "http" .root.Values.mesh.tls.enabled) (include "moltbot.name" .) (index .root.Values.services .component).grpcPort -}}
+{{- printf "%s://%s-pods:%v" (ternary "https" "http" .root.Values.mesh.tls.enabled) (include "moltbot.name" .) (index .root.Values.services .component).grpcPort -}}
 {{- end -}}
 
 {{/* The mesh-TLS environment of a component (its cert-manager secret is
@@ -64,4 +74,10 @@ app.kubernetes.io/component: {{ .component }}
 - name: MOLTBOT_INSECURE_PLAINTEXT
   value: "true"
 {{- end }}
+{{- end -}}
+
+{{/* Pod termination budget: drain delay, then the grace for calls in
+     flight, plus 5 s of margin before SIGKILL. */}}
+{{- define "moltbot.terminationGrace" -}}
+{{- add (div (add .Values.drain.delayMs .Values.drain.graceMs) 1000) 5 -}}
 {{- end -}}

@@ -95,6 +95,11 @@ pub struct Args {
     /// Granularity of the health-check scheduler, in milliseconds.
     #[arg(long, env = "MOLTBOT_HEALTH_TICK_MS", default_value_t = 250)]
     pub health_tick_ms: u64,
+    /// Milliseconds between reads of the shared event log, by which this
+    /// replica applies outcomes and configuration changes other replicas
+    /// took (breakers agree within about this time).
+    #[arg(long, env = "MOLTBOT_FOLLOW_INTERVAL_MS", default_value_t = 250)]
+    pub follow_interval_ms: u64,
 }
 
 impl std::fmt::Debug for Args {
@@ -149,10 +154,23 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
         max_retry_after: Duration::from_secs(args.max_retry_after_s.max(1)),
         token_refresh_margin: Duration::from_secs(60),
     };
-    let registry = registry::Registry::load(store, key, settings)
+    // Events after this position are applied by the follower: read before
+    // the load, so nothing falls between the two.
+    let cursor = store
+        .last_event()
         .await
-        .map_err(|e| RuntimeError::Config(e.to_string()))?;
-    Ok(Arc::new(registry))
+        .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    let registry = Arc::new(
+        registry::Registry::load(store, key, settings)
+            .await
+            .map_err(|e| RuntimeError::Config(e.to_string()))?,
+    );
+    registry::follow::spawn(
+        &registry,
+        cursor,
+        Duration::from_millis(args.follow_interval_ms.max(10)),
+    );
+    Ok(registry)
 }
 
 /// The gRPC service over a loaded registry.

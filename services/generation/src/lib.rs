@@ -164,6 +164,7 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
     args.engine_config()?;
     let server = args.server.clone();
     moltbot_runtime::grpc::tls::install_client(&args.server.tls)?;
+    moltbot_runtime::grpc::balance::install(&args.server.balance)?;
     let auth = moltbot_runtime::config::parse_upstream_url("MOLTBOT_AUTH_URL", &args.auth_url)?;
     let remote = service::RemoteConfig {
         auth: moltbot_runtime::grpc::client::channel(&auth)?,

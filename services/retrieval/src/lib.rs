@@ -5,11 +5,14 @@
 //! with the shared MiniLM encoder (`moltbot-encoder`, batched), written to the
 //! [`store`] (SQLite by default, PostgreSQL with `DATABASE_URL`) and then to
 //! the collection's in-process HNSW [`index`], which is snapshotted to disk so
-//! a restart neither re-embeds nor rebuilds. Serves
+//! a restart neither re-embeds nor rebuilds. Every write is also logged in
+//! the store's change log, which each replica's [`follow`]er applies to its
+//! own index, so replicas converge. Serves
 //! `moltbot.retrieval.v1.RetrievalService` with gRPC health and reflection.
 
 pub mod chunk;
 mod error;
+pub mod follow;
 pub mod index;
 mod service;
 pub mod state;
@@ -104,6 +107,12 @@ pub struct Args {
     /// Collections with at most this many chunks are searched exactly.
     #[arg(long, env = "MOLTBOT_EXACT_BELOW", default_value_t = 256)]
     pub exact_below: usize,
+    /// Milliseconds between reads of the change log, by which this
+    /// replica's index applies writes made through other replicas
+    /// (a document upserted through one replica is found through every
+    /// other within about this time).
+    #[arg(long, env = "MOLTBOT_FOLLOW_INTERVAL_MS", default_value_t = 500)]
+    pub follow_interval_ms: u64,
     /// Seconds between index snapshots of changed collections.
     #[arg(long, env = "MOLTBOT_SNAPSHOT_INTERVAL_S", default_value_t = 30)]
     pub snapshot_interval_s: u64,
@@ -198,10 +207,15 @@ pub async fn load(args: &Args) -> Result<Arc<state::State>, RuntimeError> {
             .join(format!("retrieval-index-{}", state_backend_name(backend))),
         exact_below: args.exact_below,
     });
-    state
+    let cursor = state
         .load_collections()
         .await
         .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+    follow::spawn(
+        &state,
+        cursor,
+        Duration::from_millis(args.follow_interval_ms.max(10)),
+    );
     Ok(state)
 }
 

@@ -66,7 +66,8 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn entry_of(c: &ChunkRow) -> Entry {
+/// The index entry of a stored chunk.
+pub fn entry_of(c: &ChunkRow) -> Entry {
     let metadata: BTreeMap<String, String> = serde_json::from_str(&c.metadata).unwrap_or_default();
     Entry {
         document_id: Arc::from(c.document_id.as_str()),
@@ -79,8 +80,25 @@ fn entry_of(c: &ChunkRow) -> Entry {
 impl State {
     /// Loads every collection's index: from its snapshot reconciled with the
     /// store, or rebuilt from the store's vectors. Never re-embeds.
-    pub async fn load_collections(&self) -> Result<(), RetrievalError> {
+    ///
+    /// Returns the change-log position read before loading: the follower
+    /// (crate::follow) applies every change after it (again, for those the
+    /// load already saw: applying a change is idempotent).
+    pub async fn load_collections(&self) -> Result<i64, RetrievalError> {
+        let from = self.store.last_change().await?;
         for row in self.store.collections().await? {
+            self.load_collection(row).await?;
+        }
+        Ok(from)
+    }
+
+    /// Loads one collection's index (snapshot reconciled with the store)
+    /// and puts it in [`State::collections`].
+    pub async fn load_collection(
+        &self,
+        row: CollectionRow,
+    ) -> Result<Arc<Collection>, RetrievalError> {
+        {
             let started = std::time::Instant::now();
             let dimension = row.dimension as usize;
             // A quantized graph keeps full-precision vectors beside it, so it
@@ -155,9 +173,9 @@ impl State {
             self.collections
                 .write()
                 .map_err(|_| RetrievalError::Index("collections lock poisoned".into()))?
-                .insert(row.name.clone(), collection);
+                .insert(row.name.clone(), collection.clone());
+            Ok(collection)
         }
-        Ok(())
     }
 
     /// The collection `name`. Errors with

@@ -52,6 +52,9 @@ pub struct ServerArgs {
     /// TLS of the gRPC listener and of this component's own gRPC clients.
     #[command(flatten)]
     pub tls: crate::grpc::tls::TlsArgs,
+    /// Load balancing of this component's own gRPC clients.
+    #[command(flatten)]
+    pub balance: crate::grpc::balance::BalanceArgs,
 }
 
 impl ServerArgs {
@@ -144,23 +147,32 @@ impl TelemetryArgs {
     }
 }
 
-/// Parses and checks an upstream gRPC URL such as `http://127.0.0.1:50054`.
+/// Parses and checks an upstream gRPC URL such as `http://127.0.0.1:50054`,
+/// or several separated by commas (endpoints to balance over,
+/// `grpc::balance`); returns them without trailing slashes.
 ///
 /// `name` is the environment variable, quoted in the error. Errors with
-/// [`RuntimeError::Config`] when the URL does not parse, is not http(s), or
-/// has no host.
+/// [`RuntimeError::Config`] when a URL does not parse, is not http(s), has
+/// no host, or the list mixes http and https.
 pub fn parse_upstream_url(name: &str, value: &str) -> Result<String, RuntimeError> {
-    let url = url::Url::parse(value).map_err(|e| {
-        RuntimeError::Config(format!(
-            "{name}={value:?} is not a URL ({e}); use e.g. http://127.0.0.1:50054"
-        ))
-    })?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(RuntimeError::Config(format!(
-            "{name}={value:?} must be an http:// or https:// URL with a host"
-        )));
+    let mut urls = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        let url = url::Url::parse(part).map_err(|e| {
+            RuntimeError::Config(format!(
+                "{name}={value:?}: {part:?} is not a URL ({e}); use e.g. http://127.0.0.1:50054, or several URLs separated by commas"
+            ))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(RuntimeError::Config(format!(
+                "{name}={value:?}: {part:?} must be an http:// or https:// URL with a host"
+            )));
+        }
+        urls.push(part.trim_end_matches('/').to_owned());
     }
-    Ok(value.trim_end_matches('/').to_owned())
+    let joined = urls.join(",");
+    crate::grpc::balance::target::parse(&joined)
+        .map_err(|e| RuntimeError::Config(format!("{name}={value:?}: {e}")))?;
+    Ok(joined)
 }
 
 /// Whether `name` is a valid resource name (collection, provider):
@@ -186,6 +198,13 @@ mod tests {
         let err = parse_upstream_url("MOLTBOT_CONTEXT_URL", "127.0.0.1:50054").unwrap_err();
         assert!(err.to_string().contains("MOLTBOT_CONTEXT_URL"), "{err}");
         assert!(parse_upstream_url("X", "ftp://h:1").is_err());
+        // A list of endpoints to balance over; one scheme for all.
+        assert_eq!(
+            parse_upstream_url("X", "http://a:1/, http://b:2").unwrap(),
+            "http://a:1,http://b:2"
+        );
+        assert!(parse_upstream_url("X", "http://a:1,https://b:2").is_err());
+        assert!(parse_upstream_url("X", "http://a:1,b:2").is_err());
     }
 
     #[test]
@@ -235,6 +254,7 @@ mod tests {
             insecure_plaintext: false,
             replicated: false,
             tls: Default::default(),
+            balance: Default::default(),
         };
         assert!(
             args.validate()

@@ -1,18 +1,23 @@
 //! The registry: providers, credentials and endpoints, and the stream of
 //! their state changes. The store holds what must survive a restart
-//! (providers, ciphertext, invalid/revoked states); cool-downs, breakers,
-//! leases and OAuth2 access tokens live here. By concern:
+//! (providers, ciphertext, invalid/revoked states) and what replicas share:
+//! leases (any replica takes any report) and the event log of outcomes and
+//! configuration changes, which [`follow`] applies to every other replica's
+//! breakers, cool-downs and credentials. Breakers, cool-downs and OAuth2
+//! access tokens live here. By concern:
 //!
 //! - [`state`]: the live state and its client-facing statuses;
 //! - [`select`]: which credential a lease gets (pure);
 //! - [`outcome`]: what a reported outcome changes (pure);
 //! - [`breaker`]: the circuit breaker;
 //! - `oauth`: OAuth2 token fetches and refreshes;
-//! - [`health`]: the periodic health checks.
+//! - [`health`]: the periodic health checks;
+//! - [`follow`]: the other replicas' events.
 //!
 //! This module owns the lock, the leases, persistence and events.
 
 pub mod breaker;
+pub mod follow;
 pub mod health;
 mod oauth;
 pub mod outcome;
@@ -21,7 +26,7 @@ pub mod state;
 pub mod url;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::Mutex,
     time::{Duration, Instant, SystemTime},
 };
@@ -36,8 +41,17 @@ use tokio::sync::broadcast;
 use crate::{
     AuthError,
     crypto::{MasterKey, Secret},
-    store::{CredentialRow, ProviderRow, Store},
+    store::{
+        CredentialRow, ProviderRow, Store,
+        shared::{self, EventRow, LeaseRow},
+    },
 };
+
+/// 16 random bytes in hex: lease ids and replica ids.
+fn random_id() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 use breaker::Cooldown;
 use oauth::TokenFetch;
 pub use state::{Cred, OAuth, ProviderState, cred_status, slot_name, status_of, timestamp};
@@ -57,17 +71,9 @@ pub struct Settings {
     pub token_refresh_margin: Duration,
 }
 
-struct LeaseInfo {
-    provider: String,
-    model: String,
-    credential_id: String,
-    expires: Instant,
-}
-
 #[derive(Default)]
 struct Inner {
     providers: BTreeMap<String, ProviderState>,
-    leases: HashMap<String, LeaseInfo>,
 }
 
 /// The registry.
@@ -80,6 +86,8 @@ pub struct Registry {
     /// Settings.
     pub settings: Settings,
     http: reqwest::Client,
+    /// This replica's id in the event log (random per process).
+    origin: String,
 }
 
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
@@ -116,7 +124,26 @@ impl Registry {
             }
             .build()
             .map_err(AuthError::Config)?,
+            origin: random_id(),
         })
+    }
+
+    /// Logs a change to `provider`'s configuration for the other replicas.
+    async fn announce_config(&self, provider: &str) {
+        let event = EventRow {
+            seq: 0,
+            origin: self.origin.clone(),
+            kind: shared::CONFIG.to_owned(),
+            provider: provider.to_owned(),
+            model: String::new(),
+            credential_id: String::new(),
+            outcome: 0,
+            retry_after_ms: 0,
+            at_ms: 0,
+        };
+        if let Err(e) = self.store.append_event(&event).await {
+            tracing::warn!(provider, error = %e, "cannot log a configuration change for other replicas");
+        }
     }
 
     /// The HTTP client of health checks and token requests. No redirects (a
@@ -184,6 +211,7 @@ impl Registry {
             status_of(p, now)
         };
         self.emit(status.clone(), "provider configured");
+        self.announce_config(&row.name).await;
         Ok(status)
     }
 
@@ -230,6 +258,7 @@ impl Registry {
         };
         tracing::info!(provider, credential_id = %id, "credential stored");
         self.emit(pstatus, format!("credential {id} set"));
+        self.announce_config(provider).await;
         status.ok_or(AuthError::NotFound(id))
     }
 
@@ -300,6 +329,7 @@ impl Registry {
         self.store.set_state(credential_id, state as i32).await?;
         tracing::warn!(provider, credential_id, state = ?state, reason, "credential state changed");
         self.emit(pstatus, format!("{reason}: {credential_id}"));
+        self.announce_config(provider).await;
         Ok(status)
     }
 
@@ -313,7 +343,6 @@ impl Registry {
         let now = Instant::now();
         let chosen = {
             let mut inner = lock(&self.inner);
-            inner.leases.retain(|_, l| l.expires > now);
             let p = inner.providers.get_mut(provider).ok_or_else(|| {
                 AuthError::NotFound(format!("provider `{provider}` does not exist"))
             })?;
@@ -350,20 +379,18 @@ impl Registry {
             (ProviderKind::Anthropic, false) => ("x-api-key", secret.expose().to_owned()),
             _ => ("authorization", format!("Bearer {}", secret.expose())),
         };
-        let lease_id = {
-            let bytes: [u8; 16] = rand::rng().random();
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        };
-        let expires = now + self.settings.lease_ttl;
-        lock(&self.inner).leases.insert(
-            lease_id.clone(),
-            LeaseInfo {
+        let lease_id = random_id();
+        // In the store, so that whichever replica the report reaches can
+        // take it.
+        self.store
+            .insert_lease(&LeaseRow {
+                id: lease_id.clone(),
                 provider: provider.to_owned(),
                 model: model.to_owned(),
                 credential_id: credential_id.clone(),
-                expires,
-            },
-        );
+                expires_at_ms: crate::store::now_ms() + self.settings.lease_ttl.as_millis() as i64,
+            })
+            .await?;
         tracing::debug!(provider, model, credential_id = %credential_id, "lease granted");
         Ok(Lease {
             lease_id,
@@ -393,19 +420,15 @@ impl Registry {
         if outcome == Outcome::Unspecified {
             return Err(AuthError::InvalidArgument("outcome is unspecified".into()));
         }
+        let lease = self.store.take_lease(lease_id).await?.ok_or_else(|| {
+            AuthError::NotFound(format!(
+                "lease `{lease_id}` is unknown, reported or expired"
+            ))
+        })?;
         let now = Instant::now();
         let persist_invalid;
         let (response, changed) = {
             let mut inner = lock(&self.inner);
-            let lease = inner
-                .leases
-                .remove(lease_id)
-                .filter(|l| l.expires > now)
-                .ok_or_else(|| {
-                    AuthError::NotFound(format!(
-                        "lease `{lease_id}` is unknown, reported or expired"
-                    ))
-                })?;
             let p = inner.providers.get_mut(&lease.provider).ok_or_else(|| {
                 AuthError::NotFound(format!("provider `{}` is gone", lease.provider))
             })?;
@@ -439,6 +462,20 @@ impl Registry {
         }
         if let Some(status) = changed {
             self.emit(status, format!("outcome {outcome:?} (HTTP {http_status})"));
+        }
+        let event = EventRow {
+            seq: 0,
+            origin: self.origin.clone(),
+            kind: shared::OUTCOME.to_owned(),
+            provider: lease.provider.clone(),
+            model: lease.model.clone(),
+            credential_id: lease.credential_id.clone(),
+            outcome: outcome as i32,
+            retry_after_ms,
+            at_ms: 0,
+        };
+        if let Err(e) = self.store.append_event(&event).await {
+            tracing::warn!(error = %e, "cannot log an outcome for other replicas");
         }
         Ok(response)
     }

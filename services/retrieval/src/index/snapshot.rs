@@ -36,8 +36,8 @@ pub fn save(
 ) -> Result<SystemTime, RetrievalError> {
     std::fs::create_dir_all(dir).map_err(index_error)?;
     let (graph, keys) = paths(dir, collection);
-    let graph_tmp = graph.with_extension("usearch.tmp");
-    let keys_tmp = keys.with_extension("keys.tmp");
+    let graph_tmp = graph.with_extension(format!("usearch.{}.tmp", std::process::id()));
+    let keys_tmp = keys.with_extension(format!("keys.{}.tmp", std::process::id()));
     index
         .hnsw()
         .save(path_str(&graph_tmp)?)

@@ -8,6 +8,32 @@ use sqlx::Row;
 
 use crate::RetrievalError;
 
+/// Appends one row to the change log inside the transaction `$tx` of a
+/// write ([`changes`]): on PostgreSQL after taking the change-log lock, held
+/// until commit, so rows commit in `seq` order whichever replica wrote them.
+macro_rules! log_change {
+    ($tx:expr, $postgres:expr, $collection:expr, $kind:expr, $removed:expr, $added:expr) => {{
+        if $postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(changes::LOCK)
+                .execute(&mut *$tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO changes (collection, kind, removed, added, at_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind($collection)
+        .bind($kind)
+        .bind(changes::keys_json($removed))
+        .bind(changes::keys_json($added))
+        .bind(crate::state::now_ms())
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+pub mod changes;
+
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -165,6 +191,10 @@ impl Store {
         self.pool.backend()
     }
 
+    fn is_postgres(&self) -> bool {
+        matches!(self.pool, Pool::Postgres(_))
+    }
+
     async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match self.pool {
             Pool::Sqlite(_) => Some(self.write_lock.lock().await),
@@ -175,22 +205,28 @@ impl Store {
     /// Creates a collection. Errors with [`RetrievalError::CollectionExists`].
     pub async fn create_collection(&self, c: &CollectionRow) -> Result<(), RetrievalError> {
         let _guard = self.write_guard().await;
-        let result = on_pool!(&self.pool, p => sqlx::query(
-            "INSERT INTO collections (name, dimension, chunk_tokens, overlap_tokens, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(&c.name)
-        .bind(i64::from(c.dimension))
-        .bind(i64::from(c.chunk_tokens))
-        .bind(i64::from(c.overlap_tokens))
-        .bind(c.created_at_ms)
-        .execute(p)
-        .await?
-        .rows_affected());
-        if result == 0 {
-            return Err(RetrievalError::CollectionExists(c.name.clone()));
-        }
-        Ok(())
+        let postgres = self.is_postgres();
+        on_pool!(&self.pool, p => {
+            let mut tx = p.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO collections (name, dimension, chunk_tokens, overlap_tokens, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(&c.name)
+            .bind(i64::from(c.dimension))
+            .bind(i64::from(c.chunk_tokens))
+            .bind(i64::from(c.overlap_tokens))
+            .bind(c.created_at_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(RetrievalError::CollectionExists(c.name.clone()));
+            }
+            log_change!(tx, postgres, &c.name, changes::COLLECTION_CREATED, &[], &[]);
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Every collection, by name.
@@ -206,6 +242,7 @@ impl Store {
     /// of chunks removed. Errors with [`RetrievalError::CollectionNotFound`].
     pub async fn delete_collection(&self, name: &str) -> Result<u64, RetrievalError> {
         let _guard = self.write_guard().await;
+        let postgres = self.is_postgres();
         on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let chunks = sqlx::query("DELETE FROM chunks WHERE collection = $1")
@@ -225,6 +262,7 @@ impl Store {
             if gone == 0 {
                 return Err(RetrievalError::CollectionNotFound(name.to_owned()));
             }
+            log_change!(tx, postgres, name, changes::COLLECTION_DELETED, &[], &[]);
             tx.commit().await?;
             Ok(chunks)
         })
@@ -240,6 +278,7 @@ impl Store {
         chunks: &[NewChunk],
     ) -> Result<Replaced, RetrievalError> {
         let _guard = self.write_guard().await;
+        let postgres = self.is_postgres();
         on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let exists = sqlx::query("SELECT 1 AS one FROM collections WHERE name = $1")
@@ -283,6 +322,7 @@ impl Store {
                 .await?;
                 replaced.new_keys.push(row.try_get::<i64, _>("key")? as u64);
             }
+            log_change!(tx, postgres, collection, changes::CHUNKS, &replaced.old_keys, &replaced.new_keys);
             tx.commit().await?;
             Ok(replaced)
         })
@@ -297,6 +337,7 @@ impl Store {
         ids: &[String],
     ) -> Result<(u32, Vec<u64>), RetrievalError> {
         let _guard = self.write_guard().await;
+        let postgres = self.is_postgres();
         on_pool!(&self.pool, p => {
             let mut tx = p.begin().await?;
             let exists = sqlx::query("SELECT 1 AS one FROM collections WHERE name = $1")
@@ -324,6 +365,7 @@ impl Store {
                     .await?
                     .rows_affected() as u32;
             }
+            log_change!(tx, postgres, collection, changes::CHUNKS, &keys, &[]);
             tx.commit().await?;
             Ok((docs, keys))
         })

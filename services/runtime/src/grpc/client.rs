@@ -17,24 +17,30 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::{rpc_name, status};
 use crate::{RuntimeError, telemetry::propagation};
 
-/// Time allowed to open a TCP connection to an upstream.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub use super::balance::CONNECT_TIMEOUT;
+use super::balance::MeshChannel;
 
-/// A [`Channel`] whose RPCs are traced; pass it to any generated client.
-pub type TracedChannel = ClientTrace<Channel>;
+/// A balanced channel ([`super::balance`]) whose RPCs are traced; pass it
+/// to any generated client.
+pub type TracedChannel = ClientTrace<MeshChannel>;
 
-/// Opens a lazily-connecting, traced channel to `url` (e.g.
-/// `http://127.0.0.1:50054`, or `https://…` for TLS with this process's
-/// client certificate: [`super::tls`]). The connection is made on the first
-/// call and re-made after the upstream restarts. Errors with
-/// [`RuntimeError::Transport`] for an invalid URL.
+/// Opens a traced channel balancing over every address of `url` (e.g.
+/// `http://127.0.0.1:50054`; `https://…` for TLS with this process's client
+/// certificate, [`super::tls`]; or several such URLs separated by commas).
+/// Connections are made on the first calls and re-made after an endpoint
+/// restarts. Needs a Tokio runtime. Errors with [`RuntimeError::Config`]
+/// for an invalid URL list.
 pub fn channel(url: &str) -> Result<TracedChannel, RuntimeError> {
-    let (endpoint, tls) = endpoint(url)?;
-    let channel = match tls {
-        Some(connector) => endpoint.connect_with_connector_lazy(connector),
-        None => endpoint.connect_lazy(),
-    };
-    Ok(ClientTrace { inner: channel })
+    Ok(ClientTrace {
+        inner: super::balance::channel(url)?,
+    })
+}
+
+/// A traced channel that fails every call with UNAVAILABLE: `reason`.
+pub fn unreachable(reason: &str) -> TracedChannel {
+    ClientTrace {
+        inner: MeshChannel::unreachable(reason),
+    }
 }
 
 /// Connects to `url` now (for tools that should fail at once when the

@@ -2,12 +2,14 @@
 //! per-RPC spans and metrics and graceful shutdown ([`serve`]), traced
 //! client channels ([`client`]), admin-RPC authorisation ([`admin`]) and
 //! in-process servers on ephemeral ports for tests and benchmarks
-//! ([`LocalServer`]), TLS on the mesh's hops ([`tls`]), the authorisation
+//! ([`LocalServer`]), client-side load balancing over every endpoint of
+//! an upstream ([`balance`]), TLS on the mesh's hops ([`tls`]), the authorisation
 //! of every call by the caller's certificate ([`authz`]) and the dev CA
 //! that issues those certificates on one machine ([`pki`]).
 
 pub mod admin;
 pub mod authz;
+pub mod balance;
 pub mod client;
 mod health;
 mod local;

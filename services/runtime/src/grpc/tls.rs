@@ -338,6 +338,9 @@ fn client_config() -> Result<Arc<ClientConfig>, RuntimeError> {
 pub struct TlsConnector {
     host: String,
     port: u16,
+    /// The one address to dial (a balancer's endpoint); `None` resolves
+    /// `host` on each connection.
+    addr: Option<SocketAddr>,
 }
 
 impl TlsConnector {
@@ -353,7 +356,18 @@ impl TlsConnector {
         Ok(Self {
             host,
             port: url.port().unwrap_or(443),
+            addr: None,
         })
+    }
+
+    /// Dials `addr` and verifies the server as `host` (one endpoint of a
+    /// balanced upstream whose name resolved to several addresses).
+    pub fn pinned(host: String, addr: SocketAddr) -> Self {
+        Self {
+            host,
+            port: addr.port(),
+            addr: Some(addr),
+        }
     }
 }
 
@@ -381,11 +395,14 @@ impl tower::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (host, port) = (self.host.clone(), self.port);
+        let (host, port, addr) = (self.host.clone(), self.port, self.addr);
         Box::pin(async move {
             let config = client_config().map_err(std::io::Error::other)?;
             let name = ServerName::try_from(host.clone()).map_err(std::io::Error::other)?;
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match addr {
+                Some(addr) => tokio::net::TcpStream::connect(addr).await?,
+                None => tokio::net::TcpStream::connect((host.as_str(), port)).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)

@@ -1,0 +1,485 @@
+//! `moltbot-mesh-bench`: the scale-out benchmarks of BENCHMARKS.md, on real
+//! processes of this build, each comparison measured in the same run.
+//!
+//! 1. **Generation replicas**: chat turns through the gateway against one
+//!    generation replica with all `--threads`, then two replicas with half
+//!    each (the gateway balancing over both): turns/s, completion tokens/s,
+//!    latency p50/p99.
+//! 2. **Gateway overhead** (the method TensorZero and Bifrost publish): a
+//!    fake OpenAI-compatible provider answers after a fixed latency; the
+//!    same requests go to it directly and through the whole mesh (gateway →
+//!    context, understanding, retrieval → generation → auth-rotation lease →
+//!    provider), at a fixed concurrency. Overhead = the difference of the
+//!    latency percentiles. Run with enrichments on (understanding and
+//!    retrieval serving) and off (not running: the turn goes on degraded).
+//!
+//! Usage (release build; models prepared as for `make test`):
+//! `target/release/moltbot-mesh-bench 2>/dev/null` (the services' logs go to
+//! stderr). Flags: `--help`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use clap::Parser;
+use moltbot_e2e::{grpc, process::ServiceProcess};
+use moltbot_proto::{
+    auth::v1::{
+        AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest,
+        add_credential_request, auth_rotation_service_client::AuthRotationServiceClient,
+    },
+    retrieval::v1::{
+        CreateCollectionRequest, Document, UpsertRequest,
+        retrieval_service_client::RetrievalServiceClient,
+    },
+};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "moltbot-mesh-bench",
+    about = "Scale-out and gateway-overhead benchmarks"
+)]
+struct Args {
+    /// Chat turns per generation configuration.
+    #[arg(long, default_value_t = 40)]
+    turns: usize,
+    /// Concurrent clients of the generation comparison.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// `max_tokens` of each turn.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    /// Generation threads in all, split between the replicas.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Requests per overhead measurement.
+    #[arg(long, default_value_t = 2000)]
+    overhead_requests: usize,
+    /// Concurrent clients of the overhead measurement.
+    #[arg(long, default_value_t = 16)]
+    overhead_concurrency: usize,
+    /// The fake provider's latency, ms.
+    #[arg(long, default_value_t = 20)]
+    provider_latency_ms: u64,
+    /// Skip the generation comparison.
+    #[arg(long)]
+    skip_generation: bool,
+    /// Skip the overhead measurement.
+    #[arg(long)]
+    skip_overhead: bool,
+}
+
+/// Latencies of one run and its wall time.
+struct Run {
+    latencies: Vec<Duration>,
+    wall: Duration,
+    tokens: u64,
+    failed: usize,
+}
+
+impl Run {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        if sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+        sorted[i.min(sorted.len() - 1)]
+    }
+
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// Runs `n` calls of `call(i)` with `concurrency` workers.
+async fn load<F, Fut>(n: usize, concurrency: usize, call: F) -> Run
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<u64>> + Send,
+{
+    let call = Arc::new(call);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let out = Arc::new(Mutex::new((Vec::with_capacity(n), 0u64, 0usize)));
+    let began = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (call, next, out) = (call.clone(), next.clone(), out.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= n {
+                    return;
+                }
+                let t = Instant::now();
+                let result = call(i).await;
+                let took = t.elapsed();
+                let mut o = out.lock().unwrap();
+                match result {
+                    Some(tokens) => {
+                        o.0.push(took);
+                        o.1 += tokens;
+                    }
+                    None => o.2 += 1,
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let wall = began.elapsed();
+    let (latencies, tokens, failed) = Arc::try_unwrap(out).unwrap().into_inner().unwrap();
+    Run {
+        latencies,
+        wall,
+        tokens,
+        failed,
+    }
+}
+
+fn urls(ps: &[ServiceProcess]) -> String {
+    ps.iter()
+        .map(ServiceProcess::grpc_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn wait_all(ps: &[&ServiceProcess]) {
+    for p in ps {
+        let channel = grpc::connect(&p.grpc_url()).await;
+        grpc::wait_serving(&channel, "", Duration::from_secs(300)).await;
+    }
+}
+
+fn write_config(name: &str, body: &str) -> String {
+    let path = std::env::temp_dir().join(format!(
+        "moltbot-mesh-bench-{}-{name}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+/// A chat turn through `gateway`; returns its completion tokens.
+async fn chat(http: &reqwest::Client, gateway: &str, text: String, max_tokens: u32) -> Option<u64> {
+    let response = http
+        .post(format!("{gateway}/v1/chat/completions"))
+        .json(&json!({
+            "model": "default",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "temperature": 0
+        }))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body: Value = response.json().await.ok()?;
+    body["usage"]["completion_tokens"].as_u64()
+}
+
+async fn generation_run(args: &Args, replicas: usize) -> Run {
+    let context = ServiceProcess::start(
+        "moltbot-context",
+        &[("MOLTBOT_CONTEXT_STORE", "memory".into())],
+    );
+    let threads = (args.threads / replicas).max(1).to_string();
+    let generations: Vec<ServiceProcess> = (0..replicas)
+        .map(|_| {
+            ServiceProcess::start(
+                "moltbot-generation",
+                &[("MOLTBOT_THREADS", threads.clone())],
+            )
+        })
+        .collect();
+    wait_all(&generations.iter().collect::<Vec<_>>()).await;
+    let config = write_config(
+        "generation",
+        "routes:\n  - name: default\n    match: { models: [default] }\n    candidates: [{ model: qwen2.5-coder-0.5b-instruct }]\n",
+    );
+    let gateway = ServiceProcess::start(
+        "moltbot-gateway",
+        &[
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", urls(&generations)),
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_AUTH_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_GATEWAY_CONFIG", config),
+            (
+                "RUST_LOG",
+                "warn,moltbot_runtime=info,moltbot_gateway=info".into(),
+            ),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let url = gateway.http_url();
+    let max_tokens = args.max_tokens;
+    for i in 0..2 * replicas {
+        chat(
+            &http,
+            &url,
+            format!("Warm-up {i}: name a colour."),
+            max_tokens,
+        )
+        .await;
+    }
+    load(args.turns, args.concurrency, move |i| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            chat(
+                &http,
+                &url,
+                format!("Question {i}: write one sentence about the number {i}."),
+                max_tokens,
+            )
+            .await
+        }
+    })
+    .await
+}
+
+/// The fake provider: answers a streamed completion after `latency`.
+async fn fake_provider(latency: Duration) -> String {
+    let chat = move |headers: HeaderMap| async move {
+        tokio::time::sleep(latency).await;
+        if headers.get("authorization").is_none() {
+            return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
+        }
+        let mut body = String::new();
+        for piece in ["Hello", " from", " fake"] {
+            let chunk = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+            body.push_str(&format!("data: {chunk}\n\n"));
+        }
+        let end = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 12, "completion_tokens": 3}});
+        body.push_str(&format!("data: {end}\n\ndata: [DONE]\n\n"));
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/event-stream".parse().unwrap());
+        (StatusCode::OK, h, body)
+    };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route(
+            "/v1/models",
+            get(|| async { StatusCode::OK.into_response() }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+fn admin<T>(message: T) -> tonic::Request<T> {
+    grpc::with_bearer(message, "bench-admin")
+}
+
+/// Direct calls to the provider, then the same through the mesh.
+async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, Run) {
+    let auth = ServiceProcess::start(
+        "moltbot-auth-rotation",
+        &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
+    );
+    let mut client = AuthRotationServiceClient::new(grpc::connect(&auth.grpc_url()).await);
+    client
+        .upsert_provider(admin(UpsertProviderRequest {
+            name: "fake".into(),
+            kind: ProviderKind::Openai as i32,
+            base_url: provider.to_owned(),
+            models: vec!["gpt-fake".into()],
+            health_check_interval_seconds: 30,
+        }))
+        .await
+        .unwrap();
+    client
+        .add_credential(admin(AddCredentialRequest {
+            provider: "fake".into(),
+            secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
+                primary: "sk-bench".into(),
+                secondary: String::new(),
+            })),
+        }))
+        .await
+        .unwrap();
+    let context = ServiceProcess::start(
+        "moltbot-context",
+        &[("MOLTBOT_CONTEXT_STORE", "memory".into())],
+    );
+    let generation = ServiceProcess::start(
+        "moltbot-generation",
+        &[
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_THREADS", "1".into()),
+        ],
+    );
+    let mut enrichers = Vec::new();
+    let (understanding_url, retrieval_url) = if enrichments {
+        let understanding = ServiceProcess::start("moltbot-understanding", &[]);
+        let retrieval = ServiceProcess::start(
+            "moltbot-retrieval",
+            &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
+        );
+        wait_all(&[&understanding, &retrieval]).await;
+        let mut r = RetrievalServiceClient::new(grpc::connect(&retrieval.grpc_url()).await);
+        r.create_collection(admin(CreateCollectionRequest {
+            name: "docs".into(),
+            chunking: None,
+        }))
+        .await
+        .unwrap();
+        r.upsert(admin(UpsertRequest {
+            collection: "docs".into(),
+            documents: vec![Document {
+                id: "greeting".into(),
+                text: "MoltBot greets users politely and answers briefly.".into(),
+                metadata: Default::default(),
+            }],
+        }))
+        .await
+        .unwrap();
+        let urls = (understanding.grpc_url(), retrieval.grpc_url());
+        enrichers.push(understanding);
+        enrichers.push(retrieval);
+        urls
+    } else {
+        ("http://127.0.0.1:9".into(), "http://127.0.0.1:9".into())
+    };
+    wait_all(&[&generation, &context]).await;
+    let config = write_config(
+        if enrichments { "on" } else { "off" },
+        "routes:\n  - name: default\n    match: { models: [default] }\n    retrieval: { collection: docs, top_k: 1 }\n    candidates: [{ model: fake/gpt-fake }]\n",
+    );
+    let gateway = ServiceProcess::start(
+        "moltbot-gateway",
+        &[
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
+            ("MOLTBOT_UNDERSTANDING_URL", understanding_url),
+            ("MOLTBOT_RETRIEVAL_URL", retrieval_url),
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_GATEWAY_CONFIG", config),
+            ("MOLTBOT_MAX_IN_FLIGHT", "4096".into()),
+            (
+                "RUST_LOG",
+                "warn,moltbot_runtime=info,moltbot_gateway=info".into(),
+            ),
+        ],
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let n = args.overhead_requests;
+    let c = args.overhead_concurrency;
+    // Direct: the request the generation service sends the provider.
+    let direct = {
+        let (http, url) = (http.clone(), format!("{provider}/chat/completions"));
+        load(n, c, move |_| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http
+                    .post(url)
+                    .bearer_auth("sk-bench")
+                    .json(&json!({"model": "gpt-fake", "stream": true, "messages": [{"role": "user", "content": "Say hello."}]}))
+                    .send()
+                    .await
+                    .ok()?;
+                r.text().await.ok().map(|_| 3)
+            }
+        })
+        .await
+    };
+    let url = gateway.http_url();
+    for i in 0..20 {
+        chat(&http, &url, format!("warm-up {i}"), 16).await;
+    }
+    let mesh = load(n, c, move |i| {
+        let (http, url) = (http.clone(), url.clone());
+        async move { chat(&http, &url, format!("Say hello ({i})."), 16).await }
+    })
+    .await;
+    drop(enrichers);
+    (direct, mesh)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# moltbot-mesh-bench on {cores} cores");
+    if !args.skip_generation {
+        let one = generation_run(&args, 1).await;
+        let two = generation_run(&args, 2).await;
+        println!(
+            "\n## Generation: 1 vs 2 replicas ({} threads in all, {} turns, concurrency {}, max_tokens {})\n",
+            args.threads, args.turns, args.concurrency, args.max_tokens
+        );
+        println!(
+            "| replicas × threads | turns/s | completion tokens/s | p50 ms | p99 ms | failed |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (label, run) in [
+            (format!("1 × {}", args.threads), &one),
+            (format!("2 × {}", (args.threads / 2).max(1)), &two),
+        ] {
+            println!(
+                "| {label} | {:.2} | {:.1} | {} | {} | {} |",
+                run.rate(),
+                run.tokens as f64 / run.wall.as_secs_f64(),
+                ms(run.percentile(50.0)),
+                ms(run.percentile(99.0)),
+                run.failed
+            );
+        }
+    }
+    if !args.skip_overhead {
+        let provider = fake_provider(Duration::from_millis(args.provider_latency_ms)).await;
+        println!(
+            "\n## Gateway overhead: fake provider at {} ms, {} requests, concurrency {}\n",
+            args.provider_latency_ms, args.overhead_requests, args.overhead_concurrency
+        );
+        println!("| path | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | failed |");
+        println!("|---|---|---|---|---|---|---|");
+        for enrichments in [false, true] {
+            let (direct, mesh) = overhead_run(&args, &provider, enrichments).await;
+            let label = if enrichments { "on" } else { "off" };
+            println!(
+                "| direct to the provider | {:.0} | {} | {} | — | — | {} |",
+                direct.rate(),
+                ms(direct.percentile(50.0)),
+                ms(direct.percentile(99.0)),
+                direct.failed
+            );
+            println!(
+                "| mesh, enrichments {label} | {:.0} | {} | {} | {} | {} | {} |",
+                mesh.rate(),
+                ms(mesh.percentile(50.0)),
+                ms(mesh.percentile(99.0)),
+                ms(mesh
+                    .percentile(50.0)
+                    .saturating_sub(direct.percentile(50.0))),
+                ms(mesh
+                    .percentile(99.0)
+                    .saturating_sub(direct.percentile(99.0))),
+                mesh.failed
+            );
+        }
+    }
+}
