@@ -51,7 +51,7 @@ fn config() -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "api_keys:\n  - {{ name: {}, sha256: \"{LIMITED_SHA256}\", requests_per_minute: {RPM} }}\nallow_anonymous: false\n",
+            "routes:\n  - name: default\n    match: {{ models: [default] }}\n    candidates: [{{ model: m }}]\napi_keys:\n  - {{ name: {}, sha256: \"{LIMITED_SHA256}\", requests_per_minute: {RPM} }}\nallow_anonymous: false\n",
             key_name()
         ),
     )
