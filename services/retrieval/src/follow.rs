@@ -52,7 +52,7 @@ async fn run(state: Weak<State>, mut cursor: i64, interval: Duration) {
         }
         rounds += 1;
         // About once a minute at the default interval.
-        if rounds % 120 == 0
+        if rounds.is_multiple_of(120)
             && let Err(e) = state.store.prune_changes(now_ms() - KEEP_MS).await
         {
             tracing::warn!(error = %e, "cannot prune the change log");

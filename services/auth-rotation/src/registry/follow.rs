@@ -49,7 +49,7 @@ async fn run(registry: Weak<Registry>, mut cursor: i64, interval: Duration) {
             Err(e) => tracing::warn!(error = %e, cursor, "cannot read the event log; retrying"),
         }
         rounds += 1;
-        if rounds % 240 == 0
+        if rounds.is_multiple_of(240)
             && let Err(e) = registry.store.prune_shared(now_ms() - KEEP_MS).await
         {
             tracing::warn!(error = %e, "cannot prune leases and events");
