@@ -299,14 +299,17 @@ impl Pipeline {
         {
             return Ok(models.clone());
         }
-        let mut request = tonic::Request::new(ListModelsRequest {});
-        request.set_timeout(self.enrichment_timeout);
-        let models = GenerationServiceClient::new(self.generation.clone())
-            .list_models(request)
-            .await
-            .map_err(upstream("generation"))?
-            .into_inner()
-            .models;
+        let deadline = tokio::time::Instant::now() + self.enrichment_timeout;
+        let models = retry::idempotent(deadline, || {
+            let mut request = tonic::Request::new(ListModelsRequest {});
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let mut client = GenerationServiceClient::new(self.generation.clone());
+            async move { client.list_models(request).await }
+        })
+        .await
+        .map_err(upstream("generation"))?
+        .into_inner()
+        .models;
         if let Ok(mut cache) = self.models.lock() {
             *cache = Some((Instant::now(), models.clone()));
         }

@@ -141,21 +141,25 @@ pub async fn assemble(
         .map(|t| t.content.clone())
         .chain(new.iter().map(|m| m.content.clone()))
         .collect();
-    let mut request = tonic::Request::new(CountTokensRequest {
-        model: model.to_owned(),
-        messages: head.clone(),
-        texts,
-    });
-    request.set_timeout(timeout);
-    let mut client = GenerationServiceClient::new(channel);
-    let counted = client
-        .count_tokens(request)
-        .await
-        .map_err(|status| ApiError::Upstream {
-            service: "generation",
-            status,
-        })?
-        .into_inner();
+    // Counting is idempotent: retried on another generation replica after
+    // a transient failure.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let counted = super::retry::idempotent(deadline, || {
+        let mut request = tonic::Request::new(CountTokensRequest {
+            model: model.to_owned(),
+            messages: head.clone(),
+            texts: texts.clone(),
+        });
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let mut client = GenerationServiceClient::new(channel.clone());
+        async move { client.count_tokens(request).await }
+    })
+    .await
+    .map_err(|status| ApiError::Upstream {
+        service: "generation",
+        status,
+    })?
+    .into_inner();
     let context_length = counted.context_length;
     let prompt = counted.prompt_tokens;
     if prompt >= context_length {
