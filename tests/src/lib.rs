@@ -1,12 +1,15 @@
 //! Test harness of the MoltBot end-to-end tests: start real service processes
 //! on ephemeral ports and learn their addresses from their `listening` log
-//! line ([`process`]), an in-process OTLP collector ([`collector`]), and gRPC
-//! helpers ([`grpc`]).
+//! line ([`process`]), an in-process OTLP collector ([`collector`]), gRPC
+//! helpers ([`grpc`]), a fake remote provider ([`fake`]) and `/metrics`
+//! reading ([`metrics`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 pub mod collector;
+pub mod fake;
 pub mod grpc;
+pub mod metrics;
 pub mod process;
 pub mod stores;
 pub mod tls;

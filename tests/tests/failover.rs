@@ -14,13 +14,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{
-    Router,
-    http::{HeaderMap, StatusCode},
-    response::IntoResponse,
-    routing::{get, post},
-};
-use moltbot_e2e::{grpc, process::ServiceProcess};
+use moltbot_e2e::{fake, grpc, process::ServiceProcess};
 use moltbot_proto::auth::v1::{
     AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest, add_credential_request,
     auth_rotation_service_client::AuthRotationServiceClient,
@@ -29,48 +23,16 @@ use serde_json::{Value, json};
 
 const FAKE_KEY: &str = "sk-fake-provider-key";
 
-/// A fake OpenAI-compatible provider: streams "Hello from fake" to callers
-/// with the right key, 401 to others.
-async fn start_fake(calls: Arc<AtomicU32>) -> String {
-    let chat = move |headers: HeaderMap| {
-        let calls = calls.clone();
-        async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            if headers.get("authorization").and_then(|v| v.to_str().ok())
-                != Some(&format!("Bearer {FAKE_KEY}"))
-            {
-                return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
-            }
-            let mut body = String::new();
-            for piece in ["Hello", " from", " fake"] {
-                let chunk = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
-                body.push_str(&format!("data: {chunk}\n\n"));
-            }
-            let end = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
-            body.push_str(&format!("data: {end}\n\n"));
-            let usage = json!({"id": "x", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}});
-            body.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
-            let mut h = HeaderMap::new();
-            h.insert("content-type", "text/event-stream".parse().unwrap());
-            (StatusCode::OK, h, body)
-        }
-    };
-    let app = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route(
-            "/v1/models",
-            get(|| async { StatusCode::OK.into_response() }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
     let calls = Arc::new(AtomicU32::new(0));
-    let fake_url = start_fake(calls.clone()).await;
+    let fake_url = fake::Provider {
+        key: Some(FAKE_KEY),
+        calls: calls.clone(),
+        ..Default::default()
+    }
+    .start()
+    .await;
     let auth = ServiceProcess::start(
         "moltbot-auth-rotation",
         &[("MOLTBOT_ADMIN_TOKEN", "admin".to_owned())],

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_e2e::{grpc, process::ServiceProcess};
+use moltbot_e2e::{grpc, metrics, process::ServiceProcess};
 use moltbot_proto::{
     context::v1::{GetHistoryRequest, Role, context_service_client::ContextServiceClient},
     retrieval::v1::{
@@ -257,21 +257,14 @@ async fn traffic(
 
 /// `grpc_server_handled_total` of Generate on one replica, every code
 /// summed (a stream the gateway closes after the summary may end CANCELLED).
-async fn generations_served(http: &reqwest::Client, p: &ServiceProcess) -> f64 {
-    let text = http
-        .get(format!("http://{}/metrics", p.addrs.metrics_addr.unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("grpc_server_handled_total{") && l.contains(r#"grpc_method="Generate""#)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+async fn generations_served(p: &ServiceProcess) -> f64 {
+    let url = format!("http://{}/metrics", p.addrs.metrics_addr.unwrap());
+    metrics::sum(
+        &url,
+        "grpc_server_handled_total",
+        &[r#"grpc_method="Generate""#],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -351,8 +344,8 @@ async fn two_replicas_of_everything_balance_share_limits_converge_and_survive_a_
     // 3. 100 turns: each generation replica serves 35-65 %.
     let mesh = Arc::new(mesh);
     let before = [
-        generations_served(&mesh.http, &mesh.generation.replicas[0]).await,
-        generations_served(&mesh.http, &mesh.generation.replicas[1]).await,
+        generations_served(&mesh.generation.replicas[0]).await,
+        generations_served(&mesh.generation.replicas[1]).await,
     ];
     let began = Instant::now();
     let results = traffic(&mesh, 100, 4, &unique("spread")).await;
@@ -360,8 +353,8 @@ async fn two_replicas_of_everything_balance_share_limits_converge_and_survive_a_
     let failed: Vec<_> = results.iter().filter(|(_, s, _)| *s != 200).collect();
     assert!(failed.is_empty(), "turns failed: {failed:?}");
     let served = [
-        generations_served(&mesh.http, &mesh.generation.replicas[0]).await - before[0],
-        generations_served(&mesh.http, &mesh.generation.replicas[1]).await - before[1],
+        generations_served(&mesh.generation.replicas[0]).await - before[0],
+        generations_served(&mesh.generation.replicas[1]).await - before[1],
     ];
     let total = served[0] + served[1];
     eprintln!("replicas: 100 turns in {took:?}; generation replicas served {served:?}");

@@ -12,7 +12,10 @@
 
 use std::process::{Command, Stdio};
 
-use moltbot_e2e::process::{ServiceProcess, binary};
+use moltbot_e2e::{
+    metrics,
+    process::{ServiceProcess, binary},
+};
 
 const LIMITED_SHA256: &str = "7b508dace774f8adc1b121c1812b740904be6dfd37e3b5e3579bc81fbf6f5553";
 const RPM: usize = 6;
@@ -84,17 +87,7 @@ async fn admitted(gateways: &[&ServiceProcess], n: usize) -> usize {
 }
 
 async fn metric(p: &ServiceProcess, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", p.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metrics::sum(&format!("{}/metrics", p.http_url()), name, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,14 +24,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{
-    Router,
-    http::{HeaderMap, StatusCode},
-    response::IntoResponse,
-    routing::{get, post},
-};
 use clap::Parser;
-use moltbot_e2e::{grpc, process::ServiceProcess};
+use moltbot_e2e::{fake, grpc, process::ServiceProcess};
 use moltbot_proto::{
     auth::v1::{
         AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest,
@@ -257,36 +251,6 @@ async fn generation_run(args: &Args, replicas: usize) -> Run {
     .await
 }
 
-/// The fake provider: answers a streamed completion after `latency`.
-async fn fake_provider(latency: Duration) -> String {
-    let chat = move |headers: HeaderMap| async move {
-        tokio::time::sleep(latency).await;
-        if headers.get("authorization").is_none() {
-            return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
-        }
-        let mut body = String::new();
-        for piece in ["Hello", " from", " fake"] {
-            let chunk = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
-            body.push_str(&format!("data: {chunk}\n\n"));
-        }
-        let end = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 12, "completion_tokens": 3}});
-        body.push_str(&format!("data: {end}\n\ndata: [DONE]\n\n"));
-        let mut h = HeaderMap::new();
-        h.insert("content-type", "text/event-stream".parse().unwrap());
-        (StatusCode::OK, h, body)
-    };
-    let app = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route(
-            "/v1/models",
-            get(|| async { StatusCode::OK.into_response() }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
-
 fn admin<T>(message: T) -> tonic::Request<T> {
     grpc::with_bearer(message, "bench-admin")
 }
@@ -450,7 +414,12 @@ async fn main() {
         }
     }
     if !args.skip_overhead {
-        let provider = fake_provider(Duration::from_millis(args.provider_latency_ms)).await;
+        let provider = fake::Provider {
+            latency: Duration::from_millis(args.provider_latency_ms),
+            ..Default::default()
+        }
+        .start()
+        .await;
         println!(
             "\n## Gateway overhead: fake provider at {} ms, {} requests, concurrency {}\n",
             args.provider_latency_ms, args.overhead_requests, args.overhead_concurrency

@@ -1,0 +1,76 @@
+//! A fake OpenAI-compatible provider for the tests and benchmarks that need
+//! a remote model: `POST /v1/chat/completions` streams "Hello from fake"
+//! (3 completion tokens) as server-sent events, `GET /v1/models` answers
+//! 200. Fakes are for third-party HTTP providers only.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use serde_json::json;
+
+/// How the fake behaves.
+#[derive(Clone, Default)]
+pub struct Provider {
+    /// The only `Authorization: Bearer` key accepted (401 otherwise); any
+    /// key when `None`.
+    pub key: Option<&'static str>,
+    /// Time before each answer.
+    pub latency: Duration,
+    /// Chat calls received.
+    pub calls: Arc<AtomicU32>,
+}
+
+impl Provider {
+    /// Serves on an ephemeral loopback port; returns the base URL
+    /// (`http://127.0.0.1:P/v1`).
+    pub async fn start(self) -> String {
+        let chat = move |headers: HeaderMap| {
+            let this = self.clone();
+            async move {
+                this.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(this.latency).await;
+                let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+                let allowed = match this.key {
+                    Some(key) => bearer == Some(format!("Bearer {key}").as_str()),
+                    None => bearer.is_some(),
+                };
+                if !allowed {
+                    return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
+                }
+                let mut body = String::new();
+                for piece in ["Hello", " from", " fake"] {
+                    let chunk = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]});
+                    body.push_str(&format!("data: {chunk}\n\n"));
+                }
+                let end = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+                body.push_str(&format!("data: {end}\n\n"));
+                let usage = json!({"id": "x", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}});
+                body.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
+                let mut h = HeaderMap::new();
+                h.insert("content-type", "text/event-stream".parse().unwrap());
+                (StatusCode::OK, h, body)
+            }
+        };
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route(
+                "/v1/models",
+                get(|| async { StatusCode::OK.into_response() }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+}
