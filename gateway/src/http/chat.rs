@@ -188,9 +188,9 @@ async fn drain(started: Started) -> Result<(String, String, GenerationSummary), 
 }
 
 /// Drains the generation and answers with one JSON object. Nothing has
-/// reached the client yet, so a generation that breaks mid-answer (its
-/// replica died, say) is started again, on whichever replica the balancer
-/// picks, up to [`MAX_RESTARTS`] times within the turn's deadline.
+/// reached the client yet, so a generation whose connection breaks
+/// mid-answer (its replica died) is started again, on whichever replica the
+/// balancer picks, up to [`MAX_RESTARTS`] times within the turn's deadline.
 async fn complete(
     pipeline: &Pipeline,
     reservation: Reservation,
@@ -202,8 +202,13 @@ async fn complete(
     let (model, text, summary) = loop {
         match drain(started).await {
             Ok(done) => break done,
+            // Only a broken connection to the generation replica (a
+            // transport error: the status carries its source) is started
+            // again; a status the service itself sent (a stalled provider,
+            // say) fails the turn as before.
             Err(status)
                 if restarts < MAX_RESTARTS
+                    && std::error::Error::source(&status).is_some()
                     && crate::pipeline::generate::restartable(status.code())
                     && std::time::Instant::now() < prepared.deadline =>
             {
