@@ -132,15 +132,7 @@ async fn handle(
         .limiter
         .reserve(prepared.prompt_tokens, budget)
         .await?;
-    let started = match pipeline.start(&mut prepared).await {
-        Ok(s) => s,
-        Err(e) => {
-            metrics::TURNS
-                .with_label_values(&[prepared.route.as_str(), "error"])
-                .inc();
-            return Err(e);
-        }
-    };
+    let started = start(&pipeline, &mut prepared).await?;
     metrics::TTFT
         .with_label_values(&[prepared.route.as_str()])
         .observe(prepared.arrived.elapsed().as_secs_f64());
@@ -155,6 +147,17 @@ async fn handle(
     } else {
         complete(&pipeline, reservation, prepared, started).await
     }
+}
+
+/// Starts generation; a turn that cannot start is counted as an error.
+async fn start(pipeline: &Pipeline, prepared: &mut Prepared) -> Result<Started, ApiError> {
+    let started = pipeline.start(prepared).await;
+    if started.is_err() {
+        metrics::TURNS
+            .with_label_values(&[prepared.route.as_str(), "error"])
+            .inc();
+    }
+    started
 }
 
 /// Generations restarted after a stream broke mid-answer, per turn.
@@ -214,15 +217,7 @@ async fn complete(
             {
                 restarts += 1;
                 tracing::warn!(code = ?status.code(), error = %status.message(), restarts, "generation broke mid-answer; starting it again");
-                started = match pipeline.start(&mut prepared).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        metrics::TURNS
-                            .with_label_values(&[prepared.route.as_str(), "error"])
-                            .inc();
-                        return Err(e);
-                    }
-                };
+                started = start(pipeline, &mut prepared).await?;
             }
             Err(status) => {
                 metrics::TURNS

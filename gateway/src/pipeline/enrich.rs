@@ -29,9 +29,7 @@ where
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
-    let attempts = super::retry::idempotent(deadline, || {
-        call(deadline.saturating_duration_since(tokio::time::Instant::now()))
-    });
+    let attempts = super::retry::idempotent(deadline, &mut call);
     match tokio::time::timeout(timeout, attempts).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),

@@ -300,9 +300,9 @@ impl Pipeline {
             return Ok(models.clone());
         }
         let deadline = tokio::time::Instant::now() + self.enrichment_timeout;
-        let models = retry::idempotent(deadline, || {
+        let models = retry::idempotent(deadline, |left| {
             let mut request = tonic::Request::new(ListModelsRequest {});
-            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            request.set_timeout(left);
             let mut client = GenerationServiceClient::new(self.generation.clone());
             async move { client.list_models(request).await }
         })
@@ -350,14 +350,14 @@ impl Pipeline {
         timeout: Duration,
     ) -> Result<Vec<ctx::Turn>, ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let call = retry::idempotent(deadline, || {
+        let call = retry::idempotent(deadline, |left| {
             let mut request = tonic::Request::new(ctx::GetHistoryRequest {
                 tenant: tenant.to_owned(),
                 session_id: session_id.to_owned(),
                 max_turns: MAX_HISTORY_TURNS,
                 max_tokens: 0,
             });
-            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            request.set_timeout(left);
             let mut client = ContextServiceClient::new(self.context.clone());
             async move {
                 client
@@ -621,7 +621,7 @@ impl Pipeline {
         // Idempotent by its key: a retry after a replica died mid-write
         // (the write may have landed) stores nothing twice.
         let deadline = tokio::time::Instant::now() + self.enrichment_timeout;
-        let written = retry::idempotent(deadline, || {
+        let written = retry::idempotent(deadline, |left| {
             let mut request = tonic::Request::new(ctx::AppendTurnsRequest {
                 tenant: prepared.tenant.clone(),
                 session_id: prepared.ext.session_id.clone(),
@@ -629,7 +629,7 @@ impl Pipeline {
                 idempotency_key: prepared.id.clone(),
                 ttl_seconds: None,
             });
-            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            request.set_timeout(left);
             let mut client = ContextServiceClient::new(self.context.clone());
             async move { client.append_turns(request).await }
         })

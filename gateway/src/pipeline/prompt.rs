@@ -144,13 +144,13 @@ pub async fn assemble(
     // Counting is idempotent: retried on another generation replica after
     // a transient failure.
     let deadline = tokio::time::Instant::now() + timeout;
-    let counted = super::retry::idempotent(deadline, || {
+    let counted = super::retry::idempotent(deadline, |left| {
         let mut request = tonic::Request::new(CountTokensRequest {
             model: model.to_owned(),
             messages: head.clone(),
             texts: texts.clone(),
         });
-        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        request.set_timeout(left);
         let mut client = GenerationServiceClient::new(channel.clone());
         async move { client.count_tokens(request).await }
     })

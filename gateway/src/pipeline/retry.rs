@@ -23,15 +23,16 @@ pub fn transient(code: tonic::Code) -> bool {
 
 /// Runs `call` until it succeeds, fails with a non-transient status, has
 /// been tried [`ATTEMPTS`] times, or `deadline` passes; waits 10 ms, then
-/// 20 ms, between attempts. `call` must be idempotent.
+/// 20 ms, between attempts. Each attempt is handed the time left until
+/// `deadline` (its gRPC deadline). `call` must be idempotent.
 pub async fn idempotent<T, F, Fut>(deadline: Instant, mut call: F) -> Result<T, tonic::Status>
 where
-    F: FnMut() -> Fut,
+    F: FnMut(Duration) -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     let mut attempt = 1;
     loop {
-        match call().await {
+        match call(deadline.saturating_duration_since(Instant::now())).await {
             Err(status)
                 if transient(status.code())
                     && attempt < ATTEMPTS
@@ -59,7 +60,7 @@ mod tests {
     async fn transient_failures_are_retried_and_others_are_not() {
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut n = 0;
-        let r = idempotent(deadline, || {
+        let r = idempotent(deadline, |_| {
             n += 1;
             let result = if n < 3 {
                 Err(tonic::Status::unavailable("refused"))
@@ -72,7 +73,7 @@ mod tests {
         assert_eq!(r.unwrap(), 3);
 
         let mut n = 0;
-        let r: Result<(), _> = idempotent(deadline, || {
+        let r: Result<(), _> = idempotent(deadline, |_| {
             n += 1;
             async { Err(tonic::Status::invalid_argument("bad")) }
         })
@@ -83,7 +84,7 @@ mod tests {
         );
 
         let mut n = 0;
-        let r: Result<(), _> = idempotent(deadline, || {
+        let r: Result<(), _> = idempotent(deadline, |_| {
             n += 1;
             async { Err(tonic::Status::unavailable("down")) }
         })
@@ -95,7 +96,7 @@ mod tests {
 
         // No time left: one attempt only.
         let mut n = 0;
-        let r: Result<(), _> = idempotent(Instant::now(), || {
+        let r: Result<(), _> = idempotent(Instant::now(), |_| {
             n += 1;
             async { Err(tonic::Status::unavailable("down")) }
         })
