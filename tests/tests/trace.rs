@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use moltbot_e2e::{
     collector::{CollectedSpan, Collector},
+    grpc,
     process::ServiceProcess,
 };
 
@@ -56,10 +57,17 @@ async fn one_trace_spans_gateway_and_services() {
     gw_env.push(("MOLTBOT_GENERATION_URL", generation.grpc_url()));
     let gateway = ServiceProcess::start("moltbot-gateway", &gw_env);
 
+    // Generation loads the real model before it serves (tens of seconds on
+    // a debug build while other tests run): wait for it, then for the
+    // gateway to see it.
+    for process in [&context, &generation] {
+        let channel = grpc::connect(&process.grpc_url()).await;
+        grpc::wait_serving(&channel, "", Duration::from_secs(180)).await;
+    }
     let client = reqwest::Client::new();
     let base = gateway.http_url();
     let mut ready = false;
-    for _ in 0..100 {
+    for _ in 0..300 {
         if client
             .get(format!("{base}/readyz"))
             .send()
