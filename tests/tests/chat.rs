@@ -246,6 +246,119 @@ async fn chat_turns_through_the_whole_mesh() {
     // The streamed turn was stored once it completed.
     assert_eq!(history_len(&mesh, "sdk-1").await, 2);
 
+    // --- The rest of the OpenAI surface, through both official SDKs. ------
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_api.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args([&api.base, KEY])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Python SDK checks failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let emb = &py["embeddings"];
+    assert_eq!(emb["model"], "all-minilm-l6-v2", "{py}");
+    assert_eq!(emb["indices"], json!([0, 1, 2]), "{py}");
+    assert_eq!(emb["dims"], json!([384, 384, 384]), "{py}");
+    for norm in emb["norms"].as_array().unwrap() {
+        assert!((norm.as_f64().unwrap() - 1.0).abs() < 1e-3, "{py}");
+    }
+    // Two phrasings of one question sit closer than an unrelated one.
+    assert!(
+        emb["similar"].as_f64().unwrap() > emb["unrelated"].as_f64().unwrap() + 0.2,
+        "{py}"
+    );
+    assert!(emb["max_float_vs_base64"].as_f64().unwrap() < 1e-6, "{py}");
+    assert!(emb["single_equals_first"].as_f64().unwrap() < 1e-5, "{py}");
+    assert!(emb["prompt_tokens"].as_u64().unwrap() >= 3 * 8, "{py}");
+    assert_eq!(emb["prompt_tokens"], emb["total_tokens"], "{py}");
+    for (field, name) in [
+        ("n2", "n:"),
+        ("response_format", "response_format"),
+        ("dimensions", "dimensions"),
+    ] {
+        assert_eq!(py[field]["status"], 400, "{py}");
+        assert!(
+            py[field]["message"].as_str().unwrap().contains(name),
+            "{py}"
+        );
+    }
+    // Without stream_options.include_usage there is no usage chunk.
+    assert_eq!(py["stream_without_usage"]["usage_chunks"], 0, "{py}");
+    assert!(py["stream_without_usage"]["finish"].is_string(), "{py}");
+    assert_eq!(py["metadata"], json!({"ticket": "T-1"}), "{py}");
+
+    let node_path = std::env::var("MOLTBOT_NODE_PATH").unwrap_or_else(|_| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../.tools/node_modules")
+            .display()
+            .to_string()
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/openai_api.cjs");
+    let out = tokio::process::Command::new("node")
+        .arg(&script)
+        .args([&api.base, KEY])
+        .env("NODE_PATH", &node_path)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Node SDK checks failed (NODE_PATH={node_path}; `make node-sdk` installs the SDK): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let js: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(js["embeddings"]["dims"], json!([384, 384]), "{js}");
+    for norm in js["embeddings"]["norms"].as_array().unwrap() {
+        assert!((norm.as_f64().unwrap() - 1.0).abs() < 1e-3, "{js}");
+    }
+    assert!(
+        !js["completion"]["text"].as_str().unwrap().is_empty(),
+        "{js}"
+    );
+    assert!(
+        js["completion"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{js}"
+    );
+    assert!(js["stream"]["text"].as_str().unwrap().contains('1'), "{js}");
+    assert!(
+        js["stream"]["usage"]["completion_tokens"].as_u64().unwrap() >= 3,
+        "{js}"
+    );
+    assert_eq!(js["n2"]["status"], 400, "{js}");
+
+    // Embeddings' own errors, in OpenAI's envelope.
+    let embed = |body: Value| {
+        let http = api.http.clone();
+        let url = format!("{}/v1/embeddings", api.base);
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) =
+        embed(json!({"model": "all-minilm-l6-v2", "input": "word ".repeat(600)})).await;
+    assert_envelope(status, &v, 400, "invalid_request");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("input[0] is longer"),
+        "{v}"
+    );
+    let (status, v) = embed(json!({"model": "text-embedding-3-small", "input": "hi"})).await;
+    assert_envelope(status, &v, 404, "model_not_found");
+
     // --- Bad input: envelopes, right codes, no session write. --------------
     let (status, _, v) = api.post_raw(b"{not json".to_vec(), Some(KEY)).await;
     assert_envelope(status, &v, 400, "invalid_json");
@@ -307,6 +420,7 @@ async fn chat_turns_through_the_whole_mesh() {
         .collect();
     assert_eq!(ids[0], "default", "{models}");
     assert!(ids.contains(&"qwen2.5-coder-0.5b-instruct"), "{models}");
+    assert!(ids.contains(&"all-minilm-l6-v2"), "{models}");
 
     // --- Knowledge: the project's README ingested with the CLI, then asked
     // about; the answer cites passages of the `docs` collection. ---------

@@ -14,13 +14,12 @@ use axum::{
     Extension, Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode},
+    http::HeaderMap,
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
     },
 };
-use moltbot_proto::generation::v1::{FinishReason, GenerationSummary, generate_response};
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
@@ -31,62 +30,16 @@ use crate::{
     edge::{Caller, ratelimit::Reservation},
     openai::{
         ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-        ResponseMessage, Usage,
+        ResponseMessage,
     },
-    pipeline::{Pipeline, Prepared, generate::Started, metrics},
+    pipeline::{Pipeline, Prepared, generate::Started, metrics, turn},
 };
-
-fn finish_reason(summary: &GenerationSummary) -> &'static str {
-    match summary.finish_reason() {
-        FinishReason::Length => "length",
-        FinishReason::Stop | FinishReason::Cancelled | FinishReason::Unspecified => "stop",
-    }
-}
-
-fn usage_of(summary: &GenerationSummary) -> Usage {
-    let u = summary.usage.unwrap_or_default();
-    Usage {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        total_tokens: u.prompt_tokens + u.completion_tokens,
-    }
-}
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-}
-
-/// Parses the body. Errors: 413 over the limit, 400 for bad JSON or a body
-/// that is not a chat completion request (the message names the field).
-fn parse(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<ChatCompletionRequest, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(limit)
-        } else {
-            ApiError::InvalidJson(rejection.body_text())
-        }
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))
-}
-
-fn record_done(prepared: &Prepared, usage: &Usage) {
-    let route = prepared.route.as_str();
-    metrics::TURNS.with_label_values(&[route, "ok"]).inc();
-    metrics::TOKENS
-        .with_label_values(&[route, "in"])
-        .inc_by(u64::from(usage.prompt_tokens));
-    metrics::TOKENS
-        .with_label_values(&[route, "out"])
-        .inc_by(u64::from(usage.completion_tokens));
-    metrics::TURN_DURATION
-        .with_label_values(&[route])
-        .observe(prepared.arrived.elapsed().as_secs_f64());
 }
 
 /// The handler.
@@ -108,7 +61,7 @@ async fn handle(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = parse(body, state.max_body_bytes)?;
+    let req: ChatCompletionRequest = super::parse_body(body, state.max_body_bytes)?;
     let timeout = header_str(&headers, "x-request-timeout-ms")
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
@@ -132,124 +85,70 @@ async fn handle(
         .limiter
         .reserve(prepared.prompt_tokens, budget)
         .await?;
-    let started = start(&pipeline, &mut prepared).await?;
+    let started = turn::start(&pipeline, &mut prepared).await?;
     metrics::TTFT
         .with_label_values(&[prepared.route.as_str()])
         .observe(prepared.arrived.elapsed().as_secs_f64());
     if req.stream {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(stream(
             pipeline,
             reservation,
             prepared,
             started,
-            state.sse_write_idle,
+            StreamSettings {
+                write_idle: state.sse_write_idle,
+                include_usage,
+            },
         ))
     } else {
         complete(&pipeline, reservation, prepared, started).await
     }
 }
 
-/// Starts generation; a turn that cannot start is counted as an error.
-async fn start(pipeline: &Pipeline, prepared: &mut Prepared) -> Result<Started, ApiError> {
-    let started = pipeline.start(prepared).await;
-    if started.is_err() {
-        metrics::TURNS
-            .with_label_values(&[prepared.route.as_str(), "error"])
-            .inc();
-    }
-    started
-}
-
-/// Generations restarted after a stream broke mid-answer, per turn.
-const MAX_RESTARTS: u32 = 2;
-
-/// Reads one generation to its summary: (model, text, summary), or the
-/// status that broke it.
-async fn drain(started: Started) -> Result<(String, String, GenerationSummary), tonic::Status> {
-    let Started {
-        model,
-        first,
-        mut stream,
-    } = started;
-    let mut text = String::new();
-    let mut event = Some(first);
-    loop {
-        match event.and_then(|e| e.event) {
-            Some(generate_response::Event::Delta(d)) => text.push_str(&d.text),
-            Some(generate_response::Event::Summary(s)) => return Ok((model, text, s)),
-            None => {}
-        }
-        event = match stream.message().await? {
-            Some(e) => Some(e),
-            None => {
-                return Err(tonic::Status::unavailable(
-                    "the generation stream ended without a summary",
-                ));
-            }
-        };
-    }
-}
-
-/// Drains the generation and answers with one JSON object. Nothing has
-/// reached the client yet, so a generation whose connection breaks
-/// mid-answer (its replica died) is started again, on whichever replica the
-/// balancer picks, up to [`MAX_RESTARTS`] times within the turn's deadline.
+/// Runs the turn to its end and answers with one JSON object. Nothing
+/// reaches the client before the end, so a generation whose replica dies
+/// mid-answer is started again ([`turn::run`]).
 async fn complete(
     pipeline: &Pipeline,
     reservation: Reservation,
     mut prepared: Prepared,
     started: Started,
 ) -> Result<Response, ApiError> {
-    let mut started = started;
-    let mut restarts = 0;
-    let (model, text, summary) = loop {
-        match drain(started).await {
-            Ok(done) => break done,
-            // Only a broken connection to the generation replica (a
-            // transport error: the status carries its source) is started
-            // again; a status the service itself sent (a stalled provider,
-            // say) fails the turn as before.
-            Err(status)
-                if restarts < MAX_RESTARTS
-                    && std::error::Error::source(&status).is_some()
-                    && crate::pipeline::generate::restartable(status.code())
-                    && std::time::Instant::now() < prepared.deadline =>
-            {
-                restarts += 1;
-                tracing::warn!(code = ?status.code(), error = %status.message(), restarts, "generation broke mid-answer; starting it again");
-                started = start(pipeline, &mut prepared).await?;
-            }
-            Err(status) => {
-                metrics::TURNS
-                    .with_label_values(&[prepared.route.as_str(), "error"])
-                    .inc();
-                return Err(ApiError::Upstream {
-                    service: "generation",
-                    status,
-                });
-            }
+    let answer = match turn::run(
+        pipeline,
+        &mut prepared,
+        reservation,
+        started,
+        &mut turn::Buffered,
+    )
+    .await
+    {
+        turn::Ended::Answered(a) => a,
+        turn::Ended::Failed(e) => return Err(e),
+        // A buffered output never reports the client gone; a client that
+        // left does not read this either.
+        turn::Ended::Cancelled => {
+            return Err(ApiError::Upstream {
+                service: "generation",
+                status: tonic::Status::cancelled("the client went away"),
+            });
         }
     };
-    let usage = usage_of(&summary);
-    pipeline
-        .finish(&mut prepared, &text, usage.completion_tokens)
-        .await;
-    reservation.settle(usage.total_tokens);
-    record_done(&prepared, &usage);
     let body = ChatCompletion {
         id: prepared.id.clone(),
         object: "chat.completion",
         created: prepared.created,
-        model,
+        model: answer.model,
         choices: vec![Choice {
             index: 0,
             message: ResponseMessage {
                 role: "assistant",
-                content: text,
+                content: answer.text,
             },
-            finish_reason: finish_reason(&summary),
+            finish_reason: answer.finish.as_str(),
         }],
-        usage,
+        usage: answer.usage,
         moltbot: prepared.ext,
     };
     Ok(Json(body).into_response())
@@ -264,109 +163,136 @@ fn event_of<T: serde::Serialize>(value: &T) -> Event {
     }
 }
 
-/// Streams the answer as SSE. A task drives generation and sends events into
-/// a bounded channel; when the client disconnects the channel closes, and
-/// when the client stops reading the channel stays full: after
-/// `write_idle` of that the client counts as gone too. Either way the task
-/// returns and drops the generation stream (cancelling it upstream, which
-/// frees its batch slot), and the reservation charges what was used.
-fn stream(
-    pipeline: Arc<Pipeline>,
-    mut reservation: Reservation,
-    mut prepared: Prepared,
-    started: Started,
+/// How a streamed answer is written.
+#[derive(Debug, Clone, Copy)]
+struct StreamSettings {
+    /// A client that reads nothing for this long counts as gone.
     write_idle: Duration,
-) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
-    let task = async move {
-        let Started {
-            model,
-            first,
-            mut stream,
-        } = started;
-        let (id, created) = (prepared.id.clone(), prepared.created);
-        let chunk = |choices: Vec<ChunkChoice>| ChatCompletionChunk {
-            id: id.clone(),
+    /// `stream_options.include_usage`: send a last chunk with `usage` and no
+    /// choices before `[DONE]`.
+    include_usage: bool,
+}
+
+/// The SSE [`turn::Output`]: each delta becomes one `chat.completion.chunk`
+/// sent into a bounded channel that the response body reads.
+struct SseOutput {
+    tx: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+    id: String,
+    created: u64,
+    write_idle: Duration,
+    sent: bool,
+}
+
+impl SseOutput {
+    fn chunk(&self, model: &str, choices: Vec<ChunkChoice>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
             object: "chat.completion.chunk",
-            created,
-            model: model.clone(),
+            created: self.created,
+            model: model.to_owned(),
             choices,
             usage: None,
             moltbot: None,
-        };
-        let mut text = String::new();
-        let mut first_chunk = true;
-        let mut event = Some(first);
-        let summary = loop {
-            match event.and_then(|e| e.event) {
-                Some(generate_response::Event::Delta(d)) => {
-                    text.push_str(&d.text);
-                    let c = chunk(vec![ChunkChoice {
-                        index: 0,
-                        delta: Delta {
-                            role: first_chunk.then_some("assistant"),
-                            content: Some(d.text),
-                        },
-                        finish_reason: None,
-                    }]);
-                    first_chunk = false;
-                    reservation.saw_completion(1);
-                    if let Err(e) = tx.send_timeout(Ok(event_of(&c)), write_idle).await {
-                        let why = match e {
-                            SendTimeoutError::Timeout(_) => "client stopped reading",
-                            SendTimeoutError::Closed(_) => "client went away",
-                        };
-                        tracing::info!(why, "generation cancelled");
-                        metrics::TURNS
-                            .with_label_values(&[prepared.route.as_str(), "cancelled"])
-                            .inc();
-                        return;
-                    }
-                }
-                Some(generate_response::Event::Summary(s)) => break s,
-                None => {}
-            }
-            event = match stream.message().await {
-                Ok(Some(e)) => Some(e),
-                Ok(None) | Err(_) => {
-                    let err = ApiError::Upstream {
-                        service: "generation",
-                        status: tonic::Status::unavailable("generation stopped mid-answer"),
-                    };
-                    metrics::TURNS
-                        .with_label_values(&[prepared.route.as_str(), "error"])
-                        .inc();
-                    let _ = tx.send(Ok(event_of(&err.envelope()))).await;
-                    return;
-                }
-            };
-        };
-        drop(stream);
-        let usage = usage_of(&summary);
-        pipeline
-            .finish(&mut prepared, &text, usage.completion_tokens)
-            .await;
-        reservation.settle(usage.total_tokens);
-        record_done(&prepared, &usage);
-        let last = chunk(vec![ChunkChoice {
-            index: 0,
-            delta: Delta {
-                role: first_chunk.then_some("assistant"),
-                content: None,
-            },
-            finish_reason: Some(finish_reason(&summary)),
-        }]);
-        let mut usage_chunk = chunk(Vec::new());
-        usage_chunk.usage = Some(usage);
-        usage_chunk.moltbot = Some(prepared.ext.clone());
-        for e in [
-            event_of(&last),
-            event_of(&usage_chunk),
-            Event::default().data("[DONE]"),
-        ] {
-            if tx.send_timeout(Ok(e), write_idle).await.is_err() {
+        }
+    }
+
+    /// Sends the last events: the chunk with `finish_reason` (and the
+    /// `moltbot` extension), the usage chunk when asked, `[DONE]`.
+    async fn finish(
+        &self,
+        answer: &turn::Answer,
+        ext: crate::openai::Extension,
+        include_usage: bool,
+    ) {
+        let mut last = self.chunk(
+            &answer.model,
+            vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: (!self.sent).then_some("assistant"),
+                    content: None,
+                },
+                finish_reason: Some(answer.finish.as_str()),
+            }],
+        );
+        last.moltbot = Some(ext);
+        let mut events = vec![event_of(&last)];
+        if include_usage {
+            let mut usage = self.chunk(&answer.model, Vec::new());
+            usage.usage = Some(answer.usage);
+            events.push(event_of(&usage));
+        }
+        events.push(Event::default().data("[DONE]"));
+        for e in events {
+            if self.tx.send_timeout(Ok(e), self.write_idle).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+impl turn::Output for SseOutput {
+    fn sent_any(&self) -> bool {
+        self.sent
+    }
+
+    async fn delta(&mut self, model: &str, text: String) -> Result<(), turn::Gone> {
+        let c = self.chunk(
+            model,
+            vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: (!self.sent).then_some("assistant"),
+                    content: Some(text),
+                },
+                finish_reason: None,
+            }],
+        );
+        match self
+            .tx
+            .send_timeout(Ok(event_of(&c)), self.write_idle)
+            .await
+        {
+            Ok(()) => {
+                self.sent = true;
+                Ok(())
+            }
+            Err(SendTimeoutError::Timeout(_)) => Err(turn::Gone("client stopped reading")),
+            Err(SendTimeoutError::Closed(_)) => Err(turn::Gone("client went away")),
+        }
+    }
+}
+
+/// Streams the answer as SSE. A task runs the turn ([`turn::run`]) into a
+/// bounded channel; when the client disconnects the channel closes, and
+/// when the client stops reading the channel stays full: after
+/// `write_idle` of that the client counts as gone too. Either way the turn
+/// ends cancelled and drops the generation stream (cancelling it upstream,
+/// which frees its batch slot), and the reservation charges what was used.
+fn stream(
+    pipeline: Arc<Pipeline>,
+    reservation: Reservation,
+    mut prepared: Prepared,
+    started: Started,
+    sse: StreamSettings,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
+    let task = async move {
+        let mut out = SseOutput {
+            tx,
+            id: prepared.id.clone(),
+            created: prepared.created,
+            write_idle: sse.write_idle,
+            sent: false,
+        };
+        match turn::run(&pipeline, &mut prepared, reservation, started, &mut out).await {
+            turn::Ended::Answered(answer) => {
+                out.finish(&answer, prepared.ext, sse.include_usage).await;
+            }
+            turn::Ended::Failed(err) => {
+                let _ = out.tx.send(Ok(event_of(&err.envelope()))).await;
+            }
+            turn::Ended::Cancelled => {}
         }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));

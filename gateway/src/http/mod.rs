@@ -1,6 +1,7 @@
 //! The gateway's HTTP surface: routes, shared state and middleware.
 
 mod chat;
+mod embeddings;
 mod health;
 mod models;
 mod observe;
@@ -10,7 +11,9 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::DefaultBodyLimit,
+    body::Bytes,
+    extract::{DefaultBodyLimit, rejection::BytesRejection},
+    http::StatusCode,
     response::IntoResponse,
     routing::{get, post},
 };
@@ -39,9 +42,27 @@ pub struct AppState {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
+pub use embeddings::EMBEDDING_MODEL;
+
+/// Parses a JSON body. Errors: 413 over the limit, 400 for bad JSON or a
+/// body that does not fit the endpoint (the message names the field).
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::InvalidJson(rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
 async fn not_found() -> axum::response::Response {
     let err = ApiError::InvalidRequest(
-        "no such endpoint; the API is POST /v1/chat/completions and GET /v1/models".to_owned(),
+        "no such endpoint; the API is POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models".to_owned(),
     );
     (
         axum::http::StatusCode::NOT_FOUND,
@@ -57,6 +78,7 @@ pub fn router(state: AppState) -> Router {
     // 401/429 is traced and counted like any answer).
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models::list_models))
         .route_layer(axum::middleware::from_fn_with_state(
             state.keys.clone(),

@@ -1,5 +1,5 @@
-//! `GET /v1/models`: the route aliases (`default` first) and the concrete
-//! models the generation service serves.
+//! `GET /v1/models`: the route aliases (`default` first), the concrete
+//! models the generation service serves, then the embedding model.
 
 use axum::{Json, extract::State, response::IntoResponse};
 
@@ -35,6 +35,12 @@ pub async fn list_models(State(state): State<AppState>) -> Result<impl IntoRespo
             owned_by: m.backend,
         });
     }
+    data.push(ModelObject {
+        id: super::EMBEDDING_MODEL.to_owned(),
+        object: "model",
+        created: 0,
+        owned_by: "moltbot".to_owned(),
+    });
     Ok(Json(ModelList {
         object: "list",
         data,

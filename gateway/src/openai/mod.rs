@@ -2,6 +2,8 @@
 //! `moltbot` extension object. Field names follow
 //! <https://platform.openai.com/docs/api-reference/chat>.
 
+pub mod embeddings;
+
 use serde::{Deserialize, Serialize};
 
 /// A message's content: a string, or an array of parts of which the `text`
@@ -26,8 +28,10 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// One request message.
+/// One request message. A field not listed (`name`, `tool_calls`,
+/// `tool_call_id`, `refusal`, `audio`) is refused with 400 naming it.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RequestMessage {
     /// `system`, `developer` (treated as system), `user`, `assistant` or `tool`.
     pub role: String,
@@ -48,6 +52,7 @@ pub enum Stop {
 
 /// `stream_options`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with `usage` and no choices.
     #[serde(default)]
@@ -90,12 +95,27 @@ pub struct ChatCompletionRequest {
     /// Stop sequences (at most 4).
     #[serde(default)]
     pub stop: Option<Stop>,
-    /// Number of choices; only 1 is supported.
+    /// Number of choices; only 1 is supported (400 otherwise).
     #[serde(default)]
     pub n: Option<u32>,
-    /// End-user id (logged as given, never required).
+    /// Return log probabilities; only `false` is supported (400 otherwise).
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// In [-2, 2]; only 0 (no penalty) is supported (400 otherwise).
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// In [-2, 2]; only 0 (no penalty) is supported (400 otherwise).
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// End-user id: at most 256 characters, never required; logs carry a
+    /// digest of it (`u-…`), never the id.
     #[serde(default)]
     pub user: Option<String>,
+    /// Up to 16 key-value pairs (keys at most 64 characters, values at most
+    /// 512), as OpenAI defines them: returned in `moltbot.metadata`; logs carry
+    /// the keys only.
+    #[serde(default)]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
     /// MoltBot extension: conversation session (also header `x-session-id`).
     #[serde(default)]
     pub session_id: Option<String>,
@@ -186,6 +206,9 @@ pub struct Extension {
     /// Enrichments skipped (`understanding`, `retrieval`) or steps that failed
     /// without failing the turn (`context_write`).
     pub degraded: Vec<String>,
+    /// The request's `metadata`, when it had any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Non-streamed response.
@@ -285,7 +308,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `response_format`"), "{e}");
-        let ok = r#"{"model": "default", "messages": [], "stream_options": {"include_usage": true}, "user": "u1"}"#;
+        let ok = r#"{"model": "default", "messages": [], "stream_options": {"include_usage": true}, "user": "u1", "metadata": {"k": "v"}, "logprobs": false}"#;
         assert!(serde_json::from_str::<ChatCompletionRequest>(ok).is_ok());
+        // Inside messages and stream_options too.
+        for (body, field) in [
+            (
+                r#"{"model": "d", "messages": [{"role": "assistant", "content": null, "tool_calls": []}]}"#,
+                "tool_calls",
+            ),
+            (
+                r#"{"model": "d", "messages": [], "stream_options": {"include_obfuscation": true}}"#,
+                "include_obfuscation",
+            ),
+        ] {
+            let e = serde_json::from_str::<ChatCompletionRequest>(body)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("unknown field `{field}`")), "{e}");
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod metrics;
 pub mod prompt;
 pub mod retry;
+pub mod turn;
 
 use std::{
     sync::Mutex,
@@ -230,12 +231,48 @@ fn client_turns(route: &Route, m: &mut Messages) -> Result<(), ApiError> {
     }
 }
 
-fn validate_sampling(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+/// Checks the fields MoltBot accepts with one value only (`n`, `logprobs`,
+/// the penalties) and the bounds OpenAI documents for `user` and
+/// `metadata`.
+fn validate_options(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    let refuse = |m: &str| Err(ApiError::InvalidRequest(m.to_owned()));
     if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::InvalidRequest(
-            "n: only 1 choice is supported".to_owned(),
-        ));
+        return refuse("n: only 1 choice is supported; send n=1 or leave it out");
     }
+    if req.logprobs == Some(true) {
+        return refuse("logprobs: log probabilities are not returned; leave logprobs out");
+    }
+    for (name, value) in [
+        ("presence_penalty", req.presence_penalty),
+        ("frequency_penalty", req.frequency_penalty),
+    ] {
+        if value.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::InvalidRequest(format!(
+                "{name}: only 0 is supported; leave it out"
+            )));
+        }
+    }
+    if req.user.as_ref().is_some_and(|u| u.chars().count() > 256) {
+        return refuse("user: at most 256 characters");
+    }
+    if let Some(meta) = &req.metadata {
+        if meta.len() > 16 {
+            return refuse("metadata: at most 16 key-value pairs");
+        }
+        for (k, v) in meta {
+            if k.chars().count() > 64 || v.chars().count() > 512 {
+                return Err(ApiError::InvalidRequest(format!(
+                    "metadata `{}`: keys take at most 64 characters and values 512",
+                    k.chars().take(64).collect::<String>()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_sampling(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    validate_options(req)?;
     if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
         return Err(ApiError::InvalidRequest(
             "temperature must be in [0, 2]".to_owned(),
@@ -283,6 +320,11 @@ impl Pipeline {
             request_timeout: settings.request_timeout,
             models: Mutex::new(None),
         }
+    }
+
+    /// Default (and largest) deadline of one request.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
     }
 
     /// The router.
@@ -563,6 +605,9 @@ impl Pipeline {
         tracing::info!(
             route = %route.name,
             session = %moltbot_runtime::telemetry::redact::session_id(tenant, &session_id),
+            end_user = req.user.as_deref().map(|u| moltbot_runtime::telemetry::redact::end_user(tenant, u)),
+            // Keys only: values are the application's and may identify people.
+            metadata_keys = req.metadata.as_ref().map(|m| m.keys().cloned().collect::<Vec<_>>().join(",")),
             history_kept = assembled.history_kept,
             sources = sources.len(),
             degraded = ?degraded,
@@ -585,6 +630,7 @@ impl Pipeline {
                 route: route.name.clone(),
                 attempts: Vec::new(),
                 degraded,
+                metadata: req.metadata.clone(),
             },
             deadline,
             arrived,

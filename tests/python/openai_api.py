@@ -1,0 +1,106 @@
+"""Drives the gateway's OpenAI surface with the official OpenAI Python SDK:
+embeddings (the SDK's default base64 and explicit floats), fields MoltBot
+refuses by name (n=2, response_format), a stream without include_usage, and
+metadata echoed in the `moltbot` extension.
+
+Usage: openai_api.py BASE_URL API_KEY
+Prints one JSON object of what it saw; tests/tests/chat.rs asserts on it.
+"""
+
+import json
+import math
+import sys
+
+import openai
+
+base_url, api_key = sys.argv[1:3]
+client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
+out = {}
+
+texts = [
+    "How do I reset my online banking password?",
+    "I forgot the password for my bank's website.",
+    "What is the boiling point of water at sea level?",
+]
+# No encoding_format: the SDK asks for base64 and decodes it itself.
+b64 = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+floats = client.embeddings.create(
+    model="all-minilm-l6-v2", input=texts, encoding_format="float"
+)
+vecs = [d.embedding for d in b64.data]
+
+
+def cos(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+out["embeddings"] = {
+    "model": b64.model,
+    "count": len(b64.data),
+    "indices": [d.index for d in b64.data],
+    "dims": [len(v) for v in vecs],
+    "norms": [math.sqrt(cos(v, v)) for v in vecs],
+    "similar": cos(vecs[0], vecs[1]),
+    "unrelated": cos(vecs[0], vecs[2]),
+    "max_float_vs_base64": max(
+        abs(x - y)
+        for f, v in zip(floats.data, vecs)
+        for x, y in zip(f.embedding, v)
+    ),
+    "prompt_tokens": b64.usage.prompt_tokens,
+    "total_tokens": b64.usage.total_tokens,
+}
+single = client.embeddings.create(model="all-minilm-l6-v2", input=texts[0])
+out["embeddings"]["single_equals_first"] = max(
+    abs(x - y) for x, y in zip(single.data[0].embedding, vecs[0])
+)
+
+
+def refused(**kwargs):
+    try:
+        client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4,
+            **kwargs,
+        )
+        return {"status": 200}
+    except openai.APIStatusError as e:
+        return {"status": e.status_code, "message": str(e)}
+
+
+out["n2"] = refused(n=2)
+out["response_format"] = refused(response_format={"type": "json_object"})
+out["dimensions"] = None
+try:
+    client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=64)
+except openai.APIStatusError as e:
+    out["dimensions"] = {"status": e.status_code, "message": str(e)}
+
+stream = client.chat.completions.create(
+    model="default",
+    messages=[{"role": "user", "content": "Say hello."}],
+    stream=True,
+    max_tokens=8,
+    temperature=0,
+)
+usage_chunks, finish, chunks = 0, None, 0
+for chunk in stream:
+    chunks += 1
+    if chunk.usage:
+        usage_chunks += 1
+    if chunk.choices and chunk.choices[0].finish_reason:
+        finish = chunk.choices[0].finish_reason
+out["stream_without_usage"] = {"chunks": chunks, "usage_chunks": usage_chunks, "finish": finish}
+
+done = client.chat.completions.create(
+    model="default",
+    messages=[{"role": "user", "content": "Say hello."}],
+    max_completion_tokens=8,
+    temperature=0,
+    seed=7,
+    user="ada@example.com",
+    metadata={"ticket": "T-1"},
+)
+out["metadata"] = (done.model_extra or {}).get("moltbot", {}).get("metadata")
+print(json.dumps(out))
