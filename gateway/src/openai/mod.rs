@@ -59,6 +59,37 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (`^[a-zA-Z0-9_-]{1,64}$`).
+    pub name: String,
+    /// What the schema is for: in a local model's instructions, and passed
+    /// to providers.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON schema (an object). Absent: any JSON object.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode; a local model enforces the schema always.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}` or
+/// `{"type": "json_schema", "json_schema": {...}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFormat {
+    /// `text`, `json_object` or `json_schema`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The schema, with `json_schema`.
+    #[serde(default)]
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
 /// `POST /v1/chat/completions` body. A field not listed here (e.g. `tools`,
 /// `response_format`, `logprobs`) is refused with 400 naming it rather than
 /// ignored: a client that asked for a JSON schema or a tool call must not
@@ -98,6 +129,11 @@ pub struct ChatCompletionRequest {
     /// Number of choices; only 1 is supported (400 otherwise).
     #[serde(default)]
     pub n: Option<u32>,
+    /// Structured outputs: JSON, or JSON valid against a schema, enforced by
+    /// grammar-constrained decoding on a local model and passed to remote
+    /// providers.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
     /// Return log probabilities; only `false` is supported (400 otherwise).
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -302,12 +338,11 @@ mod tests {
 
     #[test]
     fn an_unimplemented_field_is_refused_by_name() {
-        let body =
-            r#"{"model": "default", "messages": [], "response_format": {"type": "json_object"}}"#;
+        let body = r#"{"model": "default", "messages": [], "tools": []}"#;
         let e = serde_json::from_str::<ChatCompletionRequest>(body)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown field `response_format`"), "{e}");
+        assert!(e.contains("unknown field `tools`"), "{e}");
         let ok = r#"{"model": "default", "messages": [], "stream_options": {"include_usage": true}, "user": "u1", "metadata": {"k": "v"}, "logprobs": false}"#;
         assert!(serde_json::from_str::<ChatCompletionRequest>(ok).is_ok());
         // Inside messages and stream_options too.

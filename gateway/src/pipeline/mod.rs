@@ -271,6 +271,67 @@ fn validate_options(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `response_format` for the generation service; `None` for text. Errors
+/// with 400 naming the field that is wrong.
+fn response_format(
+    req: &ChatCompletionRequest,
+) -> Result<Option<gen_pb::ResponseFormat>, ApiError> {
+    use gen_pb::response_format::Kind;
+    let Some(format) = &req.response_format else {
+        return Ok(None);
+    };
+    let invalid = |m: String| Err(ApiError::InvalidRequest(m));
+    let kind = match (format.kind.as_str(), &format.json_schema) {
+        ("text", None) => return Ok(None),
+        ("json_object", None) => Kind::JsonObject(gen_pb::JsonObject {}),
+        ("json_schema", Some(s)) => {
+            let name_ok = !s.name.is_empty()
+                && s.name.len() <= 64
+                && s.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !name_ok {
+                return invalid(format!(
+                    "response_format.json_schema.name `{}` must be 1 to 64 letters, digits, `_` or `-`",
+                    s.name
+                ));
+            }
+            let schema = s
+                .schema
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            if !schema.is_object() {
+                return invalid(
+                    "response_format.json_schema.schema must be a JSON object".to_owned(),
+                );
+            }
+            Kind::JsonSchema(gen_pb::JsonSchema {
+                name: s.name.clone(),
+                schema_json: schema.to_string(),
+                strict: s.strict.unwrap_or(false),
+                description: s.description.clone().unwrap_or_default(),
+            })
+        }
+        ("json_schema", None) => {
+            return invalid(
+                "response_format: type `json_schema` needs a `json_schema` object".to_owned(),
+            );
+        }
+        ("text" | "json_object", Some(_)) => {
+            return invalid(format!(
+                "response_format: `json_schema` is only allowed with type `json_schema`, not `{}`",
+                format.kind
+            ));
+        }
+        (other, _) => {
+            return invalid(format!(
+                "response_format.type `{other}` is not one of text, json_object, json_schema"
+            ));
+        }
+    };
+    Ok(Some(gen_pb::ResponseFormat { kind: Some(kind) }))
+}
+
 fn validate_sampling(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     validate_options(req)?;
     if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
@@ -442,6 +503,7 @@ impl Pipeline {
         let timeout = timeout.map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let deadline = arrived + timeout;
         validate_sampling(req)?;
+        let response_format = response_format(req)?;
         let mut messages = validate_messages(req)?;
         let routes = self.routes_for(&req.model).await?;
         let refs: Vec<&Route> = routes.iter().collect();
@@ -601,6 +663,7 @@ impl Pipeline {
             }),
             request_id: id.clone(),
             session_id: session_id.clone(),
+            response_format,
         };
         tracing::info!(
             route = %route.name,

@@ -13,7 +13,10 @@ use crate::{
     engine::{Engine, EngineConfig, Event, Job},
     model::{Decoder, Precision},
     sampling::SamplingConfig,
-    text::{ChatMessage, ChatTokenizer},
+    text::{
+        ChatMessage, ChatTokenizer,
+        grammar::{Grammars, ResponseFormat},
+    },
 };
 
 /// Static description and live load of a served model.
@@ -49,6 +52,8 @@ pub struct GenerateInput {
     pub sampling: SamplingConfig,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// The shape the answer must take (structured outputs); `None`: text.
+    pub response_format: Option<ResponseFormat>,
     /// Arrival time, for time to first token.
     pub received: Instant,
 }
@@ -80,6 +85,7 @@ pub trait Backend: Send + Sync + 'static {
 pub struct LocalBackend {
     name: String,
     tokenizer: ChatTokenizer,
+    grammars: Grammars,
     engine: Engine,
     context_length: usize,
     device: String,
@@ -105,12 +111,14 @@ impl LocalBackend {
         let decoder = Decoder::load_with(dir, device, precision)?;
         let config = decoder.config().clone();
         let eos = eos_ids(dir, config.eos_token_id.as_ref().map(|e| e.to_vec()));
-        let tokenizer = ChatTokenizer::load(dir, eos)?;
+        let tokenizer = ChatTokenizer::load(dir, eos.clone())?;
+        let grammars = Grammars::new(dir, tokenizer.plain(), config.vocab_size, eos);
         tracing::info!(model = %name, device = %device_name(device), dtype = precision.name(), layers = config.num_hidden_layers, "model loaded");
         Ok(Self {
             engine: Engine::start(&name, decoder, tokenizer.clone(), engine)?,
             name,
             tokenizer,
+            grammars,
             context_length: config.max_position_embeddings,
             device: device_name(device),
             dtype: precision.name().into(),
@@ -121,6 +129,24 @@ impl LocalBackend {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &ChatTokenizer {
         &self.tokenizer
+    }
+}
+
+/// Appends `instruction` to the first system message, or puts it first as
+/// one.
+fn with_instruction(messages: &mut Vec<ChatMessage>, instruction: &str) {
+    match messages.iter_mut().find(|m| m.role == "system") {
+        Some(system) => {
+            system.content.push_str("\n\n");
+            system.content.push_str(instruction);
+        }
+        None => messages.insert(
+            0,
+            ChatMessage {
+                role: "system".to_owned(),
+                content: instruction.to_owned(),
+            },
+        ),
     }
 }
 
@@ -172,7 +198,11 @@ impl Backend for LocalBackend {
         &self,
         input: GenerateInput,
     ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
-        let prompt_ids = self.tokenizer.encode_chat(&input.messages)?;
+        let mut messages = input.messages;
+        if let Some(format) = &input.response_format {
+            with_instruction(&mut messages, &format.instruction());
+        }
+        let prompt_ids = self.tokenizer.encode_chat(&messages)?;
         let room = self.context_length.saturating_sub(prompt_ids.len());
         let max_tokens = match input.max_tokens {
             Some(n) if prompt_ids.len() + n > self.context_length => {
@@ -192,6 +222,18 @@ impl Backend for LocalBackend {
             }
             None => self.default_max_tokens.min(room),
         };
+        // Compiling a schema (and, the first time, the vocabulary's trie)
+        // is CPU work: off the async workers.
+        let constraint = match input.response_format {
+            None => None,
+            Some(format) => {
+                let grammars = self.grammars.clone();
+                let compiled = tokio::task::spawn_blocking(move || grammars.compile(&format))
+                    .await
+                    .map_err(|e| GenerationError::Constraint(e.to_string()))??;
+                Some(compiled)
+            }
+        };
         let (events, rx) = mpsc::unbounded_channel();
         self.engine.submit(Job {
             prompt_ids,
@@ -200,6 +242,7 @@ impl Backend for LocalBackend {
             stop: input.stop,
             received: input.received,
             events,
+            constraint,
         })?;
         Ok(rx)
     }

@@ -41,6 +41,9 @@ pub enum GenerationError {
     /// The chat template or tokenizer failed on this input.
     #[error("tokenization failed: {0}")]
     Tokenizer(String),
+    /// The grammar matcher of a constrained request failed mid-answer.
+    #[error("constrained decoding failed: {0}")]
+    Constraint(String),
     /// libtorch reported an error other than out-of-memory.
     #[error("tensor error: {0}")]
     Tensor(String),
@@ -102,7 +105,9 @@ impl From<GenerationError> for Status {
             GenerationError::ProviderRejected { .. } => Status::invalid_argument(message),
             GenerationError::Load { .. } => Status::failed_precondition(message),
             GenerationError::Tokenizer(_) => Status::invalid_argument(message),
-            GenerationError::Tensor(_) => Status::internal(message),
+            GenerationError::Tensor(_) | GenerationError::Constraint(_) => {
+                Status::internal(message)
+            }
             GenerationError::EngineStopped | GenerationError::RemoteUnavailable(_) => {
                 Status::unavailable(message)
             }

@@ -24,7 +24,7 @@ use crate::{
     engine::{Event, Finish},
     remote::{self, RemoteBackend, RemoteSettings},
     sampling::SamplingConfig,
-    text::ChatMessage,
+    text::{ChatMessage, grammar::ResponseFormat},
 };
 
 /// Most messages in one request.
@@ -208,6 +208,31 @@ fn saturate(n: impl TryInto<u32>) -> u32 {
 /// The Generate response stream (tonic's `BoxStream` of the generated stubs).
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
+/// The request's `response_format`, with its schema parsed. Errors with
+/// INVALID_ARGUMENT for a schema that is not JSON or a format without kind.
+fn response_format(format: Option<&pb::ResponseFormat>) -> Result<Option<ResponseFormat>, Status> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    match &format.kind {
+        None => Err(Status::invalid_argument(
+            "response_format has no kind; set json_object or json_schema",
+        )),
+        Some(pb::response_format::Kind::JsonObject(_)) => Ok(Some(ResponseFormat::JsonObject)),
+        Some(pb::response_format::Kind::JsonSchema(s)) => {
+            let schema: serde_json::Value = serde_json::from_str(&s.schema_json).map_err(|e| {
+                Status::invalid_argument(format!("response_format.json_schema.schema: {e}"))
+            })?;
+            Ok(Some(ResponseFormat::JsonSchema {
+                name: s.name.clone(),
+                description: s.description.clone(),
+                schema,
+                strict: s.strict,
+            }))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl GenerationService for GenerationApi {
     async fn generate(
@@ -219,6 +244,7 @@ impl GenerationService for GenerationApi {
         let backend = self.backend(&r.model)?;
         let messages = messages(&r.messages)?;
         let (sampling, max_tokens, stop) = sampling(r.sampling.as_ref())?;
+        let response_format = response_format(r.response_format.as_ref())?;
         let card = backend.card();
         if self.faulty.contains(&card.name) {
             return Err(Status::unavailable(format!(
@@ -232,6 +258,7 @@ impl GenerationService for GenerationApi {
                 max_tokens,
                 sampling,
                 stop,
+                response_format,
                 received,
             })
             .await?;

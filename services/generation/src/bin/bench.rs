@@ -162,6 +162,7 @@ async fn batched(engine: &Engine, prompts: &[Vec<u32>], tokens: usize) -> (f64, 
             stop: Vec::new(),
             received: Instant::now(),
             events: tx,
+            constraint: None,
         };
         if let Err(e) = engine.submit(job) {
             eprintln!("submit failed: {e}");

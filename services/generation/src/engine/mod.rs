@@ -103,6 +103,8 @@ pub struct Job {
     pub received: Instant,
     /// Where events go; dropping the receiver cancels the request.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Grammar the answer must follow (structured outputs), if any.
+    pub constraint: Option<crate::text::grammar::Constraint>,
 }
 
 /// Live load of the scheduler.

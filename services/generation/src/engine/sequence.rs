@@ -10,7 +10,9 @@ use crate::{
     GenerationError,
     model::KvCache,
     sampling::{Sampler, SamplingConfig},
-    text::{ChatTokenizer, IncrementalDecoder, StopMatcher, stop::StopOutcome},
+    text::{
+        ChatTokenizer, IncrementalDecoder, StopMatcher, grammar::Constraint, stop::StopOutcome,
+    },
 };
 
 /// A sequence in the running batch.
@@ -28,6 +30,10 @@ pub struct Sequence {
     received: Instant,
     first_token_ms: Option<u64>,
     events: mpsc::UnboundedSender<Event>,
+    /// The answer's grammar, when the request constrains it.
+    constraint: Option<Constraint>,
+    /// Why the grammar matcher failed, reported at the next push.
+    constraint_error: Option<String>,
 }
 
 impl Sequence {
@@ -46,6 +52,8 @@ impl Sequence {
             received: job.received,
             first_token_ms: None,
             events: job.events,
+            constraint: job.constraint,
+            constraint_error: None,
         }
     }
 
@@ -79,9 +87,23 @@ impl Sequence {
         self.received.elapsed()
     }
 
-    /// Picks the next token from this sequence's logits row.
+    /// Picks the next token from this sequence's logits row (`[vocab]`
+    /// f32, modified in place): under a constraint, only among the tokens
+    /// its grammar allows, and the grammar follows the token picked.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        self.sampler.sample(logits, &self.history)
+        if let Some(c) = &mut self.constraint
+            && let Err(e) = c.mask(logits)
+        {
+            self.constraint_error.get_or_insert(e);
+        }
+        let token = self.sampler.sample(logits, &self.history);
+        if let Some(c) = &mut self.constraint
+            && self.constraint_error.is_none()
+            && let Err(e) = c.commit(token)
+        {
+            self.constraint_error = Some(e);
+        }
+        token
     }
 
     /// Sends an event to the caller (ignored when it has gone away).
@@ -114,12 +136,17 @@ impl Sequence {
     }
 
     /// Adds `token`: emits the text it completes, and the end when it is an
-    /// EOS id, completes a stop sequence, or reaches `max_tokens`.
+    /// EOS id, completes a stop sequence or the constraint's grammar, or
+    /// reaches `max_tokens`. Errors with [`GenerationError::Constraint`]
+    /// when the grammar matcher failed on it.
     pub fn push(
         &mut self,
         tokenizer: &ChatTokenizer,
         token: u32,
     ) -> Result<Option<Finish>, GenerationError> {
+        if let Some(e) = self.constraint_error.take() {
+            return Err(GenerationError::Constraint(e));
+        }
         self.history.push(token);
         if self.first_token_ms.is_none() {
             self.first_token_ms = Some(self.received.elapsed().as_millis() as u64);
@@ -137,6 +164,11 @@ impl Sequence {
                 return Ok(self.finish(Finish::Stop));
             }
             StopOutcome::Continue(text) => self.emit(text),
+        }
+        if self.constraint.as_ref().is_some_and(Constraint::finished) {
+            let rest = self.stop.flush();
+            self.emit(rest);
+            return Ok(self.finish(Finish::Stop));
         }
         if self.completion_len() >= self.max_tokens {
             let rest = self.stop.flush();

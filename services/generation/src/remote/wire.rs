@@ -3,7 +3,10 @@
 
 use serde_json::{Value, json};
 
-use crate::{backend::GenerateInput, text::ChatMessage};
+use crate::{
+    backend::GenerateInput,
+    text::{ChatMessage, grammar::ResponseFormat},
+};
 
 /// What one stream event of a provider means to us.
 #[derive(Debug, Default, PartialEq)]
@@ -45,6 +48,24 @@ pub fn openai_body(model: &str, input: &GenerateInput) -> Value {
     if let Some(seed) = input.sampling.seed {
         body["seed"] = json!(seed);
     }
+    match &input.response_format {
+        None => {}
+        Some(ResponseFormat::JsonObject) => {
+            body["response_format"] = json!({"type": "json_object"});
+        }
+        Some(ResponseFormat::JsonSchema {
+            name,
+            description,
+            schema,
+            strict,
+        }) => {
+            let mut spec = json!({"name": name, "schema": schema, "strict": strict});
+            if !description.is_empty() {
+                spec["description"] = json!(description);
+            }
+            body["response_format"] = json!({"type": "json_schema", "json_schema": spec});
+        }
+    }
     body
 }
 
@@ -75,7 +96,13 @@ pub fn openai_event(data: &str) -> Parsed {
 /// Anthropic Messages API version header value.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
-/// `POST {base}/messages` body: system messages go to `system`.
+/// The tool a structured answer is asked for through on Anthropic, which
+/// has no `response_format`: one forced tool whose input schema is the
+/// answer's, its input streamed as `input_json_delta` events.
+const ANTHROPIC_ANSWER_TOOL: &str = "json_answer";
+
+/// `POST {base}/messages` body: system messages go to `system`; a
+/// `response_format` becomes a forced tool ([`ANTHROPIC_ANSWER_TOOL`]).
 pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
     let system: Vec<&str> = input
         .messages
@@ -109,6 +136,14 @@ pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
     if !input.stop.is_empty() {
         body["stop_sequences"] = json!(input.stop);
     }
+    if let Some(format) = &input.response_format {
+        body["tools"] = json!([{
+            "name": ANTHROPIC_ANSWER_TOOL,
+            "description": "Give the answer as this tool's input.",
+            "input_schema": format.schema(),
+        }]);
+        body["tool_choice"] = json!({"type": "tool", "name": ANTHROPIC_ANSWER_TOOL});
+    }
     body
 }
 
@@ -124,8 +159,13 @@ pub fn anthropic_event(data: &str) -> Parsed {
                 .map(|n| n as usize),
             ..Parsed::default()
         },
+        // Text, or the forced answer tool's input (a structured answer).
         Some("content_block_delta") => Parsed {
-            text: v["delta"]["text"].as_str().map(str::to_owned),
+            text: v["delta"]["text"]
+                .as_str()
+                .or_else(|| v["delta"]["partial_json"].as_str())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
             ..Parsed::default()
         },
         Some("message_delta") => Parsed {
@@ -164,5 +204,42 @@ mod tests {
             (Some("end_turn"), Some(7))
         );
         assert!(anthropic_event(r#"{"type":"message_stop"}"#).done);
+    }
+
+    #[test]
+    fn structured_outputs_reach_both_apis() {
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        let input = GenerateInput {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "Where?".into(),
+            }],
+            max_tokens: Some(16),
+            sampling: crate::sampling::SamplingConfig::default(),
+            stop: Vec::new(),
+            response_format: Some(ResponseFormat::JsonSchema {
+                name: "place".into(),
+                description: String::new(),
+                schema: schema.clone(),
+                strict: true,
+            }),
+            received: std::time::Instant::now(),
+        };
+        let openai = openai_body("gpt", &input);
+        assert_eq!(openai["response_format"]["type"], "json_schema");
+        assert_eq!(openai["response_format"]["json_schema"]["name"], "place");
+        assert_eq!(openai["response_format"]["json_schema"]["schema"], schema);
+        assert_eq!(openai["response_format"]["json_schema"]["strict"], true);
+        let anthropic = anthropic_body("claude", &input);
+        assert_eq!(anthropic["tools"][0]["input_schema"], schema);
+        assert_eq!(
+            anthropic["tool_choice"]["name"],
+            anthropic["tools"][0]["name"]
+        );
+        // The forced tool's input arrives as partial JSON: it is the answer.
+        let p = anthropic_event(
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
+        );
+        assert_eq!(p.text.as_deref(), Some(r#"{"city": "#));
     }
 }

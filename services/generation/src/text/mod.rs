@@ -1,8 +1,10 @@
 //! Text in and out of the model: [`tokenizer`] (the checkpoint's
 //! `tokenizer.json` and chat template), [`detok`] (incremental decoding that
-//! only emits whole UTF-8 characters), and [`stop`] (caller stop sequences).
+//! only emits whole UTF-8 characters), [`stop`] (caller stop sequences) and
+//! [`grammar`] (grammar-constrained decoding for structured outputs).
 
 pub mod detok;
+pub mod grammar;
 pub mod stop;
 pub mod tokenizer;
 

@@ -85,6 +85,11 @@ impl ChatTokenizer {
         })
     }
 
+    /// The tokenizer that reads special-token strings as plain text.
+    pub fn plain(&self) -> Arc<tokenizers::Tokenizer> {
+        self.plain.clone()
+    }
+
     /// Token ids that end generation.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids

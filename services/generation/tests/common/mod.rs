@@ -187,6 +187,7 @@ pub fn request(messages: Vec<pb::ChatMessage>, max_tokens: u32) -> pb::GenerateR
         }),
         request_id: String::new(),
         session_id: String::new(),
+        response_format: None,
     }
 }
 
