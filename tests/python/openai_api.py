@@ -1,7 +1,9 @@
-"""Drives the gateway's OpenAI surface with the official OpenAI Python SDK:
-embeddings (the SDK's default base64 and explicit floats), fields MoltBot
-refuses by name (n=2, response_format), a stream without include_usage, and
-metadata echoed in the `moltbot` extension.
+"""Drives the gateway's OpenAI surface with the official OpenAI Python SDK and
+LangChain: embeddings (the SDK's default base64 and explicit floats),
+structured outputs (a `json_schema` answer validated with `jsonschema`, the
+SDK's `parse` with a Pydantic model, LangChain's `with_structured_output`),
+fields MoltBot refuses by name (n=2, tools), a stream without include_usage,
+and metadata echoed in the `moltbot` extension.
 
 Usage: openai_api.py BASE_URL API_KEY
 Prints one JSON object of what it saw; tests/tests/chat.rs asserts on it.
@@ -11,7 +13,10 @@ import json
 import math
 import sys
 
+import jsonschema
 import openai
+import pydantic
+from langchain_openai import ChatOpenAI
 
 base_url, api_key = sys.argv[1:3]
 client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
@@ -70,7 +75,86 @@ def refused(**kwargs):
 
 
 out["n2"] = refused(n=2)
-out["response_format"] = refused(response_format={"type": "json_object"})
+out["tools"] = refused(
+    tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+)
+out["bad_schema"] = refused(
+    response_format={
+        "type": "json_schema",
+        "json_schema": {"name": "nums", "schema": {"type": "array", "uniqueItems": True}},
+    }
+)
+
+# Structured outputs: a json_schema answer, checked by a JSON-schema validator.
+weather_schema = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "temperature_c": {"type": "number"},
+        "conditions": {"type": "string", "enum": ["sunny", "cloudy", "rainy", "snowy"]},
+    },
+    "required": ["city", "temperature_c", "conditions"],
+    "additionalProperties": False,
+}
+done = client.chat.completions.create(
+    model="default",
+    messages=[{"role": "user", "content": "It is 18 degrees and raining in Lisbon. Report the weather."}],
+    response_format={
+        "type": "json_schema",
+        "json_schema": {"name": "weather", "schema": weather_schema, "strict": True},
+    },
+    max_tokens=64,
+    temperature=0,
+)
+content = done.choices[0].message.content
+try:
+    jsonschema.validate(json.loads(content), weather_schema)
+    error = None
+except (ValueError, jsonschema.ValidationError) as e:
+    error = str(e)
+out["json_schema"] = {"content": content, "error": error, "finish": done.choices[0].finish_reason}
+
+obj = client.chat.completions.create(
+    model="default",
+    messages=[{"role": "user", "content": "Name two planets and their order from the sun."}],
+    response_format={"type": "json_object"},
+    max_tokens=64,
+    temperature=0,
+)
+try:
+    out["json_object"] = isinstance(json.loads(obj.choices[0].message.content), dict)
+except ValueError:
+    out["json_object"] = obj.choices[0].message.content
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+parsed = client.chat.completions.parse(
+    model="default",
+    messages=[{"role": "user", "content": "Grace Hopper was 85. Who was she and how old?"}],
+    response_format=Person,
+    max_tokens=48,
+    temperature=0,
+)
+p = parsed.choices[0].message.parsed
+out["sdk_parse"] = p.model_dump() if p else None
+
+llm = ChatOpenAI(
+    base_url=f"{base_url}/v1",
+    api_key=api_key,
+    model="default",
+    temperature=0,
+    max_tokens=48,
+    max_retries=0,
+    use_responses_api=False,
+)
+lc = llm.with_structured_output(Person, method="json_schema").invoke(
+    "Alan Turing was 41. Give his name and age."
+)
+out["langchain"] = lc.model_dump() if lc else None
 out["dimensions"] = None
 try:
     client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=64)

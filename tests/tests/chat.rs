@@ -278,7 +278,8 @@ async fn chat_turns_through_the_whole_mesh() {
     assert_eq!(emb["prompt_tokens"], emb["total_tokens"], "{py}");
     for (field, name) in [
         ("n2", "n:"),
-        ("response_format", "response_format"),
+        ("tools", "tools"),
+        ("bad_schema", "uniqueItems"),
         ("dimensions", "dimensions"),
     ] {
         assert_eq!(py[field]["status"], 400, "{py}");
@@ -287,6 +288,29 @@ async fn chat_turns_through_the_whole_mesh() {
             "{py}"
         );
     }
+    // Structured outputs: valid against the schema (checked with the
+    // `jsonschema` package), a JSON object, the SDK's Pydantic parse, and
+    // LangChain's with_structured_output.
+    assert!(py["json_schema"]["error"].is_null(), "{py}");
+    assert_eq!(py["json_schema"]["finish"], "stop", "{py}");
+    assert!(
+        py["json_schema"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Lisbon"),
+        "{py}"
+    );
+    assert_eq!(py["json_object"], true, "{py}");
+    assert!(
+        py["sdk_parse"]["name"].as_str().unwrap().contains("Grace"),
+        "{py}"
+    );
+    assert_eq!(py["sdk_parse"]["age"], 85, "{py}");
+    assert!(
+        py["langchain"]["name"].as_str().unwrap().contains("Turing"),
+        "{py}"
+    );
+    assert_eq!(py["langchain"]["age"], 41, "{py}");
     // Without stream_options.include_usage there is no usage chunk.
     assert_eq!(py["stream_without_usage"]["usage_chunks"], 0, "{py}");
     assert!(py["stream_without_usage"]["finish"].is_string(), "{py}");

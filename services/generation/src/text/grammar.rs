@@ -13,11 +13,12 @@
 //! (`{"a": 1, "b": [2, 3]}`): with llguidance's default flexible whitespace
 //! a small model can emit newlines until `max_tokens` runs out.
 //!
-//! The schema subset is llguidance's (its `docs/json_schema.md` upstream):
-//! types, `properties`/`required`/`additionalProperties`, `items`,
-//! `prefixItems`, `enum`/`const`, `anyOf`/`oneOf`/`allOf`, `$ref`/`$defs`,
-//! string `pattern`/`format`/length, numeric bounds, array length. A
-//! schema with anything else is refused with the keyword named.
+//! The schema subset is llguidance's, listed in the README ("The gateway",
+//! structured outputs): types, `properties`/`required`/
+//! `additionalProperties`, `items`, `prefixItems`, `enum`/`const`,
+//! `anyOf`/`oneOf`/`allOf`, `$ref`/`$defs`, string `pattern`/`format`/
+//! length, numeric bounds, array length. A schema with anything else is
+//! refused with the keyword named.
 
 use std::{
     path::{Path, PathBuf},
