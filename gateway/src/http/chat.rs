@@ -20,6 +20,7 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
+use moltbot_proto::generation::v1::ToolCall as GenToolCall;
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
@@ -30,7 +31,7 @@ use crate::{
     edge::{Caller, ratelimit::Reservation},
     openai::{
         ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-        ResponseMessage,
+        FunctionCall, ResponseMessage, ToolCall, ToolCallDelta,
     },
     pipeline::{Pipeline, Prepared, generate::Started, metrics, turn},
 };
@@ -144,7 +145,10 @@ async fn complete(
             index: 0,
             message: ResponseMessage {
                 role: "assistant",
-                content: answer.text,
+                // OpenAI answers `null` content when there are only calls.
+                content: (!answer.text.is_empty() || answer.tool_calls.is_empty())
+                    .then_some(answer.text),
+                tool_calls: answer.tool_calls.iter().map(openai_call).collect(),
             },
             finish_reason: answer.finish.as_str(),
         }],
@@ -211,6 +215,7 @@ impl SseOutput {
                 delta: Delta {
                     role: (!self.sent).then_some("assistant"),
                     content: None,
+                    tool_calls: None,
                 },
                 finish_reason: Some(answer.finish.as_str()),
             }],
@@ -244,13 +249,48 @@ impl turn::Output for SseOutput {
                 delta: Delta {
                     role: (!self.sent).then_some("assistant"),
                     content: Some(text),
+                    tool_calls: None,
                 },
                 finish_reason: None,
             }],
         );
+        self.send(c).await
+    }
+
+    async fn tool_call(
+        &mut self,
+        model: &str,
+        index: u32,
+        call: &GenToolCall,
+    ) -> Result<(), turn::Gone> {
+        let call = openai_call(call);
+        let c = self.chunk(
+            model,
+            vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: (!self.sent).then_some("assistant"),
+                    content: None,
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index,
+                        id: call.id,
+                        kind: "function",
+                        function: call.function,
+                    }]),
+                },
+                finish_reason: None,
+            }],
+        );
+        self.send(c).await
+    }
+}
+
+impl SseOutput {
+    /// Sends one chunk within `write_idle`. Errors with [`turn::Gone`].
+    async fn send(&mut self, chunk: ChatCompletionChunk) -> Result<(), turn::Gone> {
         match self
             .tx
-            .send_timeout(Ok(event_of(&c)), self.write_idle)
+            .send_timeout(Ok(event_of(&chunk)), self.write_idle)
             .await
         {
             Ok(()) => {
@@ -260,6 +300,18 @@ impl turn::Output for SseOutput {
             Err(SendTimeoutError::Timeout(_)) => Err(turn::Gone("client stopped reading")),
             Err(SendTimeoutError::Closed(_)) => Err(turn::Gone("client went away")),
         }
+    }
+}
+
+/// A generation call in OpenAI's shape.
+fn openai_call(call: &GenToolCall) -> ToolCall {
+    ToolCall {
+        id: call.id.clone(),
+        kind: "function".to_owned(),
+        function: FunctionCall {
+            name: call.name.clone(),
+            arguments: call.arguments.clone(),
+        },
     }
 }
 

@@ -28,8 +28,8 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// One request message. A field not listed (`name`, `tool_calls`,
-/// `tool_call_id`, `refusal`, `audio`) is refused with 400 naming it.
+/// One request message. A field not listed (`name`, `refusal`, `audio`)
+/// is refused with 400 naming it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestMessage {
@@ -38,6 +38,95 @@ pub struct RequestMessage {
     /// Content; `null` is allowed for assistant tool calls and read as empty.
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant message's function calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the id of the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// A function call: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`, in requests (assistant messages) and answers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    /// `call_…`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The call.
+    pub function: FunctionCall,
+}
+
+/// The function and its arguments.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// The arguments: a JSON object, as text.
+    pub arguments: String,
+}
+
+/// One of `tools`: `{"type": "function", "function": {...}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: FunctionDef,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionDef {
+    /// `^[a-zA-Z0-9_-]{1,64}$`.
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// JSON schema of the arguments; absent: none.
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
+    /// OpenAI's strict mode: a local model always holds required calls to
+    /// the schema.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"auto"`, `"none"`, `"required"`, or
+/// `{"type": "function", "function": {"name"}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    /// `auto`, `none` or `required`.
+    Mode(String),
+    /// One named function.
+    Named(NamedToolChoice),
+}
+
+/// `{"type": "function", "function": {"name"}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToolChoice {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: NamedFunction,
+}
+
+/// `{"name"}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedFunction {
+    /// The function's name.
+    pub name: String,
 }
 
 /// `stop`: one string or a list.
@@ -134,6 +223,16 @@ pub struct ChatCompletionRequest {
     /// providers.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call (local models; remote ones answer
+    /// UNIMPLEMENTED and the route's next model is tried).
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    /// Whether the model must call one (default `auto` with tools).
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether one answer may hold several calls (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// Return log probabilities; only `false` is supported (400 otherwise).
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -173,8 +272,26 @@ pub struct Usage {
 pub struct ResponseMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The answer.
-    pub content: String,
+    /// The answer's text; `null` when it is only function calls.
+    pub content: Option<String>,
+    /// The answer's function calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A function call in a streamed chunk (whole: name and arguments in one
+/// delta).
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    /// Position among the answer's calls.
+    pub index: u32,
+    /// `call_…`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The call.
+    pub function: FunctionCall,
 }
 
 /// One non-streamed choice.
@@ -275,6 +392,9 @@ pub struct Delta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// New function calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One streamed choice.
@@ -338,18 +458,18 @@ mod tests {
 
     #[test]
     fn an_unimplemented_field_is_refused_by_name() {
-        let body = r#"{"model": "default", "messages": [], "tools": []}"#;
+        let body = r#"{"model": "default", "messages": [], "logit_bias": {"1": 5}}"#;
         let e = serde_json::from_str::<ChatCompletionRequest>(body)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown field `tools`"), "{e}");
+        assert!(e.contains("unknown field `logit_bias`"), "{e}");
         let ok = r#"{"model": "default", "messages": [], "stream_options": {"include_usage": true}, "user": "u1", "metadata": {"k": "v"}, "logprobs": false}"#;
         assert!(serde_json::from_str::<ChatCompletionRequest>(ok).is_ok());
         // Inside messages and stream_options too.
         for (body, field) in [
             (
-                r#"{"model": "d", "messages": [{"role": "assistant", "content": null, "tool_calls": []}]}"#,
-                "tool_calls",
+                r#"{"model": "d", "messages": [{"role": "user", "content": "hi", "name": "ada"}]}"#,
+                "name",
             ),
             (
                 r#"{"model": "d", "messages": [], "stream_options": {"include_obfuscation": true}}"#,

@@ -33,7 +33,9 @@ use rand::Rng;
 
 use crate::{
     ApiError, Upstreams,
-    openai::{ChatCompletionRequest, Content, Extension, IntentInfo, Stop},
+    openai::{
+        ChatCompletionRequest, Content, Extension, IntentInfo, RequestMessage, Stop, ToolChoice,
+    },
     routing::{
         IntentKey, Route, Router,
         config::{Candidate, ClientTurns, RetryPolicy},
@@ -190,23 +192,135 @@ fn validate_messages(req: &ChatCompletionRequest) -> Result<Messages, ApiError> 
             }
             m.last_user = text.clone();
         }
-        m.new.push(ChatMessage {
-            role: gen_role as i32,
-            content: text.clone(),
-        });
+        let tool_calls = calls_of(i, msg)?;
+        let tool_call_id = match (gen_role, &msg.tool_call_id) {
+            (gen_pb::Role::Tool, Some(id)) if !id.is_empty() => id.clone(),
+            (gen_pb::Role::Tool, _) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "messages[{i}].tool_call_id is required on a `tool` message"
+                )));
+            }
+            (_, Some(_)) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "messages[{i}].tool_call_id is only allowed on a `tool` message"
+                )));
+            }
+            (_, None) => String::new(),
+        };
         m.new_turns.push(ctx::Turn {
             role: ctx_role as i32,
-            content: text,
+            content: turn::stored_text(&text, &tool_calls),
             token_count: 0,
             created_at: None,
         });
+        m.new.push(ChatMessage {
+            role: gen_role as i32,
+            content: text,
+            tool_calls,
+            tool_call_id,
+        });
     }
     match m.new.last() {
-        Some(last) if last.role == gen_pb::Role::User as i32 => Ok(m),
+        Some(last)
+            if last.role == gen_pb::Role::User as i32 || last.role == gen_pb::Role::Tool as i32 =>
+        {
+            Ok(m)
+        }
         _ => Err(ApiError::InvalidRequest(
-            "the last non-system message must have role `user`".to_owned(),
+            "the last non-system message must have role `user` or `tool`".to_owned(),
         )),
     }
+}
+
+/// An assistant message's `tool_calls` for generation. Errors with 400
+/// naming the message for calls on another role or a call that is not a
+/// function.
+fn calls_of(index: usize, msg: &RequestMessage) -> Result<Vec<gen_pb::ToolCall>, ApiError> {
+    let Some(calls) = &msg.tool_calls else {
+        return Ok(Vec::new());
+    };
+    if msg.role != "assistant" {
+        return Err(ApiError::InvalidRequest(format!(
+            "messages[{index}].tool_calls is only allowed on an `assistant` message"
+        )));
+    }
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            if c.kind != "function" {
+                return Err(ApiError::InvalidRequest(format!(
+                    "messages[{index}].tool_calls[{j}].type `{}` is not `function`",
+                    c.kind
+                )));
+            }
+            Ok(gen_pb::ToolCall {
+                id: c.id.clone(),
+                name: c.function.name.clone(),
+                arguments: c.function.arguments.clone(),
+            })
+        })
+        .collect()
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` for generation. Errors
+/// with 400 naming the field.
+fn tools_of(
+    req: &ChatCompletionRequest,
+) -> Result<(Vec<gen_pb::Tool>, Option<gen_pb::ToolChoice>, bool), ApiError> {
+    use gen_pb::tool_choice::Mode;
+    let invalid = |m: String| Err(ApiError::InvalidRequest(m));
+    let mut tools = Vec::new();
+    for (i, t) in req.tools.iter().flatten().enumerate() {
+        if t.kind != "function" {
+            return invalid(format!("tools[{i}].type `{}` is not `function`", t.kind));
+        }
+        tools.push(gen_pb::Tool {
+            name: t.function.name.clone(),
+            description: t.function.description.clone().unwrap_or_default(),
+            parameters_json: t
+                .function
+                .parameters
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        });
+    }
+    let choice = match &req.tool_choice {
+        None => None,
+        Some(ToolChoice::Mode(mode)) => {
+            let mode = match mode.as_str() {
+                "auto" => Mode::Auto,
+                "none" => Mode::None,
+                "required" => Mode::Required,
+                other => {
+                    return invalid(format!(
+                        "tool_choice `{other}` is not one of auto, none, required, or a named function"
+                    ));
+                }
+            };
+            Some(gen_pb::ToolChoice {
+                mode: mode as i32,
+                function: String::new(),
+            })
+        }
+        Some(ToolChoice::Named(named)) => {
+            if named.kind != "function" {
+                return invalid(format!(
+                    "tool_choice.type `{}` is not `function`",
+                    named.kind
+                ));
+            }
+            Some(gen_pb::ToolChoice {
+                mode: Mode::Function as i32,
+                function: named.function.name.clone(),
+            })
+        }
+    };
+    if tools.is_empty() && choice.is_some() {
+        return invalid("tool_choice is only allowed when tools are given".to_owned());
+    }
+    Ok((tools, choice, req.parallel_tool_calls.unwrap_or(true)))
 }
 
 /// Applies the route's [`ClientTurns`] policy to the request's
@@ -504,6 +618,7 @@ impl Pipeline {
         let deadline = arrived + timeout;
         validate_sampling(req)?;
         let response_format = response_format(req)?;
+        let (tools, tool_choice, parallel_tool_calls) = tools_of(req)?;
         let mut messages = validate_messages(req)?;
         let routes = self.routes_for(&req.model).await?;
         let refs: Vec<&Route> = routes.iter().collect();
@@ -664,6 +779,9 @@ impl Pipeline {
             request_id: id.clone(),
             session_id: session_id.clone(),
             response_format,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
         };
         tracing::info!(
             route = %route.name,

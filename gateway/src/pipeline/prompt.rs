@@ -67,6 +67,7 @@ pub fn passages_message(sources: &[Source]) -> Option<ChatMessage> {
     Some(ChatMessage {
         role: Role::User as i32,
         content: block,
+        ..Default::default()
     })
 }
 
@@ -133,6 +134,7 @@ pub async fn assemble(
     let mut head = vec![ChatMessage {
         role: Role::System as i32,
         content: system,
+        ..Default::default()
     }];
     head.extend(passages.iter().cloned());
     head.extend(new.iter().cloned());
@@ -188,6 +190,7 @@ pub async fn assemble(
         messages.push(ChatMessage {
             role: gen_role(t.role()) as i32,
             content: t.content.clone(),
+            ..Default::default()
         });
     }
     messages.extend(passages);
@@ -214,10 +217,12 @@ pub fn uncounted(parts: Parts, history: &[ctx::Turn], max_tokens: u32) -> Assemb
     let mut messages = vec![ChatMessage {
         role: Role::System as i32,
         content: system,
+        ..Default::default()
     }];
     messages.extend(history.iter().map(|t| ChatMessage {
         role: gen_role(t.role()) as i32,
         content: t.content.clone(),
+        ..Default::default()
     }));
     let new_len = new.len();
     messages.extend(passages);

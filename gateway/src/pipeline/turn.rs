@@ -12,7 +12,7 @@
 
 use std::future::Future;
 
-use moltbot_proto::generation::v1::{FinishReason, GenerationSummary, generate_response};
+use moltbot_proto::generation::v1::{FinishReason, GenerationSummary, ToolCall, generate_response};
 
 use super::{Pipeline, Prepared, generate::Started, metrics};
 use crate::{ApiError, edge::ratelimit::Reservation, openai::Usage};
@@ -36,6 +36,15 @@ pub trait Output: Send {
     /// [`Gone`] when the client no longer listens: the generation stops.
     fn delta(&mut self, model: &str, text: String)
     -> impl Future<Output = Result<(), Gone>> + Send;
+
+    /// Hands on the answer's `index`-th function call, whole. Errors as
+    /// [`Output::delta`].
+    fn tool_call(
+        &mut self,
+        model: &str,
+        index: u32,
+        call: &ToolCall,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
 }
 
 /// An output that keeps nothing: the answer's text comes back in
@@ -51,6 +60,10 @@ impl Output for Buffered {
     async fn delta(&mut self, _model: &str, _text: String) -> Result<(), Gone> {
         Ok(())
     }
+
+    async fn tool_call(&mut self, _model: &str, _index: u32, _call: &ToolCall) -> Result<(), Gone> {
+        Ok(())
+    }
 }
 
 /// Why the answer stopped, as the OpenAI `finish_reason`.
@@ -60,6 +73,8 @@ pub enum Finish {
     Stop,
     /// The completion budget ran out (`length`).
     Length,
+    /// The answer ends in function calls (`tool_calls`).
+    ToolCalls,
 }
 
 impl Finish {
@@ -68,8 +83,27 @@ impl Finish {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
         }
     }
+}
+
+/// How a message with function calls is kept in the session: its text,
+/// then each call as a `<tool_call>` block, the function-calling format of
+/// the chat templates of the models MoltBot serves locally (Qwen2.5), so a
+/// replayed history shows the model its own calls. Without calls, the text.
+pub fn stored_text(text: &str, calls: &[ToolCall]) -> String {
+    let mut out = text.to_owned();
+    for call in calls {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let arguments: serde_json::Value = serde_json::from_str(&call.arguments)
+            .unwrap_or(serde_json::Value::String(call.arguments.clone()));
+        let body = serde_json::json!({"name": call.name, "arguments": arguments});
+        out.push_str(&format!("<tool_call>\n{body}\n</tool_call>"));
+    }
+    out
 }
 
 /// A turn answered in full.
@@ -77,8 +111,10 @@ impl Finish {
 pub struct Answer {
     /// The model that answered.
     pub model: String,
-    /// The whole answer.
+    /// The whole answer's text.
     pub text: String,
+    /// Its function calls, in order.
+    pub tool_calls: Vec<ToolCall>,
     /// Why it stopped.
     pub finish: Finish,
     /// Tokens used.
@@ -99,6 +135,7 @@ pub enum Ended {
 fn finish_of(summary: &GenerationSummary) -> Finish {
     match summary.finish_reason() {
         FinishReason::Length => Finish::Length,
+        FinishReason::ToolCalls => Finish::ToolCalls,
         FinishReason::Stop | FinishReason::Cancelled | FinishReason::Unspecified => Finish::Stop,
     }
 }
@@ -144,7 +181,7 @@ pub async fn start(pipeline: &Pipeline, prepared: &mut Prepared) -> Result<Start
 
 /// What draining one generation came to.
 enum Drained {
-    Summary(String, String, GenerationSummary),
+    Summary(String, String, Vec<ToolCall>, GenerationSummary),
     Broke(tonic::Status),
     Gone(Gone),
 }
@@ -157,6 +194,7 @@ async fn drain<O: Output>(started: Started, reservation: &mut Reservation, out: 
         mut stream,
     } = started;
     let mut text = String::new();
+    let mut calls = Vec::new();
     let mut event = Some(first);
     loop {
         match event.and_then(|e| e.event) {
@@ -167,7 +205,16 @@ async fn drain<O: Output>(started: Started, reservation: &mut Reservation, out: 
                     return Drained::Gone(gone);
                 }
             }
-            Some(generate_response::Event::Summary(s)) => return Drained::Summary(model, text, s),
+            Some(generate_response::Event::ToolCall(c)) => {
+                let index = calls.len() as u32;
+                if let Err(gone) = out.tool_call(&model, index, &c).await {
+                    return Drained::Gone(gone);
+                }
+                calls.push(c);
+            }
+            Some(generate_response::Event::Summary(s)) => {
+                return Drained::Summary(model, text, calls, s);
+            }
             None => {}
         }
         event = match stream.message().await {
@@ -214,16 +261,21 @@ pub async fn run<O: Output>(
     let mut restarts = 0;
     loop {
         match drain(started, &mut reservation, out).await {
-            Drained::Summary(model, text, summary) => {
+            Drained::Summary(model, text, tool_calls, summary) => {
                 let usage = usage_of(&summary);
                 pipeline
-                    .finish(prepared, &text, usage.completion_tokens)
+                    .finish(
+                        prepared,
+                        &stored_text(&text, &tool_calls),
+                        usage.completion_tokens,
+                    )
                     .await;
                 reservation.settle(usage.total_tokens);
                 record_done(prepared, &usage);
                 return Ended::Answered(Answer {
                     model,
                     text,
+                    tool_calls,
                     finish: finish_of(&summary),
                     usage,
                 });

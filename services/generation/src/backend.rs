@@ -10,12 +10,13 @@ use tokio::sync::mpsc;
 use crate::{
     GenerationError,
     device::device_name,
-    engine::{Engine, EngineConfig, Event, Job},
+    engine::{Engine, EngineConfig, Event, Finish, Job},
     model::{Decoder, Precision},
     sampling::SamplingConfig,
     text::{
         ChatMessage, ChatTokenizer,
         grammar::{Grammars, ResponseFormat},
+        tools::{self, ToolRequest},
     },
 };
 
@@ -54,6 +55,8 @@ pub struct GenerateInput {
     pub stop: Vec<String>,
     /// The shape the answer must take (structured outputs); `None`: text.
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call; `None`: none (or `tool_choice` none).
+    pub tools: Option<ToolRequest>,
     /// Arrival time, for time to first token.
     pub received: Instant,
 }
@@ -132,6 +135,66 @@ impl LocalBackend {
     }
 }
 
+/// With tools the answer's text is held until it ends, then split into
+/// its text and its function calls ([`tools::parse`]): text deltas cannot
+/// be sent before it is known whether they are a call. The text goes out
+/// as one delta, each call as an [`Event::ToolCall`], and the finish reason
+/// becomes [`Finish::ToolCalls`] when there were calls.
+fn calls_parsed(mut rx: mpsc::UnboundedReceiver<Event>) -> mpsc::UnboundedReceiver<Event> {
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut text = String::new();
+        let mut ids = Vec::new();
+        loop {
+            tokio::select! {
+                // The caller went away: dropping `rx` cancels the sequence.
+                () = tx.closed() => return,
+                event = rx.recv() => match event {
+                    Some(Event::Delta { text: t, token_ids }) => {
+                        text.push_str(&t);
+                        ids.extend(token_ids);
+                    }
+                    Some(Event::Finished { reason, usage }) => {
+                        let (content, calls) = tools::parse(&text);
+                        if !content.is_empty() {
+                            let _ = tx.send(Event::Delta { text: content, token_ids: std::mem::take(&mut ids) });
+                        }
+                        let reason = if calls.is_empty() { reason } else { Finish::ToolCalls };
+                        for call in calls {
+                            let _ = tx.send(Event::ToolCall {
+                                id: new_call_id(),
+                                name: call.name,
+                                arguments: call.arguments,
+                            });
+                        }
+                        let _ = tx.send(Event::Finished { reason, usage });
+                        return;
+                    }
+                    Some(other) => {
+                        let _ = tx.send(other);
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    out
+}
+
+/// `call_` and 24 hex digits, as OpenAI's call ids look: unique per
+/// process (a counter) and unpredictable across processes (SipHash with a
+/// random key, the standard library's `RandomState`).
+fn new_call_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(n);
+    let high = h.finish();
+    h.write_u64(!n);
+    format!("call_{high:016x}{:08x}", h.finish() as u32)
+}
+
 /// Appends `instruction` to the first system message, or puts it first as
 /// one.
 fn with_instruction(messages: &mut Vec<ChatMessage>, instruction: &str) {
@@ -145,6 +208,7 @@ fn with_instruction(messages: &mut Vec<ChatMessage>, instruction: &str) {
             ChatMessage {
                 role: "system".to_owned(),
                 content: instruction.to_owned(),
+                ..Default::default()
             },
         ),
     }
@@ -202,7 +266,14 @@ impl Backend for LocalBackend {
         if let Some(format) = &input.response_format {
             with_instruction(&mut messages, &format.instruction());
         }
-        let prompt_ids = self.tokenizer.encode_chat(&messages)?;
+        let template_tools = input
+            .tools
+            .as_ref()
+            .map(ToolRequest::template_tools)
+            .unwrap_or_default();
+        let prompt_ids = self
+            .tokenizer
+            .encode_chat_with_tools(&messages, &template_tools)?;
         let room = self.context_length.saturating_sub(prompt_ids.len());
         let max_tokens = match input.max_tokens {
             Some(n) if prompt_ids.len() + n > self.context_length => {
@@ -224,13 +295,23 @@ impl Backend for LocalBackend {
         };
         // Compiling a schema (and, the first time, the vocabulary's trie)
         // is CPU work: off the async workers.
-        let constraint = match input.response_format {
-            None => None,
-            Some(format) => {
+        let lark = input.tools.as_ref().and_then(ToolRequest::grammar);
+        let constraint = match (input.response_format, lark) {
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(GenerationError::InvalidArgument(
+                    "a required tool call and a response_format cannot both constrain one answer; drop one".to_owned(),
+                ));
+            }
+            (format, lark) => {
                 let grammars = self.grammars.clone();
-                let compiled = tokio::task::spawn_blocking(move || grammars.compile(&format))
-                    .await
-                    .map_err(|e| GenerationError::Constraint(e.to_string()))??;
+                let compiled = tokio::task::spawn_blocking(move || match (format, lark) {
+                    (Some(format), _) => grammars.compile(&format),
+                    (None, Some(lark)) => grammars.compile_lark(lark, "tool_choice"),
+                    (None, None) => Err(GenerationError::Constraint("no constraint".into())),
+                })
+                .await
+                .map_err(|e| GenerationError::Constraint(e.to_string()))??;
                 Some(compiled)
             }
         };
@@ -244,6 +325,9 @@ impl Backend for LocalBackend {
             events,
             constraint,
         })?;
-        Ok(rx)
+        Ok(match input.tools {
+            Some(_) => calls_parsed(rx),
+            None => rx,
+        })
     }
 }

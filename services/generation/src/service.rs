@@ -24,7 +24,11 @@ use crate::{
     engine::{Event, Finish},
     remote::{self, RemoteBackend, RemoteSettings},
     sampling::SamplingConfig,
-    text::{ChatMessage, grammar::ResponseFormat},
+    text::{
+        ChatMessage,
+        grammar::ResponseFormat,
+        tools::{ToolMode, ToolRequest, ToolSpec},
+    },
 };
 
 /// Most messages in one request.
@@ -162,9 +166,28 @@ pub fn messages(raw: &[pb::ChatMessage]) -> Result<Vec<ChatMessage>, GenerationE
     }
     raw.iter()
         .map(|m| {
+            let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
+            for c in &m.tool_calls {
+                crate::text::tools::check_markup("tool_calls[].function", &c.name)?;
+                crate::text::tools::check_markup("tool_calls[].function", &c.arguments)?;
+                let arguments: serde_json::Value =
+                    serde_json::from_str(&c.arguments).map_err(|e| {
+                        GenerationError::InvalidArgument(format!(
+                            "tool call `{}`: arguments are not JSON: {e}",
+                            c.id
+                        ))
+                    })?;
+                tool_calls.push(serde_json::json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": arguments},
+                }));
+            }
             Ok(ChatMessage {
                 role: role_name(m.role)?.to_owned(),
                 content: m.content.clone(),
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
             })
         })
         .collect()
@@ -198,6 +221,7 @@ fn finish_reason(f: Finish) -> pb::FinishReason {
     match f {
         Finish::Stop => pb::FinishReason::Stop,
         Finish::Length => pb::FinishReason::Length,
+        Finish::ToolCalls => pb::FinishReason::ToolCalls,
     }
 }
 
@@ -207,6 +231,50 @@ fn saturate(n: impl TryInto<u32>) -> u32 {
 
 /// The Generate response stream (tonic's `BoxStream` of the generated stubs).
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+/// The request's tools; `None` without tools or with `tool_choice` none
+/// (the model is not shown them). Errors with INVALID_ARGUMENT for a bad
+/// schema, name or named function.
+fn tool_request(r: &pb::GenerateRequest) -> Result<Option<ToolRequest>, GenerationError> {
+    use pb::tool_choice::Mode;
+    let choice = r.tool_choice.clone().unwrap_or_default();
+    let mode = match choice.mode() {
+        Mode::None => return Ok(None),
+        Mode::Auto => ToolMode::Auto,
+        Mode::Required => ToolMode::Required,
+        Mode::Function => ToolMode::Function(choice.function.clone()),
+    };
+    if r.tools.is_empty() {
+        if mode == ToolMode::Auto {
+            return Ok(None);
+        }
+        return Err(GenerationError::InvalidArgument(
+            "tool_choice requires a call but there are no tools".to_owned(),
+        ));
+    }
+    let mut tools = Vec::with_capacity(r.tools.len());
+    for (i, t) in r.tools.iter().enumerate() {
+        let parameters = if t.parameters_json.is_empty() {
+            serde_json::json!({"type": "object", "properties": {}})
+        } else {
+            serde_json::from_str(&t.parameters_json).map_err(|e| {
+                GenerationError::InvalidArgument(format!("tools[{i}].function.parameters: {e}"))
+            })?
+        };
+        tools.push(ToolSpec {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            parameters,
+        });
+    }
+    let request = ToolRequest {
+        tools,
+        mode,
+        parallel: r.parallel_tool_calls,
+    };
+    request.validate()?;
+    Ok(Some(request))
+}
 
 /// The request's `response_format`, with its schema parsed. Errors with
 /// INVALID_ARGUMENT for a schema that is not JSON or a format without kind.
@@ -245,6 +313,7 @@ impl GenerationService for GenerationApi {
         let messages = messages(&r.messages)?;
         let (sampling, max_tokens, stop) = sampling(r.sampling.as_ref())?;
         let response_format = response_format(r.response_format.as_ref())?;
+        let tools = tool_request(&r)?;
         let card = backend.card();
         if self.faulty.contains(&card.name) {
             return Err(Status::unavailable(format!(
@@ -259,6 +328,7 @@ impl GenerationService for GenerationApi {
                 sampling,
                 stop,
                 response_format,
+                tools,
                 received,
             })
             .await?;
@@ -284,6 +354,17 @@ impl GenerationService for GenerationApi {
                         backend: backend_name.clone(),
                     },
                 )),
+            }),
+            Event::ToolCall {
+                id,
+                name,
+                arguments,
+            } => Ok(pb::GenerateResponse {
+                event: Some(pb::generate_response::Event::ToolCall(pb::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                })),
             }),
             Event::Failed(e) => Err(Status::from(e)),
         });

@@ -19,6 +19,7 @@ fn message(role: &str, content: &str) -> ChatMessage {
     ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

@@ -115,6 +115,7 @@ fn real_model_matches_transformers() {
         .map(|m| ChatMessage {
             role: m["role"].as_str().unwrap().into(),
             content: m["content"].as_str().unwrap().into(),
+            ..Default::default()
         })
         .collect();
     let tokenizer = ChatTokenizer::load(&model, vec![151645, 151643]).unwrap();
@@ -147,6 +148,7 @@ fn int8_weights_stay_close_to_f32() {
         .encode_chat(&[ChatMessage {
             role: "user".into(),
             content: "What is the capital of France?".into(),
+            ..Default::default()
         }])
         .unwrap();
     let last_logits = |d: &Decoder| {

@@ -63,6 +63,7 @@ async fn streamed_deltas_concatenate_to_the_direct_greedy_answer() {
             .encode_chat(&[moltbot_generation::text::ChatMessage {
                 role: "user".into(),
                 content: prompt.into(),
+                ..Default::default()
             }])
             .unwrap();
         let out = common::greedy(&decoder, &ids, 40, tok.eos_ids());

@@ -175,7 +175,7 @@ async fn batched(engine: &Engine, prompts: &[Vec<u32>], tokens: usize) -> (f64, 
             match event {
                 Event::Finished { usage, .. } => total += usage.completion_tokens,
                 Event::Failed(e) => eprintln!("stream failed: {e}"),
-                Event::Delta { .. } => {}
+                Event::Delta { .. } | Event::ToolCall { .. } => {}
             }
         }
     }
@@ -196,6 +196,7 @@ fn main() -> Result<(), String> {
         vec![ChatMessage {
             role: "user".into(),
             content: text.into(),
+            ..Default::default()
         }]
     };
     let prompt = tokenizer

@@ -52,6 +52,9 @@ pub enum Finish {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The answer ended in function calls ([`Event::ToolCall`]); set by the
+    /// backend that parsed them, never by the scheduler.
+    ToolCalls,
 }
 
 /// Token accounting of a finished sequence.
@@ -77,6 +80,16 @@ pub enum Event {
         text: String,
         /// Token ids consumed since the previous delta.
         token_ids: Vec<u32>,
+    },
+    /// One whole function call of the answer, after its text and before
+    /// `Finished` (emitted by a backend that parses calls out of the text).
+    ToolCall {
+        /// `call_…`.
+        id: String,
+        /// The function.
+        name: String,
+        /// Its arguments, a JSON object as text.
+        arguments: String,
     },
     /// The sequence ended normally.
     Finished {
@@ -392,7 +405,7 @@ impl Scheduler {
         match seq.push(&self.tokenizer, token) {
             Ok(Some(finish)) => {
                 self.count(match finish {
-                    Finish::Stop => "stop",
+                    Finish::Stop | Finish::ToolCalls => "stop",
                     Finish::Length => "length",
                 });
                 true

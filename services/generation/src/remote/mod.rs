@@ -201,6 +201,13 @@ impl Backend for RemoteBackend {
         &self,
         input: GenerateInput,
     ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
+        if input.tools.is_some() {
+            // UNIMPLEMENTED: the gateway tries the route's next model.
+            return Err(GenerationError::Unsupported(format!(
+                "{}: function calling is not yet passed to remote providers; route tool requests to a local model",
+                self.name
+            )));
+        }
         let mut last_error = String::new();
         let mut rate_limited = false;
         for _ in 0..self.settings.max_credentials.max(1) {

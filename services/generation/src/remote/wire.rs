@@ -213,6 +213,7 @@ mod tests {
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: "Where?".into(),
+                ..Default::default()
             }],
             max_tokens: Some(16),
             sampling: crate::sampling::SamplingConfig::default(),
@@ -223,6 +224,7 @@ mod tests {
                 schema: schema.clone(),
                 strict: true,
             }),
+            tools: None,
             received: std::time::Instant::now(),
         };
         let openai = openai_body("gpt", &input);

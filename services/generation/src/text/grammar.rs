@@ -188,18 +188,6 @@ impl Grammars {
     /// schema that is not supported or cannot be satisfied, and with
     /// [`GenerationError::Tokenizer`] when the vocabulary cannot be read.
     pub fn compile(&self, format: &ResponseFormat) -> Result<Constraint, GenerationError> {
-        let factory = self
-            .factory
-            .get_or_init(|| {
-                build_factory(
-                    &self.dir,
-                    self.tokenizer.clone(),
-                    self.vocab_size,
-                    &self.eos_ids,
-                )
-            })
-            .as_ref()
-            .map_err(|e| GenerationError::Tokenizer(format!("constrained decoding: {e}")))?;
         let mut schema = format.schema();
         let Some(object) = schema.as_object_mut() else {
             return Err(GenerationError::InvalidArgument(
@@ -214,17 +202,36 @@ impl Grammars {
                 "key_separator": ": ",
             }),
         );
-        let parser = factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
-            .map_err(|e| {
-                GenerationError::InvalidArgument(format!(
-                    "response_format: the schema cannot be enforced: {e}"
-                ))
-            })?;
+        self.matcher(TopLevelGrammar::from_json_schema(schema), "response_format")
+    }
+
+    /// A matcher for a Lark grammar (llguidance's dialect, with `%json`
+    /// schemas inline), e.g. [`super::tools::ToolRequest::grammar`].
+    /// Errors as [`Grammars::compile`], naming `what`.
+    pub fn compile_lark(&self, lark: String, what: &str) -> Result<Constraint, GenerationError> {
+        self.matcher(TopLevelGrammar::from_lark(lark), what)
+    }
+
+    fn matcher(&self, grammar: TopLevelGrammar, what: &str) -> Result<Constraint, GenerationError> {
+        let factory = self
+            .factory
+            .get_or_init(|| {
+                build_factory(
+                    &self.dir,
+                    self.tokenizer.clone(),
+                    self.vocab_size,
+                    &self.eos_ids,
+                )
+            })
+            .as_ref()
+            .map_err(|e| GenerationError::Tokenizer(format!("constrained decoding: {e}")))?;
+        let parser = factory.create_parser(grammar).map_err(|e| {
+            GenerationError::InvalidArgument(format!("{what}: the schema cannot be enforced: {e}"))
+        })?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(GenerationError::InvalidArgument(format!(
-                "response_format: the schema cannot be enforced: {e}"
+                "{what}: the schema cannot be enforced: {e}"
             )));
         }
         Ok(Constraint { matcher })

@@ -17,12 +17,20 @@ use serde::Serialize;
 use crate::GenerationError;
 
 /// One message for the chat template.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant message's function calls, in OpenAI's shape
+    /// (`{"id", "type": "function", "function": {"name", "arguments"}}`,
+    /// the arguments a JSON object) as chat templates read them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A tool message: the id of the call it answers.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tool_call_id: String,
 }
 
 /// Tokenizer and chat template of one model.
@@ -98,12 +106,25 @@ impl ChatTokenizer {
     /// The prompt text: `messages` through the chat template, with the
     /// assistant's generation prompt appended.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, GenerationError> {
+        self.render_with_tools(messages, &[])
+    }
+
+    /// [`Self::render`] with the functions the model may call (the
+    /// template's `tools` variable, OpenAI's shape); none when empty.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<String, GenerationError> {
         let template = self
             .env
             .get_template(TEMPLATE)
             .map_err(|e| GenerationError::Tokenizer(e.to_string()))?;
+        let tools = (!tools.is_empty()).then_some(tools);
         template
-            .render(context! { messages => messages, add_generation_prompt => true })
+            .render(
+                context! { messages => messages, tools => tools, add_generation_prompt => true },
+            )
             .map_err(|e| GenerationError::Tokenizer(format!("chat template: {e}")))
     }
 
@@ -120,6 +141,18 @@ impl ChatTokenizer {
     /// encoding the rendered prompt whole (a unit test checks it). Errors
     /// with [`GenerationError::Tokenizer`].
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, GenerationError> {
+        self.encode_chat_with_tools(messages, &[])
+    }
+
+    /// [`Self::encode_chat`] with `tools` in the template
+    /// ([`Self::render_with_tools`]). Tool definitions and call arguments
+    /// are template text (control tokens live): callers refuse markup in
+    /// them first (`text::tools::check_markup`).
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<Vec<u32>, GenerationError> {
         // Placeholders nobody can type: a per-call random nonce between
         // private-use characters.
         let nonce = {
@@ -134,10 +167,18 @@ impl ChatTokenizer {
             .enumerate()
             .map(|(i, m)| ChatMessage {
                 role: m.role.clone(),
-                content: format!("{open}{i}\u{E001}"),
+                // Empty stays empty: templates test it (an assistant turn
+                // that only calls functions).
+                content: if m.content.is_empty() {
+                    String::new()
+                } else {
+                    format!("{open}{i}\u{E001}")
+                },
+                tool_calls: m.tool_calls.clone(),
+                tool_call_id: m.tool_call_id.clone(),
             })
             .collect();
-        let rendered = self.render(&masked)?;
+        let rendered = self.render_with_tools(&masked, tools)?;
         let mut ids = Vec::new();
         let mut rest = rendered.as_str();
         while let Some(at) = rest.find(&open) {

@@ -173,6 +173,7 @@ pub fn user(text: &str) -> pb::ChatMessage {
     pb::ChatMessage {
         role: pb::Role::User as i32,
         content: text.into(),
+        ..Default::default()
     }
 }
 
@@ -187,21 +188,35 @@ pub fn request(messages: Vec<pb::ChatMessage>, max_tokens: u32) -> pb::GenerateR
         }),
         request_id: String::new(),
         session_id: String::new(),
-        response_format: None,
+        ..Default::default()
     }
 }
 
-/// A whole Generate stream: the deltas' texts and the summary.
+/// A whole Generate stream: the deltas' texts and the summary (a stream
+/// with function calls panics: [`collect_calls`] reads those).
 pub async fn collect(
     client: &mut GenerationServiceClient<Channel>,
     request: pb::GenerateRequest,
 ) -> Result<(Vec<String>, pb::GenerationSummary), tonic::Status> {
+    let (deltas, calls, summary) = collect_calls(client, request).await?;
+    assert!(calls.is_empty(), "unexpected calls: {calls:?}");
+    Ok((deltas, summary))
+}
+
+/// A whole Generate stream: the deltas' texts, the function calls and the
+/// summary.
+pub async fn collect_calls(
+    client: &mut GenerationServiceClient<Channel>,
+    request: pb::GenerateRequest,
+) -> Result<(Vec<String>, Vec<pb::ToolCall>, pb::GenerationSummary), tonic::Status> {
     let mut stream = client.generate(request).await?.into_inner();
     let mut deltas = Vec::new();
+    let mut calls = Vec::new();
     while let Some(msg) = stream.message().await? {
         match msg.event {
             Some(pb::generate_response::Event::Delta(d)) => deltas.push(d.text),
-            Some(pb::generate_response::Event::Summary(s)) => return Ok((deltas, s)),
+            Some(pb::generate_response::Event::ToolCall(c)) => calls.push(c),
+            Some(pb::generate_response::Event::Summary(s)) => return Ok((deltas, calls, s)),
             None => panic!("empty GenerateResponse"),
         }
     }
