@@ -2,7 +2,9 @@
 LangChain: embeddings (the SDK's default base64 and explicit floats),
 structured outputs (a `json_schema` answer validated with `jsonschema`, the
 SDK's `parse` with a Pydantic model, LangChain's `with_structured_output`),
-fields MoltBot refuses by name (n=2, tools), a stream without include_usage,
+tool calling (a required call, the round trip with the tool's result,
+streamed call deltas, LangChain's `bind_tools`), fields MoltBot refuses by
+name (n=2, logit_bias), a stream without include_usage,
 and metadata echoed in the `moltbot` extension.
 
 Usage: openai_api.py BASE_URL API_KEY
@@ -75,9 +77,70 @@ def refused(**kwargs):
 
 
 out["n2"] = refused(n=2)
-out["tools"] = refused(
-    tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+out["logit_bias"] = refused(logit_bias={"1": 5})
+
+# Tool calling: a required call, the round trip, and streamed call deltas.
+tools = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+question = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
+called = client.chat.completions.create(
+    model="default", messages=question, tools=tools, tool_choice="required",
+    max_tokens=64, temperature=0,
 )
+msg = called.choices[0].message
+calls = msg.tool_calls or []
+out["tool_required"] = {
+    "finish": called.choices[0].finish_reason,
+    "content": msg.content,
+    "calls": [
+        {"id": c.id, "type": c.type, "name": c.function.name, "arguments": json.loads(c.function.arguments)}
+        for c in calls
+    ],
+}
+answer = None
+if calls:
+    followup = question + [
+        msg.model_dump(exclude_none=True),
+        {
+            "role": "tool",
+            "tool_call_id": calls[0].id,
+            "content": json.dumps({"temperature_c": 18, "conditions": "light rain"}),
+        },
+    ]
+    final = client.chat.completions.create(
+        model="default", messages=followup, tools=tools, max_tokens=48, temperature=0,
+    )
+    answer = {"finish": final.choices[0].finish_reason, "content": final.choices[0].message.content}
+out["tool_round_trip"] = answer
+
+stream = client.chat.completions.create(
+    model="default", messages=question, tools=tools,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    max_tokens=64, temperature=0, stream=True,
+)
+deltas, finish = [], None
+for chunk in stream:
+    if chunk.choices:
+        d = chunk.choices[0].delta
+        for tc in d.tool_calls or []:
+            deltas.append({"index": tc.index, "id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments})
+        if chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+out["tool_stream"] = {"deltas": deltas, "finish": finish}
+
 out["bad_schema"] = refused(
     response_format={
         "type": "json_schema",
@@ -155,6 +218,17 @@ lc = llm.with_structured_output(Person, method="json_schema").invoke(
     "Alan Turing was 41. Give his name and age."
 )
 out["langchain"] = lc.model_dump() if lc else None
+
+
+def get_weather(city: str) -> str:
+    """Current weather of a city."""
+    return "18 C, light rain"
+
+
+ai = llm.bind_tools([get_weather], tool_choice="required").invoke(
+    "What's the weather like in Paris right now?"
+)
+out["langchain_tools"] = [{"name": c["name"], "args": c["args"]} for c in ai.tool_calls]
 out["dimensions"] = None
 try:
     client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=64)

@@ -278,7 +278,7 @@ async fn chat_turns_through_the_whole_mesh() {
     assert_eq!(emb["prompt_tokens"], emb["total_tokens"], "{py}");
     for (field, name) in [
         ("n2", "n:"),
-        ("tools", "tools"),
+        ("logit_bias", "logit_bias"),
         ("bad_schema", "uniqueItems"),
         ("dimensions", "dimensions"),
     ] {
@@ -311,6 +311,51 @@ async fn chat_turns_through_the_whole_mesh() {
         "{py}"
     );
     assert_eq!(py["langchain"]["age"], 41, "{py}");
+    // Tool calling: a required call is well formed, its result comes back
+    // into an answer, and a streamed call arrives as tool_calls deltas.
+    let required = &py["tool_required"];
+    assert_eq!(required["finish"], "tool_calls", "{py}");
+    assert!(required["content"].is_null(), "{py}");
+    let call = &required["calls"][0];
+    assert_eq!(call["type"], "function", "{py}");
+    assert_eq!(call["name"], "get_weather", "{py}");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"), "{py}");
+    assert!(
+        call["arguments"]["city"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{py}"
+    );
+    assert_eq!(py["tool_round_trip"]["finish"], "stop", "{py}");
+    assert!(
+        py["tool_round_trip"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("18"),
+        "{py}"
+    );
+    assert_eq!(py["tool_stream"]["finish"], "tool_calls", "{py}");
+    assert_eq!(py["tool_stream"]["deltas"][0]["index"], 0, "{py}");
+    assert_eq!(
+        py["tool_stream"]["deltas"][0]["name"], "get_weather",
+        "{py}"
+    );
+    let streamed: Value = serde_json::from_str(
+        py["tool_stream"]["deltas"][0]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(streamed["city"].as_str().unwrap().contains("Paris"), "{py}");
+    assert_eq!(py["langchain_tools"][0]["name"], "get_weather", "{py}");
+    assert!(
+        py["langchain_tools"][0]["args"]["city"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{py}"
+    );
     // Without stream_options.include_usage there is no usage chunk.
     assert_eq!(py["stream_without_usage"]["usage_chunks"], 0, "{py}");
     assert!(py["stream_without_usage"]["finish"].is_string(), "{py}");

@@ -223,8 +223,9 @@ pub struct ChatCompletionRequest {
     /// providers.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
-    /// Functions the model may call (local models; remote ones answer
-    /// UNIMPLEMENTED and the route's next model is tried).
+    /// Functions the model may call: rendered into a local model's chat
+    /// template, passed to OpenAI-compatible providers, translated for
+    /// Anthropic.
     #[serde(default)]
     pub tools: Option<Vec<Tool>>,
     /// Whether the model must call one (default `auto` with tools).

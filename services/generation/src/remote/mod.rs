@@ -12,6 +12,7 @@
 //! fails over instead of hanging.
 
 pub mod sse;
+pub mod tools;
 pub mod wire;
 
 use std::time::{Duration, Instant};
@@ -201,13 +202,6 @@ impl Backend for RemoteBackend {
         &self,
         input: GenerateInput,
     ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
-        if input.tools.is_some() {
-            // UNIMPLEMENTED: the gateway tries the route's next model.
-            return Err(GenerationError::Unsupported(format!(
-                "{}: function calling is not yet passed to remote providers; route tool requests to a local model",
-                self.name
-            )));
-        }
         let mut last_error = String::new();
         let mut rate_limited = false;
         for _ in 0..self.settings.max_credentials.max(1) {
@@ -311,7 +305,17 @@ impl Backend for RemoteBackend {
             let settings = self.settings;
             let name = self.name.clone();
             tokio::spawn(async move {
-                let result = pump(response, kind, &tx, settings, input.received, started).await;
+                let answer_tool = input.response_format.is_some();
+                let result = pump(
+                    response,
+                    kind,
+                    answer_tool,
+                    &tx,
+                    settings,
+                    input.received,
+                    started,
+                )
+                .await;
                 let outcome = match &result {
                     Ok(()) => Outcome::Ok,
                     Err(_) => Outcome::Timeout,
@@ -338,6 +342,7 @@ impl Backend for RemoteBackend {
 async fn pump(
     response: reqwest::Response,
     kind: ProviderKind,
+    answer_tool: bool,
     tx: &mpsc::UnboundedSender<Event>,
     settings: RemoteSettings,
     received: Instant,
@@ -354,6 +359,7 @@ async fn pump(
     let mut deltas = 0usize;
     let mut finish = Finish::Stop;
     let mut first = true;
+    let mut calls = tools::Calls::default();
     loop {
         let wait = if first {
             settings.ttft_timeout.saturating_sub(started.elapsed())
@@ -378,7 +384,7 @@ async fn pump(
         };
         for data in reader.push(&chunk) {
             let p = match kind {
-                ProviderKind::Anthropic => wire::anthropic_event(&data),
+                ProviderKind::Anthropic => wire::anthropic_event(&data, answer_tool),
                 _ => wire::openai_event(&data),
             };
             if let Some(n) = p.prompt_tokens {
@@ -388,11 +394,18 @@ async fn pump(
                 usage.completion_tokens = n;
             }
             if let Some(f) = &p.finish {
-                finish = if matches!(f.as_str(), "length" | "max_tokens") {
-                    Finish::Length
-                } else {
-                    Finish::Stop
+                finish = match f.as_str() {
+                    "length" | "max_tokens" => Finish::Length,
+                    "tool_calls" | "tool_use" if !answer_tool => Finish::ToolCalls,
+                    _ => Finish::Stop,
                 };
+            }
+            if !p.tool_fragments.is_empty() && first {
+                usage.time_to_first_token_ms = received.elapsed().as_millis() as u64;
+                first = false;
+            }
+            for f in p.tool_fragments {
+                calls.push(f);
             }
             if let Some(text) = p.text {
                 if first {
@@ -412,24 +425,31 @@ async fn pump(
                 }
             }
             if p.done {
-                return finished(tx, finish, usage, deltas, received);
+                return finished(tx, finish, usage, deltas, calls, received);
             }
         }
     }
-    finished(tx, finish, usage, deltas, received)
+    finished(tx, finish, usage, deltas, calls, received)
 }
 
 fn finished(
     tx: &mpsc::UnboundedSender<Event>,
-    reason: Finish,
+    mut reason: Finish,
     mut usage: Usage,
     deltas: usize,
+    calls: tools::Calls,
     received: Instant,
 ) -> Result<(), GenerationError> {
     if usage.completion_tokens == 0 {
         usage.completion_tokens = deltas;
     }
     usage.total_ms = received.elapsed().as_millis() as u64;
+    if !calls.is_empty() {
+        reason = Finish::ToolCalls;
+    }
+    for call in calls.into_events() {
+        let _ = tx.send(call);
+    }
     let _ = tx.send(Event::Finished { reason, usage });
     Ok(())
 }

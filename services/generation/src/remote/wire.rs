@@ -3,10 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::{
-    backend::GenerateInput,
-    text::{ChatMessage, grammar::ResponseFormat},
-};
+use crate::{backend::GenerateInput, text::grammar::ResponseFormat};
 
 /// What one stream event of a provider means to us.
 #[derive(Debug, Default, PartialEq)]
@@ -20,17 +17,15 @@ pub struct Parsed {
     pub prompt_tokens: Option<usize>,
     /// Completion tokens, when reported.
     pub completion_tokens: Option<usize>,
+    /// Pieces of function calls.
+    pub tool_fragments: Vec<super::tools::Fragment>,
     /// The stream is over.
     pub done: bool,
 }
 
 /// `POST {base}/chat/completions` body (streaming, usage requested).
 pub fn openai_body(model: &str, input: &GenerateInput) -> Value {
-    let messages: Vec<Value> = input
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role, "content": m.content}))
-        .collect();
+    let messages = super::tools::openai_messages(&input.messages);
     let mut body = json!({
         "model": model,
         "messages": messages,
@@ -47,6 +42,9 @@ pub fn openai_body(model: &str, input: &GenerateInput) -> Value {
     }
     if let Some(seed) = input.sampling.seed {
         body["seed"] = json!(seed);
+    }
+    if let Some(tools) = &input.tools {
+        super::tools::add_openai(&mut body, tools);
     }
     match &input.response_format {
         None => {}
@@ -82,6 +80,7 @@ pub fn openai_event(data: &str) -> Parsed {
     };
     let choice = &v["choices"][0];
     Parsed {
+        tool_fragments: super::tools::openai_fragments(&v),
         text: choice["delta"]["content"]
             .as_str()
             .filter(|s| !s.is_empty())
@@ -110,19 +109,7 @@ pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
         .filter(|m| m.role == "system")
         .map(|m| m.content.as_str())
         .collect();
-    let messages: Vec<Value> = input
-        .messages
-        .iter()
-        .filter(|m: &&ChatMessage| m.role != "system")
-        .map(|m| {
-            let role = if m.role == "assistant" {
-                "assistant"
-            } else {
-                "user"
-            };
-            json!({"role": role, "content": m.content})
-        })
-        .collect();
+    let messages = super::tools::anthropic_messages(&input.messages);
     let mut body = json!({
         "model": model,
         "messages": messages,
@@ -136,6 +123,9 @@ pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
     if !input.stop.is_empty() {
         body["stop_sequences"] = json!(input.stop);
     }
+    if let Some(tools) = &input.tools {
+        super::tools::add_anthropic(&mut body, tools);
+    }
     if let Some(format) = &input.response_format {
         body["tools"] = json!([{
             "name": ANTHROPIC_ANSWER_TOOL,
@@ -147,11 +137,19 @@ pub fn anthropic_body(model: &str, input: &GenerateInput) -> Value {
     body
 }
 
-/// Parses one Anthropic `data:` payload.
-pub fn anthropic_event(data: &str) -> Parsed {
+/// Parses one Anthropic `data:` payload. With `answer_tool` (the request's
+/// `response_format` went as the forced answer tool) the tool's input is
+/// the answer's text; otherwise tool input is a function call's.
+pub fn anthropic_event(data: &str, answer_tool: bool) -> Parsed {
     let Ok(v) = serde_json::from_str::<Value>(data) else {
         return Parsed::default();
     };
+    if !answer_tool && let Some(fragment) = super::tools::anthropic_fragment(&v) {
+        return Parsed {
+            tool_fragments: vec![fragment],
+            ..Parsed::default()
+        };
+    }
     match v["type"].as_str() {
         Some("message_start") => Parsed {
             prompt_tokens: v["message"]["usage"]["input_tokens"]
@@ -184,6 +182,7 @@ pub fn anthropic_event(data: &str) -> Parsed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::ChatMessage;
 
     #[test]
     fn parses_both_apis() {
@@ -194,16 +193,18 @@ mod tests {
         assert!(openai_event("[DONE]").done);
         let p = anthropic_event(
             r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Yo"}}"#,
+            false,
         );
         assert_eq!(p.text.as_deref(), Some("Yo"));
         let p = anthropic_event(
             r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+            false,
         );
         assert_eq!(
             (p.finish.as_deref(), p.completion_tokens),
             (Some("end_turn"), Some(7))
         );
-        assert!(anthropic_event(r#"{"type":"message_stop"}"#).done);
+        assert!(anthropic_event(r#"{"type":"message_stop"}"#, false).done);
     }
 
     #[test]
@@ -241,7 +242,9 @@ mod tests {
         // The forced tool's input arrives as partial JSON: it is the answer.
         let p = anthropic_event(
             r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
+            true,
         );
         assert_eq!(p.text.as_deref(), Some(r#"{"city": "#));
+        assert!(p.tool_fragments.is_empty());
     }
 }
