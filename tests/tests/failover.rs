@@ -26,9 +26,11 @@ const FAKE_KEY: &str = "sk-fake-provider-key";
 #[tokio::test(flavor = "multi_thread")]
 async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
     let calls = Arc::new(AtomicU32::new(0));
+    let last_body = Arc::new(std::sync::Mutex::new(Value::Null));
     let fake_url = fake::Provider {
         key: Some(FAKE_KEY),
         calls: calls.clone(),
+        last_body: last_body.clone(),
         ..Default::default()
     }
     .start()
@@ -166,6 +168,72 @@ routes:
             .any(|m| m["id"] == "fake/gpt-fake"),
         "{models}"
     );
+
+    // Function calling through the remote model: tools and tool_choice
+    // reach the provider as OpenAI sends them, the streamed call fragments
+    // come back as one call, and the tool's result goes back with its id.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let ask = json!({"role": "user", "content": "Weather in Paris?"});
+    let call_body: Value = http
+        .post(format!("{}/v1/chat/completions", gateway.http_url()))
+        .json(&json!({"model": "fake/gpt-fake", "messages": [ask], "tools": tools, "tool_choice": "required"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        call_body["choices"][0]["finish_reason"], "tool_calls",
+        "{call_body}"
+    );
+    let call = &call_body["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "call_fake", "{call_body}");
+    assert_eq!(call["function"]["name"], "get_weather", "{call_body}");
+    assert_eq!(
+        call["function"]["arguments"], r#"{"city": "Paris"}"#,
+        "{call_body}"
+    );
+    let sent = last_body.lock().unwrap().clone();
+    assert_eq!(sent["tool_choice"], "required", "{sent}");
+    assert_eq!(
+        sent["tools"][0]["function"]["name"], "get_weather",
+        "{sent}"
+    );
+    let answer: Value = http
+        .post(format!("{}/v1/chat/completions", gateway.http_url()))
+        .json(
+            &json!({"model": "fake/gpt-fake", "tools": tools, "messages": [
+                ask,
+                call_body["choices"][0]["message"],
+                {"role": "tool", "tool_call_id": "call_fake", "content": "18 C"}
+            ]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "Hello from fake",
+        "{answer}"
+    );
+    let sent = last_body.lock().unwrap().clone();
+    let messages = sent["messages"].as_array().unwrap();
+    let n = messages.len();
+    assert_eq!(
+        messages[n - 2]["tool_calls"][0]["id"],
+        "call_fake",
+        "{sent}"
+    );
+    assert_eq!(
+        messages[n - 2]["tool_calls"][0]["function"]["arguments"],
+        r#"{"city":"Paris"}"#,
+        "{sent}"
+    );
+    assert_eq!(messages[n - 1]["tool_call_id"], "call_fake", "{sent}");
 
     for p in [gateway, generation, context, auth] {
         p.stop();
