@@ -50,6 +50,9 @@ pub enum ApiError {
     /// 404: no route and no served model has this name.
     #[error("model `{0}` does not exist; GET /v1/models lists the models")]
     ModelNotFound(String),
+    /// 404: `previous_response_id` names no stored response.
+    #[error("response `{0}` was not found (a `store: false` response cannot be continued)")]
+    ResponseNotFound(String),
     /// 408: the request body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
@@ -148,6 +151,11 @@ impl ApiError {
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
+            ),
+            Self::ResponseNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "response_not_found",
             ),
             Self::RequestTimeout(_) => (
                 StatusCode::REQUEST_TIMEOUT,

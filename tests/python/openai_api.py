@@ -261,4 +261,45 @@ done = client.chat.completions.create(
     metadata={"ticket": "T-1"},
 )
 out["metadata"] = (done.model_extra or {}).get("moltbot", {}).get("metadata")
+
+# The Responses API: a three-turn conversation through previous_response_id
+# (the conversation is the session), a streamed turn, and store=False.
+r1 = client.responses.create(
+    model="default", instructions="Answer in one short sentence.",
+    input="My name is Ada and I live in Lisbon.", max_output_tokens=24, temperature=0,
+)
+r2 = client.responses.create(
+    model="default", previous_response_id=r1.id, input="In which city do I live?",
+    max_output_tokens=24, temperature=0,
+)
+r3 = client.responses.create(
+    model="default", previous_response_id=r2.id, input="What is my name?",
+    max_output_tokens=24, temperature=0,
+)
+events, streamed, final_text = [], "", None
+for event in client.responses.create(
+    model="default", previous_response_id=r3.id, input="Say goodbye.",
+    max_output_tokens=16, temperature=0, stream=True,
+):
+    events.append(event.type)
+    if event.type == "response.output_text.delta":
+        streamed += event.delta
+    if event.type == "response.completed":
+        final_text = event.response.output_text
+unstored = client.responses.create(model="default", input="Say hi.", store=False, max_output_tokens=8)
+try:
+    client.responses.create(model="default", previous_response_id=unstored.id, input="Again.", max_output_tokens=8)
+    continued = 200
+except openai.APIStatusError as e:
+    continued = e.status_code
+out["responses"] = {
+    "ids": [r1.id, r2.id, r3.id],
+    "status": [r1.status, r2.status, r3.status],
+    "texts": [r1.output_text, r2.output_text, r3.output_text],
+    "usage": r3.usage.output_tokens if r3.usage else None,
+    "events": events,
+    "streamed": streamed,
+    "final_text": final_text,
+    "unstored_continued": continued,
+}
 print(json.dumps(out))

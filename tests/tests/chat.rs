@@ -356,6 +356,48 @@ async fn chat_turns_through_the_whole_mesh() {
             .contains("Paris"),
         "{py}"
     );
+    // Responses: three turns chained by previous_response_id remember the
+    // conversation; a streamed turn sends the documented events; a
+    // store=False response cannot be continued.
+    let responses = &py["responses"];
+    assert_eq!(
+        responses["status"],
+        json!(["completed", "completed", "completed"]),
+        "{py}"
+    );
+    assert!(
+        responses["texts"][1].as_str().unwrap().contains("Lisbon"),
+        "{py}"
+    );
+    assert!(
+        responses["texts"][2].as_str().unwrap().contains("Ada"),
+        "{py}"
+    );
+    assert!(responses["usage"].as_u64().unwrap() >= 1, "{py}");
+    let events: Vec<&str> = responses["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events[..2],
+        ["response.created", "response.in_progress"],
+        "{py}"
+    );
+    for kind in [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.output_item.done",
+    ] {
+        assert!(events.contains(&kind), "{kind}: {py}");
+    }
+    assert_eq!(events.last(), Some(&"response.completed"), "{py}");
+    assert!(!responses["streamed"].as_str().unwrap().is_empty(), "{py}");
+    assert_eq!(responses["streamed"], responses["final_text"], "{py}");
+    assert_eq!(responses["unstored_continued"], 404, "{py}");
     // Without stream_options.include_usage there is no usage chunk.
     assert_eq!(py["stream_without_usage"]["usage_chunks"], 0, "{py}");
     assert!(py["stream_without_usage"]["finish"].is_string(), "{py}");

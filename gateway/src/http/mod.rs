@@ -5,6 +5,7 @@ mod embeddings;
 mod health;
 mod models;
 mod observe;
+mod responses;
 pub mod serve;
 
 use std::{sync::Arc, time::Duration};
@@ -62,7 +63,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
 
 async fn not_found() -> axum::response::Response {
     let err = ApiError::InvalidRequest(
-        "no such endpoint; the API is POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models".to_owned(),
+        "no such endpoint; the API is POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings and GET /v1/models".to_owned(),
     );
     (
         axum::http::StatusCode::NOT_FOUND,
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(models::list_models))
         .route_layer(axum::middleware::from_fn_with_state(
             state.keys.clone(),

@@ -3,6 +3,7 @@
 //! <https://platform.openai.com/docs/api-reference/chat>.
 
 pub mod embeddings;
+pub mod responses;
 
 use serde::{Deserialize, Serialize};
 
@@ -183,7 +184,7 @@ pub struct ResponseFormat {
 /// `response_format`, `logprobs`) is refused with 400 naming it rather than
 /// ignored: a client that asked for a JSON schema or a tool call must not
 /// get free text with 200.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
     /// Model or route alias (`default`).

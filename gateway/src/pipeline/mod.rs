@@ -107,6 +107,8 @@ pub struct Prepared {
     pub deadline: Instant,
     /// When the request arrived.
     pub arrived: Instant,
+    /// Whether the turn is written to the session (Responses' `store`).
+    pub store: bool,
 }
 
 fn unix_now() -> u64 {
@@ -815,6 +817,7 @@ impl Pipeline {
             },
             deadline,
             arrived,
+            store: true,
         })
     }
 
@@ -838,6 +841,9 @@ impl Pipeline {
     /// replica after a transient failure. A failure does not fail the
     /// answered turn: `context_write` is added to `degraded`.
     pub async fn finish(&self, prepared: &mut Prepared, answer: &str, completion_tokens: u32) {
+        if !prepared.store {
+            return;
+        }
         let mut turns = std::mem::take(&mut prepared.new_turns);
         turns.push(ctx::Turn {
             role: ctx::Role::Assistant as i32,
