@@ -12,7 +12,7 @@
 //! continues the session as it is now; conversations do not branch.
 //! `store: false` writes nothing and gives an id that cannot be continued.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Extension, Json,
@@ -252,7 +252,7 @@ impl Echo {
             instructions: req.instructions.clone(),
             previous_response_id: req.previous_response_id.clone(),
             store: self.store,
-            metadata: req.metadata.clone().unwrap_or_else(BTreeMap::new),
+            metadata: req.metadata.clone().unwrap_or_default(),
             tools: req.tools.clone().unwrap_or_default(),
             tool_choice: req.tool_choice.clone().unwrap_or_else(|| json!("auto")),
             parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
