@@ -441,6 +441,28 @@ async fn chat_turns_through_the_whole_mesh() {
         "{js}"
     );
     assert_eq!(js["n2"]["status"], 400, "{js}");
+    assert!(
+        js["json_schema"]["city"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{js}"
+    );
+    assert!(js["json_schema"]["country"].is_string(), "{js}");
+    assert_eq!(js["tool_call"]["finish"], "tool_calls", "{js}");
+    assert_eq!(js["tool_call"]["name"], "get_weather", "{js}");
+    assert!(
+        js["tool_call"]["arguments"]["city"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{js}"
+    );
+    assert!(js["tool_answer"].as_str().unwrap().contains("18"), "{js}");
+    assert!(
+        js["responses"][1].as_str().unwrap().contains("Grace"),
+        "{js}"
+    );
 
     // Embeddings' own errors, in OpenAI's envelope.
     let embed = |body: Value| {
