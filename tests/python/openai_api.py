@@ -262,6 +262,24 @@ done = client.chat.completions.create(
 )
 out["metadata"] = (done.model_extra or {}).get("moltbot", {}).get("metadata")
 
+lp = client.chat.completions.create(
+    model="default", messages=[{"role": "user", "content": "Count from 1 to 5."}],
+    max_tokens=12, temperature=0, logprobs=True, top_logprobs=2,
+)
+entries = lp.choices[0].logprobs.content if lp.choices[0].logprobs else []
+out["logprobs"] = {
+    "text": lp.choices[0].message.content,
+    "joined": "".join(e.token for e in entries),
+    "count": len(entries),
+    "max_logprob": max((e.logprob for e in entries), default=None),
+    "tops": [len(e.top_logprobs) for e in entries],
+    "greedy_is_top": all(e.top_logprobs[0].token == e.token for e in entries),
+}
+plain = client.chat.completions.create(
+    model="default", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+)
+out["logprobs_absent"] = plain.choices[0].logprobs is None
+
 # The Responses API: a three-turn conversation through previous_response_id
 # (the conversation is the session), a streamed turn, and store=False.
 r1 = client.responses.create(

@@ -398,6 +398,18 @@ async fn chat_turns_through_the_whole_mesh() {
     assert!(!responses["streamed"].as_str().unwrap().is_empty(), "{py}");
     assert_eq!(responses["streamed"], responses["final_text"], "{py}");
     assert_eq!(responses["unstored_continued"], 404, "{py}");
+    // Log probabilities of the local model: one entry per token, spelling
+    // the answer; greedy picks each step's most likely token.
+    let lp = &py["logprobs"];
+    assert_eq!(lp["joined"], lp["text"], "{py}");
+    assert!(lp["count"].as_u64().unwrap() >= 5, "{py}");
+    assert!(lp["max_logprob"].as_f64().unwrap() <= 0.0, "{py}");
+    assert!(
+        lp["tops"].as_array().unwrap().iter().all(|t| t == 2),
+        "{py}"
+    );
+    assert_eq!(lp["greedy_is_top"], true, "{py}");
+    assert_eq!(py["logprobs_absent"], true, "{py}");
     // Without stream_options.include_usage there is no usage chunk.
     assert_eq!(py["stream_without_usage"]["usage_chunks"], 0, "{py}");
     assert!(py["stream_without_usage"]["finish"].is_string(), "{py}");

@@ -20,7 +20,7 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use moltbot_proto::generation::v1::ToolCall as GenToolCall;
+use moltbot_proto::generation::v1::{TokenLogprob, ToolCall as GenToolCall};
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
@@ -31,7 +31,7 @@ use crate::{
     edge::{Caller, ratelimit::Reservation},
     openai::{
         ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-        FunctionCall, ResponseMessage, ToolCall, ToolCallDelta,
+        FunctionCall, Logprobs, ResponseMessage, ToolCall, ToolCallDelta,
     },
     pipeline::{Pipeline, Prepared, generate::Started, metrics, turn},
 };
@@ -107,6 +107,15 @@ async fn handle(
     }
 }
 
+/// Whether the turn asked for token log probabilities.
+fn asked_logprobs(prepared: &Prepared) -> bool {
+    prepared
+        .request
+        .sampling
+        .as_ref()
+        .is_some_and(|s| s.logprobs)
+}
+
 /// Runs the turn to its end and answers with one JSON object. Nothing
 /// reaches the client before the end, so a generation whose replica dies
 /// mid-answer is started again ([`turn::run`]).
@@ -116,6 +125,7 @@ async fn complete(
     mut prepared: Prepared,
     started: Started,
 ) -> Result<Response, ApiError> {
+    let logprobs = asked_logprobs(&prepared);
     let answer = match turn::run(
         pipeline,
         &mut prepared,
@@ -151,6 +161,7 @@ async fn complete(
                 tool_calls: answer.tool_calls.iter().map(openai_call).collect(),
             },
             finish_reason: answer.finish.as_str(),
+            logprobs: logprobs.then(|| Logprobs::of(&answer.logprobs)),
         }],
         usage: answer.usage,
         moltbot: prepared.ext,
@@ -185,6 +196,8 @@ struct SseOutput {
     created: u64,
     write_idle: Duration,
     sent: bool,
+    /// The request asked for log probabilities.
+    logprobs: bool,
 }
 
 impl SseOutput {
@@ -218,6 +231,7 @@ impl SseOutput {
                     tool_calls: None,
                 },
                 finish_reason: Some(answer.finish.as_str()),
+                logprobs: None,
             }],
         );
         last.moltbot = Some(ext);
@@ -241,7 +255,12 @@ impl turn::Output for SseOutput {
         self.sent
     }
 
-    async fn delta(&mut self, model: &str, text: String) -> Result<(), turn::Gone> {
+    async fn delta(
+        &mut self,
+        model: &str,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Result<(), turn::Gone> {
         let c = self.chunk(
             model,
             vec![ChunkChoice {
@@ -252,6 +271,7 @@ impl turn::Output for SseOutput {
                     tool_calls: None,
                 },
                 finish_reason: None,
+                logprobs: self.logprobs.then(|| Logprobs::of(&logprobs)),
             }],
         );
         self.send(c).await
@@ -279,6 +299,7 @@ impl turn::Output for SseOutput {
                     }]),
                 },
                 finish_reason: None,
+                logprobs: None,
             }],
         );
         self.send(c).await
@@ -336,6 +357,7 @@ fn stream(
             created: prepared.created,
             write_idle: sse.write_idle,
             sent: false,
+            logprobs: asked_logprobs(&prepared),
         };
         match turn::run(&pipeline, &mut prepared, reservation, started, &mut out).await {
             turn::Ended::Answered(answer) => {

@@ -456,7 +456,12 @@ impl turn::Output for EventsOutput {
         self.sent && (self.message_index.is_some() || !self.call_ids.is_empty())
     }
 
-    async fn delta(&mut self, _model: &str, text: String) -> Result<(), turn::Gone> {
+    async fn delta(
+        &mut self,
+        _model: &str,
+        text: String,
+        _logprobs: Vec<moltbot_proto::generation::v1::TokenLogprob>,
+    ) -> Result<(), turn::Gone> {
         let index = match self.message_index {
             Some(i) => i,
             None => {
@@ -560,7 +565,7 @@ fn stream(
             turn::Ended::Answered(answer) => {
                 if answer.tool_calls.is_empty() && out.message_index.is_none() {
                     // An empty answer still has its message item.
-                    if turn::Output::delta(&mut out, &answer.model, String::new())
+                    if turn::Output::delta(&mut out, &answer.model, String::new(), Vec::new())
                         .await
                         .is_err()
                     {

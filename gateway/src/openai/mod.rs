@@ -235,9 +235,13 @@ pub struct ChatCompletionRequest {
     /// Whether one answer may hold several calls (default true).
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
-    /// Return log probabilities; only `false` is supported (400 otherwise).
+    /// Return each token's log probability (local models; a remote one
+    /// answers UNIMPLEMENTED and the route's next model is tried).
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// With `logprobs`: also the 0 to 20 most likely alternatives per token.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
     /// In [-2, 2]; only 0 (no penalty) is supported (400 otherwise).
     #[serde(default)]
     pub presence_penalty: Option<f32>,
@@ -303,8 +307,69 @@ pub struct Choice {
     pub index: u32,
     /// The answer.
     pub message: ResponseMessage,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
+    /// With `logprobs`: `{"content": [...], "refusal": null}`; else null.
+    pub logprobs: Option<Logprobs>,
+}
+
+/// `choices[].logprobs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Logprobs {
+    /// One entry per generated token.
+    pub content: Vec<LogprobEntry>,
+    /// Always null.
+    pub refusal: Option<String>,
+}
+
+/// One token's log probability, as OpenAI reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogprobEntry {
+    /// The token's text.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// The step's most likely tokens (`top_logprobs` of them).
+    pub top_logprobs: Vec<TopLogprobEntry>,
+}
+
+/// One alternative.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopLogprobEntry {
+    /// The token's text.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl Logprobs {
+    /// The entries of generation's `TokenLogprob`s.
+    pub fn of(entries: &[moltbot_proto::generation::v1::TokenLogprob]) -> Self {
+        Self {
+            content: entries
+                .iter()
+                .map(|e| LogprobEntry {
+                    token: e.token.clone(),
+                    logprob: e.logprob,
+                    bytes: e.bytes.clone(),
+                    top_logprobs: e
+                        .top_logprobs
+                        .iter()
+                        .map(|t| TopLogprobEntry {
+                            token: t.token.clone(),
+                            logprob: t.logprob,
+                            bytes: t.bytes.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            refusal: None,
+        }
+    }
 }
 
 /// `moltbot.intent`.
@@ -408,6 +473,8 @@ pub struct ChunkChoice {
     pub delta: Delta,
     /// Set on the last content chunk.
     pub finish_reason: Option<&'static str>,
+    /// With `logprobs`: the delta's tokens; else null.
+    pub logprobs: Option<Logprobs>,
 }
 
 /// One SSE `data:` object (`chat.completion.chunk`).

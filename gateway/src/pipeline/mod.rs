@@ -355,8 +355,10 @@ fn validate_options(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     if req.n.is_some_and(|n| n != 1) {
         return refuse("n: only 1 choice is supported; send n=1 or leave it out");
     }
-    if req.logprobs == Some(true) {
-        return refuse("logprobs: log probabilities are not returned; leave logprobs out");
+    match (req.logprobs, req.top_logprobs) {
+        (_, Some(k)) if k > 20 => return refuse("top_logprobs: at most 20"),
+        (Some(true), _) | (_, None | Some(0)) => {}
+        (_, Some(_)) => return refuse("top_logprobs needs logprobs: true"),
     }
     for (name, value) in [
         ("presence_penalty", req.presence_penalty),
@@ -777,6 +779,8 @@ impl Pipeline {
                 seed: req.seed,
                 max_tokens: assembled.max_tokens,
                 stop,
+                logprobs: req.logprobs.unwrap_or(false),
+                top_logprobs: req.top_logprobs.unwrap_or(0),
             }),
             request_id: id.clone(),
             session_id: session_id.clone(),

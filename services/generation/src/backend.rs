@@ -57,6 +57,9 @@ pub struct GenerateInput {
     pub response_format: Option<ResponseFormat>,
     /// Functions the model may call; `None`: none (or `tool_choice` none).
     pub tools: Option<ToolRequest>,
+    /// Report token log probabilities with this many alternatives; `None`:
+    /// none.
+    pub logprobs: Option<usize>,
     /// Arrival time, for time to first token.
     pub received: Instant,
 }
@@ -145,19 +148,25 @@ fn calls_parsed(mut rx: mpsc::UnboundedReceiver<Event>) -> mpsc::UnboundedReceiv
     tokio::spawn(async move {
         let mut text = String::new();
         let mut ids = Vec::new();
+        let mut logprobs = Vec::new();
         loop {
             tokio::select! {
                 // The caller went away: dropping `rx` cancels the sequence.
                 () = tx.closed() => return,
                 event = rx.recv() => match event {
-                    Some(Event::Delta { text: t, token_ids }) => {
+                    Some(Event::Delta { text: t, token_ids, logprobs: l }) => {
                         text.push_str(&t);
                         ids.extend(token_ids);
+                        logprobs.extend(l);
                     }
                     Some(Event::Finished { reason, usage }) => {
                         let (content, calls) = tools::parse(&text);
                         if !content.is_empty() {
-                            let _ = tx.send(Event::Delta { text: content, token_ids: std::mem::take(&mut ids) });
+                            let _ = tx.send(Event::Delta {
+                                text: content,
+                                token_ids: std::mem::take(&mut ids),
+                                logprobs: std::mem::take(&mut logprobs),
+                            });
                         }
                         let reason = if calls.is_empty() { reason } else { Finish::ToolCalls };
                         for call in calls {
@@ -324,6 +333,7 @@ impl Backend for LocalBackend {
             received: input.received,
             events,
             constraint,
+            logprobs: input.logprobs,
         })?;
         Ok(match input.tools {
             Some(_) => calls_parsed(rx),

@@ -232,6 +232,26 @@ fn saturate(n: impl TryInto<u32>) -> u32 {
 /// The Generate response stream (tonic's `BoxStream` of the generated stubs).
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
+/// Most alternatives per token (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Alternatives to report with token log probabilities; `None` when not
+/// asked. Errors with INVALID_ARGUMENT above [`MAX_TOP_LOGPROBS`] or
+/// `top_logprobs` without `logprobs`.
+fn logprobs(p: Option<&pb::SamplingParams>) -> Result<Option<usize>, GenerationError> {
+    let Some(p) = p else { return Ok(None) };
+    match (p.logprobs, p.top_logprobs) {
+        (false, 0) => Ok(None),
+        (false, _) => Err(GenerationError::InvalidArgument(
+            "top_logprobs needs logprobs".to_owned(),
+        )),
+        (true, k) if k > MAX_TOP_LOGPROBS => Err(GenerationError::InvalidArgument(format!(
+            "top_logprobs is {k}; at most {MAX_TOP_LOGPROBS}"
+        ))),
+        (true, k) => Ok(Some(k as usize)),
+    }
+}
+
 /// The request's tools; `None` without tools or with `tool_choice` none
 /// (the model is not shown them). Errors with INVALID_ARGUMENT for a bad
 /// schema, name or named function.
@@ -314,6 +334,7 @@ impl GenerationService for GenerationApi {
         let (sampling, max_tokens, stop) = sampling(r.sampling.as_ref())?;
         let response_format = response_format(r.response_format.as_ref())?;
         let tools = tool_request(&r)?;
+        let logprobs = logprobs(r.sampling.as_ref())?;
         let card = backend.card();
         if self.faulty.contains(&card.name) {
             return Err(Status::unavailable(format!(
@@ -329,15 +350,21 @@ impl GenerationService for GenerationApi {
                 stop,
                 response_format,
                 tools,
+                logprobs,
                 received,
             })
             .await?;
         let (model, backend_name) = (card.name, card.backend);
         let stream = UnboundedReceiverStream::new(rx).map(move |event| match event {
-            Event::Delta { text, token_ids } => Ok(pb::GenerateResponse {
+            Event::Delta {
+                text,
+                token_ids,
+                logprobs,
+            } => Ok(pb::GenerateResponse {
                 event: Some(pb::generate_response::Event::Delta(pb::TokenDelta {
                     text,
                     token_ids,
+                    logprobs,
                 })),
             }),
             Event::Finished { reason, usage } => Ok(pb::GenerateResponse {

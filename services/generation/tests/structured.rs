@@ -274,3 +274,41 @@ async fn required_tool_calls_are_well_formed_and_answered() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("markup"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_tokens_come_with_their_log_probabilities() {
+    let mut c = common::server(ENGINE).client().await;
+    let mut r = request(vec![user("Count from 1 to 5.")], 12);
+    let s = r.sampling.as_mut().unwrap();
+    s.logprobs = true;
+    s.top_logprobs = 3;
+    let mut stream = c.generate(r).await.unwrap().into_inner();
+    let (mut text, mut bytes, mut entries) = (String::new(), Vec::new(), Vec::new());
+    while let Some(msg) = stream.message().await.unwrap() {
+        if let Some(pb::generate_response::Event::Delta(d)) = msg.event {
+            assert_eq!(d.logprobs.len(), d.token_ids.len(), "{d:?}");
+            text.push_str(&d.text);
+            for l in &d.logprobs {
+                bytes.extend_from_slice(&l.bytes);
+            }
+            entries.extend(d.logprobs);
+        }
+    }
+    // The tokens' bytes spell the text exactly.
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    assert!(entries.len() >= 5, "{entries:?}");
+    for e in &entries {
+        assert!(e.logprob <= 0.0, "{e:?}");
+        assert_eq!(e.top_logprobs.len(), 3, "{e:?}");
+        // Greedy picks the most likely token: the first alternative.
+        assert_eq!(e.top_logprobs[0].token, e.token, "{e:?}");
+        assert!(
+            (e.top_logprobs[0].logprob - e.logprob).abs() < 1e-4,
+            "{e:?}"
+        );
+        assert!(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob);
+    }
+    // Without asking, none.
+    let (deltas, _) = collect(&mut c, request(vec![user("Hi")], 4)).await.unwrap();
+    assert!(!deltas.is_empty());
+}

@@ -163,6 +163,7 @@ async fn batched(engine: &Engine, prompts: &[Vec<u32>], tokens: usize) -> (f64, 
             received: Instant::now(),
             events: tx,
             constraint: None,
+            logprobs: None,
         };
         if let Err(e) = engine.submit(job) {
             eprintln!("submit failed: {e}");

@@ -80,6 +80,8 @@ pub enum Event {
         text: String,
         /// Token ids consumed since the previous delta.
         token_ids: Vec<u32>,
+        /// Their log probabilities, when the job asked (one per token).
+        logprobs: Vec<moltbot_proto::generation::v1::TokenLogprob>,
     },
     /// One whole function call of the answer, after its text and before
     /// `Finished` (emitted by a backend that parses calls out of the text).
@@ -118,6 +120,9 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<Event>,
     /// Grammar the answer must follow (structured outputs), if any.
     pub constraint: Option<crate::text::grammar::Constraint>,
+    /// Report each token's log probability and this many alternatives
+    /// (`None`: no log probabilities).
+    pub logprobs: Option<usize>,
 }
 
 /// Live load of the scheduler.

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use moltbot_proto::generation::v1::{TokenLogprob, TopLogprob};
 use tokio::sync::mpsc;
 
 use super::{Event, Finish, Job, Usage};
@@ -34,6 +35,33 @@ pub struct Sequence {
     constraint: Option<Constraint>,
     /// Why the grammar matcher failed, reported at the next push.
     constraint_error: Option<String>,
+    /// Alternatives to report with each token's log probability; `None`:
+    /// no log probabilities.
+    logprobs: Option<usize>,
+    /// The sampled token's log probability and the step's top
+    /// alternatives, until `push` names the token.
+    pending_logprob: Option<(f32, Vec<(u32, f32)>)>,
+    /// Log probabilities of `unsent_ids`.
+    unsent_logprobs: Vec<TokenLogprob>,
+}
+
+/// Natural-log probabilities of one logits row (`[vocab]` f32): the
+/// log-sum-exp normaliser and the `k` largest entries, largest first.
+fn log_softmax_top(logits: &[f32], k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() < k || top.last().is_some_and(|&(_, v)| l > v) {
+                let at = top.partition_point(|&(_, v)| v >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(k);
+            }
+        }
+    }
+    (lse, top.into_iter().map(|(i, l)| (i, l - lse)).collect())
 }
 
 impl Sequence {
@@ -54,6 +82,9 @@ impl Sequence {
             events: job.events,
             constraint: job.constraint,
             constraint_error: None,
+            logprobs: job.logprobs,
+            pending_logprob: None,
+            unsent_logprobs: Vec::new(),
         }
     }
 
@@ -91,12 +122,23 @@ impl Sequence {
     /// f32, modified in place): under a constraint, only among the tokens
     /// its grammar allows, and the grammar follows the token picked.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        // Log probabilities are the model's own: taken before the
+        // constraint, the penalties and the temperature change the row.
+        let raw = self
+            .logprobs
+            .map(|k| (log_softmax_top(logits, k), logits.to_vec()));
         if let Some(c) = &mut self.constraint
             && let Err(e) = c.mask(logits)
         {
             self.constraint_error.get_or_insert(e);
         }
         let token = self.sampler.sample(logits, &self.history);
+        if let Some(((lse, top), row)) = raw {
+            let logprob = row
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |l| l - lse);
+            self.pending_logprob = Some((logprob, top));
+        }
         if let Some(c) = &mut self.constraint
             && self.constraint_error.is_none()
             && let Err(e) = c.commit(token)
@@ -125,8 +167,41 @@ impl Sequence {
     fn emit(&mut self, text: String) {
         if !text.is_empty() {
             let token_ids = std::mem::take(&mut self.unsent_ids);
-            let _ = self.send(Event::Delta { text, token_ids });
+            let logprobs = std::mem::take(&mut self.unsent_logprobs);
+            let _ = self.send(Event::Delta {
+                text,
+                token_ids,
+                logprobs,
+            });
         }
+    }
+
+    /// The pending log probability of `token`, with its text and bytes.
+    fn record_logprob(&mut self, tokenizer: &ChatTokenizer, token: u32) {
+        let Some((logprob, top)) = self.pending_logprob.take() else {
+            return;
+        };
+        let entry = |id: u32| {
+            let bytes = tokenizer.token_bytes(id);
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (text, bytes) = entry(token);
+        self.unsent_logprobs.push(TokenLogprob {
+            token: text,
+            logprob,
+            bytes,
+            top_logprobs: top
+                .into_iter()
+                .map(|(id, logprob)| {
+                    let (token, bytes) = entry(id);
+                    TopLogprob {
+                        token,
+                        logprob,
+                        bytes,
+                    }
+                })
+                .collect(),
+        });
     }
 
     fn finish(&mut self, reason: Finish) -> Option<Finish> {
@@ -156,6 +231,7 @@ impl Sequence {
             self.emit(rest);
             return Ok(self.finish(Finish::Stop));
         }
+        self.record_logprob(tokenizer, token);
         let (text, ids) = self.detok.push(tokenizer, token)?;
         self.unsent_ids.extend(ids);
         match self.stop.push(&text) {
@@ -176,5 +252,19 @@ impl Sequence {
             return Ok(self.finish(Finish::Length));
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_softmax_top_matches_the_definition() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let (lse, top) = super::log_softmax_top(&logits, 2);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((lse - z.ln()).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert!(super::log_softmax_top(&logits, 0).1.is_empty());
     }
 }

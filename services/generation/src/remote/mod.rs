@@ -202,6 +202,13 @@ impl Backend for RemoteBackend {
         &self,
         input: GenerateInput,
     ) -> Result<mpsc::UnboundedReceiver<Event>, GenerationError> {
+        if input.logprobs.is_some() {
+            // UNIMPLEMENTED: the gateway tries the route's next model.
+            return Err(GenerationError::Unsupported(format!(
+                "{}: log probabilities are served by local models only",
+                self.name
+            )));
+        }
         let mut last_error = String::new();
         let mut rate_limited = false;
         for _ in 0..self.settings.max_credentials.max(1) {
@@ -417,6 +424,7 @@ async fn pump(
                     .send(Event::Delta {
                         text,
                         token_ids: Vec::new(),
+                        logprobs: Vec::new(),
                     })
                     .is_err()
                 {

@@ -226,6 +226,7 @@ mod tests {
                 strict: true,
             }),
             tools: None,
+            logprobs: None,
             received: std::time::Instant::now(),
         };
         let openai = openai_body("gpt", &input);

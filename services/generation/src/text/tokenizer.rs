@@ -42,6 +42,10 @@ pub struct ChatTokenizer {
     plain: Arc<tokenizers::Tokenizer>,
     env: Arc<Environment<'static>>,
     eos_ids: Vec<u32>,
+    /// `tokenizer.json`, for the token → bytes table.
+    path: Arc<std::path::PathBuf>,
+    /// Every token's bytes, built on first use (logprobs).
+    bytes: Arc<std::sync::OnceLock<Vec<Vec<u8>>>>,
 }
 
 const TEMPLATE: &str = "chat";
@@ -90,7 +94,28 @@ impl ChatTokenizer {
             plain: Arc::new(plain),
             env: Arc::new(env),
             eos_ids,
+            path: Arc::new(dir.join("tokenizer.json")),
+            bytes: Arc::new(std::sync::OnceLock::new()),
         })
+    }
+
+    /// The exact bytes of token `id` (byte-level BPE pieces undone; a
+    /// special token's content). The table is built from `tokenizer.json`
+    /// on first use; an unreadable file or unknown id gives no bytes.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let table = self.bytes.get_or_init(|| {
+            std::fs::read_to_string(self.path.as_ref())
+                .ok()
+                .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
+                .and_then(|json| llguidance::token_bytes_from_tokenizer_json(&json).ok())
+                .unwrap_or_default()
+        });
+        let mut bytes = table.get(id as usize).cloned().unwrap_or_default();
+        // llguidance marks special tokens with a leading 0xFF.
+        if bytes.first() == Some(&0xFF) {
+            bytes.remove(0);
+        }
+        bytes
     }
 
     /// The tokenizer that reads special-token strings as plain text.
