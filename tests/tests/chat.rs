@@ -273,7 +273,9 @@ async fn chat_turns_through_the_whole_mesh() {
         "{py}"
     );
     assert!(emb["max_float_vs_base64"].as_f64().unwrap() < 1e-6, "{py}");
-    assert!(emb["single_equals_first"].as_f64().unwrap() < 1e-5, "{py}");
+    // Alone or in a batch, the same vector (up to the encoder's bf16
+    // arithmetic on CPUs that have it: padding changes the sums' order).
+    assert!(emb["single_equals_first"].as_f64().unwrap() < 5e-3, "{py}");
     assert!(emb["prompt_tokens"].as_u64().unwrap() >= 3 * 8, "{py}");
     assert_eq!(emb["prompt_tokens"], emb["total_tokens"], "{py}");
     for (field, name) in [
@@ -297,7 +299,7 @@ async fn chat_turns_through_the_whole_mesh() {
         py["json_schema"]["content"]
             .as_str()
             .unwrap()
-            .contains("Lisbon"),
+            .contains("Lisbo"), // Lisbon or Lisboa
         "{py}"
     );
     assert_eq!(py["json_object"], true, "{py}");
@@ -366,7 +368,7 @@ async fn chat_turns_through_the_whole_mesh() {
         "{py}"
     );
     assert!(
-        responses["texts"][1].as_str().unwrap().contains("Lisbon"),
+        responses["texts"][1].as_str().unwrap().contains("Lisbo"), // Lisbon or Lisboa
         "{py}"
     );
     assert!(
