@@ -260,7 +260,7 @@ fn tool_request(r: &pb::GenerateRequest) -> Result<Option<ToolRequest>, Generati
     let choice = r.tool_choice.clone().unwrap_or_default();
     let mode = match choice.mode() {
         Mode::None => return Ok(None),
-        Mode::Auto => ToolMode::Auto,
+        Mode::Unspecified | Mode::Auto => ToolMode::Auto,
         Mode::Required => ToolMode::Required,
         Mode::Function => ToolMode::Function(choice.function.clone()),
     };
