@@ -15,14 +15,9 @@ use axum::{
     body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::HeaderMap,
-    response::{
-        IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::{IntoResponse, Response, sse::Event},
 };
 use moltbot_proto::generation::v1::{TokenLogprob, ToolCall as GenToolCall};
-use tokio::sync::mpsc::error::SendTimeoutError;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::AppState;
@@ -126,26 +121,7 @@ async fn complete(
     started: Started,
 ) -> Result<Response, ApiError> {
     let logprobs = asked_logprobs(&prepared);
-    let answer = match turn::run(
-        pipeline,
-        &mut prepared,
-        reservation,
-        started,
-        &mut turn::Buffered,
-    )
-    .await
-    {
-        turn::Ended::Answered(a) => a,
-        turn::Ended::Failed(e) => return Err(e),
-        // A buffered output never reports the client gone; a client that
-        // left does not read this either.
-        turn::Ended::Cancelled => {
-            return Err(ApiError::Upstream {
-                service: "generation",
-                status: tonic::Status::cancelled("the client went away"),
-            });
-        }
-    };
+    let answer = turn::run_buffered(pipeline, &mut prepared, reservation, started).await?;
     let body = ChatCompletion {
         id: prepared.id.clone(),
         object: "chat.completion",
@@ -309,18 +285,9 @@ impl turn::Output for SseOutput {
 impl SseOutput {
     /// Sends one chunk within `write_idle`. Errors with [`turn::Gone`].
     async fn send(&mut self, chunk: ChatCompletionChunk) -> Result<(), turn::Gone> {
-        match self
-            .tx
-            .send_timeout(Ok(event_of(&chunk)), self.write_idle)
-            .await
-        {
-            Ok(()) => {
-                self.sent = true;
-                Ok(())
-            }
-            Err(SendTimeoutError::Timeout(_)) => Err(turn::Gone("client stopped reading")),
-            Err(SendTimeoutError::Closed(_)) => Err(turn::Gone("client went away")),
-        }
+        super::send_event(&self.tx, event_of(&chunk), self.write_idle).await?;
+        self.sent = true;
+        Ok(())
     }
 }
 
@@ -370,7 +337,5 @@ fn stream(
         }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
+    super::sse_response(rx)
 }

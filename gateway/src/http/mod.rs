@@ -15,12 +15,18 @@ use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, rejection::BytesRejection},
     http::StatusCode,
-    response::IntoResponse,
+    response::{
+        IntoResponse,
+        sse::{Event, KeepAlive, Sse},
+    },
     routing::{get, post},
 };
 use tower::ServiceBuilder;
 
-use crate::{ApiError, Upstreams, edge, pipeline::Pipeline};
+use crate::{
+    ApiError, Upstreams, edge,
+    pipeline::{Pipeline, turn},
+};
 
 /// State shared by every handler.
 #[derive(Debug, Clone)]
@@ -59,6 +65,33 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         }
     })?;
     serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
+/// Sends one SSE event into a stream's bounded channel, waiting at most
+/// `write_idle` for room. Errors with [`turn::Gone`] when the client went
+/// away (the channel closed) or stopped reading (still full after
+/// `write_idle`).
+async fn send_event(
+    tx: &tokio::sync::mpsc::Sender<Result<Event, std::convert::Infallible>>,
+    event: Event,
+    write_idle: Duration,
+) -> Result<(), turn::Gone> {
+    use tokio::sync::mpsc::error::SendTimeoutError;
+    match tx.send_timeout(Ok(event), write_idle).await {
+        Ok(()) => Ok(()),
+        Err(SendTimeoutError::Timeout(_)) => Err(turn::Gone("client stopped reading")),
+        Err(SendTimeoutError::Closed(_)) => Err(turn::Gone("client went away")),
+    }
+}
+
+/// The SSE response reading `rx`, with a keep-alive comment every 15 s so
+/// proxies do not cut a stream that waits on a long first token.
+fn sse_response(
+    rx: tokio::sync::mpsc::Receiver<Result<Event, std::convert::Infallible>>,
+) -> axum::response::Response {
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 async fn not_found() -> axum::response::Response {

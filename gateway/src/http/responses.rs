@@ -19,15 +19,10 @@ use axum::{
     body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::HeaderMap,
-    response::{
-        IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::{IntoResponse, Response, sse::Event},
 };
 use moltbot_proto::generation::v1::ToolCall as GenToolCall;
 use serde_json::{Value, json};
-use tokio::sync::mpsc::error::SendTimeoutError;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::AppState;
@@ -37,7 +32,7 @@ use crate::{
     openai::{
         ChatCompletionRequest, Content, FunctionCall, FunctionDef, NamedFunction, NamedToolChoice,
         RequestMessage, Tool, ToolCall, ToolChoice,
-        responses::{Input, MessageContent, ResponseObject, ResponseRequest},
+        responses::{Input, ResponseObject, ResponseRequest},
     },
     pipeline::{Pipeline, Prepared, generate::Started, new_id, turn},
 };
@@ -66,11 +61,11 @@ fn session_of(previous: &str) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::ResponseNotFound(previous.to_owned()))
 }
 
-fn text_of(i: usize, content: Option<&MessageContent>) -> Result<String, ApiError> {
+fn text_of(i: usize, content: Option<&Content>) -> Result<String, ApiError> {
     match content {
         None => Ok(String::new()),
-        Some(MessageContent::Text(t)) => Ok(t.clone()),
-        Some(MessageContent::Parts(parts)) => {
+        Some(Content::Text(t)) => Ok(t.clone()),
+        Some(Content::Parts(parts)) => {
             let mut out = Vec::new();
             for p in parts {
                 match (p.kind.as_str(), &p.text) {
@@ -365,24 +360,7 @@ async fn handle(
             state.sse_write_idle,
         ))
     } else {
-        let answer = match turn::run(
-            &pipeline,
-            &mut prepared,
-            reservation,
-            started,
-            &mut turn::Buffered,
-        )
-        .await
-        {
-            turn::Ended::Answered(a) => a,
-            turn::Ended::Failed(e) => return Err(e),
-            turn::Ended::Cancelled => {
-                return Err(ApiError::Upstream {
-                    service: "generation",
-                    status: tonic::Status::cancelled("the client went away"),
-                });
-            }
-        };
+        let answer = turn::run_buffered(&pipeline, &mut prepared, reservation, started).await?;
         let call_ids: Vec<String> = answer.tool_calls.iter().map(|_| new_id("fc_")).collect();
         let obj = echo.completed(&answer, &new_id("msg_"), &call_ids, prepared.ext);
         Ok(Json(obj).into_response())
@@ -413,14 +391,9 @@ impl EventsOutput {
         data["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
         let event = Event::default().event(kind).data(data.to_string());
-        match self.tx.send_timeout(Ok(event), self.write_idle).await {
-            Ok(()) => {
-                self.sent = true;
-                Ok(())
-            }
-            Err(SendTimeoutError::Timeout(_)) => Err(turn::Gone("client stopped reading")),
-            Err(SendTimeoutError::Closed(_)) => Err(turn::Gone("client went away")),
-        }
+        super::send_event(&self.tx, event, self.write_idle).await?;
+        self.sent = true;
+        Ok(())
     }
 
     /// Closes the message item, if open: its text, part and item `done`.
@@ -606,9 +579,7 @@ fn stream(
         }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
+    super::sse_response(rx)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::Usage;
+use super::{Content, Usage};
 
 /// `input`: one user text, or a list of items.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,7 +31,7 @@ pub struct InputItem {
     pub role: Option<String>,
     /// A message's content: text, or parts (`input_text`, `output_text`).
     #[serde(default)]
-    pub content: Option<MessageContent>,
+    pub content: Option<Content>,
     /// An item id (output items echoed back carry one).
     #[serde(default)]
     pub id: Option<String>,
@@ -50,27 +50,6 @@ pub struct InputItem {
     /// `function_call_output`: the result.
     #[serde(default)]
     pub output: Option<String>,
-}
-
-/// A message's content.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum MessageContent {
-    /// Plain text.
-    Text(String),
-    /// Parts; `input_text` and `output_text` are read.
-    Parts(Vec<ContentPart>),
-}
-
-/// One content part.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ContentPart {
-    /// `input_text` or `output_text` (others are refused).
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The text.
-    #[serde(default)]
-    pub text: Option<String>,
 }
 
 /// A function tool in the Responses shape (flat: `name` beside `type`).

@@ -342,3 +342,23 @@ pub async fn run<O: Output>(
         }
     }
 }
+
+/// [`run`] into a [`Buffered`] output, for answers sent whole: the answer,
+/// or the error that ended the turn.
+pub async fn run_buffered(
+    pipeline: &Pipeline,
+    prepared: &mut Prepared,
+    reservation: Reservation,
+    started: Started,
+) -> Result<Answer, ApiError> {
+    match run(pipeline, prepared, reservation, started, &mut Buffered).await {
+        Ended::Answered(a) => Ok(a),
+        Ended::Failed(e) => Err(e),
+        // A buffered output never reports the client gone; a client that
+        // left does not read this either.
+        Ended::Cancelled => Err(ApiError::Upstream {
+            service: "generation",
+            status: tonic::Status::cancelled("the client went away"),
+        }),
+    }
+}
