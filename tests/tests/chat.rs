@@ -478,6 +478,31 @@ async fn chat_turns_through_the_whole_mesh() {
         "{js}"
     );
 
+    // A tool round trip within a session: the call is stored with the
+    // answer that made it, the client then sends only the tool's result,
+    // and the session holds question, call, result and final answer.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let (status, called) = api
+        .chat(json!({"model": "default", "session_id": "tools-1", "temperature": 0, "max_tokens": 64,
+            "tools": tools, "tool_choice": "required",
+            "messages": [{"role": "user", "content": "What's the weather like in Paris right now?"}]}))
+        .await;
+    assert_eq!(status, 200, "{called}");
+    let call_id = called["choices"][0]["message"]["tool_calls"][0]["id"].clone();
+    assert!(call_id.is_string(), "{called}");
+    let (status, answered) = api
+        .chat(json!({"model": "default", "session_id": "tools-1", "temperature": 0, "max_tokens": 48,
+            "tools": tools,
+            "messages": [{"role": "tool", "tool_call_id": call_id, "content": "{\"temperature_c\": 18}"}]}))
+        .await;
+    assert_eq!(status, 200, "{answered}");
+    assert_eq!(
+        answered["choices"][0]["finish_reason"], "stop",
+        "{answered}"
+    );
+    assert_eq!(history_len(&mesh, "tools-1").await, 4);
+
     // Embeddings' own errors, in OpenAI's envelope.
     let embed = |body: Value| {
         let http = api.http.clone();

@@ -325,16 +325,16 @@ fn tools_of(
     Ok((tools, choice, req.parallel_tool_calls.unwrap_or(true)))
 }
 
-/// Applies the route's [`ClientTurns`] policy to the request's
-/// `assistant`/`tool` messages: refused (400 naming the first), or kept
-/// for the prompt and left out of what is written to the session.
+/// Applies the route's [`ClientTurns`] policy to the request's `assistant`
+/// messages: refused (400 naming the first), or kept for the prompt and
+/// left out of what is written to the session. `tool` results are the
+/// client's own data, stored like user messages (docs/security.md).
 fn client_turns(route: &Route, m: &mut Messages) -> Result<(), ApiError> {
-    let supplied =
-        |t: &ctx::Turn| t.role == ctx::Role::Assistant as i32 || t.role == ctx::Role::Tool as i32;
+    let supplied = |t: &ctx::Turn| t.role == ctx::Role::Assistant as i32;
     match route.client_turns {
         ClientTurns::Refuse => match m.new_turns.iter().position(supplied) {
             Some(i) => Err(ApiError::InvalidRequest(format!(
-                "route `{}` does not accept client-supplied assistant or tool messages (non-system message {}); send the conversation's session_id instead",
+                "route `{}` does not accept client-supplied assistant messages (non-system message {}); send the conversation's session_id instead",
                 route.name,
                 i + 1
             ))),

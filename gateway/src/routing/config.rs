@@ -164,13 +164,14 @@ pub struct Route {
     /// `max_tokens` when the request gives none.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u32,
-    /// What happens to `assistant` and `tool` messages a client sends
-    /// (they may be forged: OWASP LLM01).
+    /// What happens to `assistant` messages a client sends (they may be
+    /// forged: OWASP LLM01). `tool` results are client data, stored like
+    /// user messages.
     #[serde(default)]
     pub client_turns: ClientTurns,
 }
 
-/// Policy for client-supplied `assistant`/`tool` messages.
+/// Policy for client-supplied `assistant` messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientTurns {

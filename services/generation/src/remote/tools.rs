@@ -40,12 +40,22 @@ fn call_parts(call: &Value) -> (String, String, Value) {
     (id, name, call["function"]["arguments"].clone())
 }
 
+/// A tool result without the id of its call (one replayed from a session,
+/// which keeps no call ids): providers require the id, so it goes as a user
+/// message that says what it is.
+fn orphan_result(m: &ChatMessage) -> Option<String> {
+    (m.role == "tool" && m.tool_call_id.is_empty()).then(|| format!("Tool result:\n{}", m.content))
+}
+
 /// The conversation as OpenAI messages: calls with their arguments as JSON
 /// text, tool messages with the id they answer.
 pub fn openai_messages(messages: &[ChatMessage]) -> Vec<Value> {
     messages
         .iter()
         .map(|m| {
+            if let Some(text) = orphan_result(m) {
+                return json!({"role": "user", "content": text});
+            }
             let mut v = json!({"role": m.role, "content": m.content});
             if !m.tool_calls.is_empty() {
                 let calls: Vec<Value> = m
@@ -87,6 +97,10 @@ pub fn add_openai(body: &mut Value, request: &ToolRequest) {
 pub fn anthropic_messages(messages: &[ChatMessage]) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();
     for m in messages.iter().filter(|m| m.role != "system") {
+        if let Some(text) = orphan_result(m) {
+            out.push(json!({"role": "user", "content": text}));
+            continue;
+        }
         if m.role == "tool" {
             let block =
                 json!({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content});
@@ -272,6 +286,14 @@ mod tests {
         assert_eq!(anthropic[1]["content"][0]["input"]["city"], "Paris");
         assert_eq!(anthropic[2]["role"], "user");
         assert_eq!(anthropic[2]["content"][0]["tool_use_id"], "call_1");
+        // A result replayed from a session has no call id.
+        let mut replayed = history();
+        replayed[2].tool_call_id.clear();
+        assert_eq!(openai_messages(&replayed)[2]["role"], "user");
+        assert_eq!(
+            anthropic_messages(&replayed)[2]["content"],
+            "Tool result:\n18 C"
+        );
 
         let request = ToolRequest {
             tools: vec![ToolSpec {
