@@ -501,7 +501,22 @@ async fn chat_turns_through_the_whole_mesh() {
         answered["choices"][0]["finish_reason"], "stop",
         "{answered}"
     );
-    assert_eq!(history_len(&mesh, "tools-1").await, 4);
+    let channel = grpc::connect(&mesh.context.grpc_url()).await;
+    let turns = ContextServiceClient::new(channel)
+        .get_history(GetHistoryRequest {
+            tenant: "test".to_owned(),
+            session_id: "tools-1".to_owned(),
+            max_turns: 0,
+            max_tokens: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .turns;
+    let roles: Vec<i32> = turns.iter().map(|t| t.role).collect();
+    assert_eq!(roles, vec![2, 3, 4, 3], "{turns:?} {answered}");
+    assert!(turns[1].content.contains("<tool_call>"), "{turns:?}");
+    assert!(turns[2].content.contains("18"), "{turns:?}");
 
     // Embeddings' own errors, in OpenAI's envelope.
     let embed = |body: Value| {
