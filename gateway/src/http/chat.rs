@@ -28,63 +28,27 @@ use crate::{
         ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
         FunctionCall, Logprobs, ResponseMessage, ToolCall, ToolCallDelta,
     },
-    pipeline::{Pipeline, Prepared, generate::Started, metrics, turn},
+    pipeline::{Pipeline, Prepared, generate::Started, turn},
 };
 
-fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-/// The handler.
+/// The handler. Errors are answered as [`ApiError`] envelopes.
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match handle(state, caller, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn handle(
-    state: AppState,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = super::parse_body(body, state.max_body_bytes)?;
-    let timeout = header_str(&headers, "x-request-timeout-ms")
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis);
     let pipeline = state.pipeline.clone();
     let mut prepared = pipeline
         .prepare(
             &req,
             &caller.tenant,
-            header_str(&headers, "x-session-id"),
-            timeout,
+            super::header_str(&headers, "x-session-id"),
+            super::request_timeout(&headers),
         )
         .await?;
-    // Reserve the prompt and the whole completion budget before anything
-    // is generated; settled with what the turn used.
-    let budget = prepared
-        .request
-        .sampling
-        .as_ref()
-        .map_or(0, |s| s.max_tokens);
-    let reservation = caller
-        .limiter
-        .reserve(prepared.prompt_tokens, budget)
-        .await?;
-    let started = turn::start(&pipeline, &mut prepared).await?;
-    metrics::TTFT
-        .with_label_values(&[prepared.route.as_str()])
-        .observe(prepared.arrived.elapsed().as_secs_f64());
+    let (reservation, started) = turn::begin(&pipeline, &mut prepared, &caller.limiter).await?;
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(stream(

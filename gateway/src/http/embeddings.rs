@@ -11,7 +11,6 @@ use axum::{
     Extension, Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
-    response::{IntoResponse, Response},
 };
 use base64::Engine as _;
 use moltbot_proto::understanding::v1::{
@@ -39,18 +38,6 @@ const MAX_INPUTS: usize = 2048;
 
 /// Texts per `Embed` call: understanding's default `MOLTBOT_MAX_TEXTS`.
 const BATCH: usize = 256;
-
-/// The handler.
-pub async fn embeddings(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match handle(state, caller, body).await {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
-}
 
 /// The request's texts, validated. Errors with 400 naming what is wrong.
 fn texts(req: EmbeddingRequest) -> Result<(Vec<String>, bool), ApiError> {
@@ -104,9 +91,10 @@ fn encode(values: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-async fn handle(
-    state: AppState,
-    caller: Caller,
+/// The handler. Errors are answered as [`ApiError`] envelopes.
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EmbeddingList>, ApiError> {
     let req: EmbeddingRequest = super::parse_body(body, state.max_body_bytes)?;

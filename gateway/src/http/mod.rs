@@ -51,6 +51,22 @@ pub struct AppState {
 
 pub use embeddings::EMBEDDING_MODEL;
 
+/// A header's value as text, when it is present and text.
+fn header_str(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The client's deadline for the whole request (`x-request-timeout-ms`);
+/// the pipeline bounds it by the configured request timeout.
+fn request_timeout(headers: &axum::http::HeaderMap) -> Option<Duration> {
+    header_str(headers, "x-request-timeout-ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
 /// Parses a JSON body. Errors: 413 over the limit, 400 for bad JSON or a
 /// body that does not fit the endpoint (the message names the field).
 fn parse_body<T: serde::de::DeserializeOwned>(

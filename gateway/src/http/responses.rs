@@ -37,19 +37,6 @@ use crate::{
     pipeline::{Pipeline, Prepared, generate::Started, new_id, turn},
 };
 
-/// The handler.
-pub async fn responses(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match handle(state, caller, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
 /// The session a response id continues. Errors with 404 for an id that
 /// names none (malformed, or a `store: false` response).
 fn session_of(previous: &str) -> Result<String, ApiError> {
@@ -62,24 +49,13 @@ fn session_of(previous: &str) -> Result<String, ApiError> {
 }
 
 fn text_of(i: usize, content: Option<&Content>) -> Result<String, ApiError> {
-    match content {
-        None => Ok(String::new()),
-        Some(Content::Text(t)) => Ok(t.clone()),
-        Some(Content::Parts(parts)) => {
-            let mut out = Vec::new();
-            for p in parts {
-                match (p.kind.as_str(), &p.text) {
-                    ("input_text" | "output_text", Some(t)) => out.push(t.as_str()),
-                    (kind, _) => {
-                        return Err(ApiError::InvalidRequest(format!(
-                            "input[{i}].content: part type `{kind}` is not supported; send input_text"
-                        )));
-                    }
-                }
-            }
-            Ok(out.join("\n"))
-        }
-    }
+    content.map_or(Ok(String::new()), |c| {
+        c.joined(&["input_text", "output_text"]).map_err(|kind| {
+            ApiError::InvalidRequest(format!(
+                "input[{i}].content: part type `{kind}` is not supported; send input_text"
+            ))
+        })
+    })
 }
 
 fn message(role: &str, text: String) -> RequestMessage {
@@ -304,9 +280,10 @@ fn call_item(id: &str, call: &GenToolCall, status: &str) -> Value {
            "arguments": call.arguments, "status": status})
 }
 
-async fn handle(
-    state: AppState,
-    caller: Caller,
+/// The handler. Errors are answered as [`ApiError`] envelopes.
+pub async fn responses(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -318,14 +295,14 @@ async fn handle(
         .transpose()?;
     let store = req.store.unwrap_or(true);
     let chat = to_chat(&req, session)?;
-    let timeout = headers
-        .get("x-request-timeout-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis);
     let pipeline = state.pipeline.clone();
     let mut prepared = pipeline
-        .prepare(&chat, &caller.tenant, None, timeout)
+        .prepare(
+            &chat,
+            &caller.tenant,
+            None,
+            super::request_timeout(&headers),
+        )
         .await?;
     prepared.store = store;
     let nonce = new_id("");
@@ -340,16 +317,7 @@ async fn handle(
         store,
         req: Arc::new(req),
     };
-    let budget = prepared
-        .request
-        .sampling
-        .as_ref()
-        .map_or(0, |s| s.max_tokens);
-    let reservation = caller
-        .limiter
-        .reserve(prepared.prompt_tokens, budget)
-        .await?;
-    let started = turn::start(&pipeline, &mut prepared).await?;
+    let (reservation, started) = turn::begin(&pipeline, &mut prepared, &caller.limiter).await?;
     if echo.req.stream {
         Ok(stream(
             pipeline,

@@ -18,6 +18,27 @@ pub enum Content {
     Parts(Vec<ContentPart>),
 }
 
+impl Content {
+    /// The text of the parts whose type is one of `kinds`, joined by
+    /// newlines (plain text as it is). Errors with the type of the first
+    /// other part, or of a part without text.
+    pub fn joined(&self, kinds: &[&str]) -> Result<String, String> {
+        match self {
+            Self::Text(t) => Ok(t.clone()),
+            Self::Parts(parts) => {
+                let mut out = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match &p.text {
+                        Some(t) if kinds.contains(&p.kind.as_str()) => out.push(t.as_str()),
+                        _ => return Err(p.kind.clone()),
+                    }
+                }
+                Ok(out.join("\n"))
+            }
+        }
+    }
+}
+
 /// One content part.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {

@@ -137,24 +137,13 @@ struct Messages {
 }
 
 fn text_of(index: usize, content: Option<&Content>) -> Result<String, ApiError> {
-    match content {
-        None => Ok(String::new()),
-        Some(Content::Text(t)) => Ok(t.clone()),
-        Some(Content::Parts(parts)) => {
-            let mut out = Vec::new();
-            for p in parts {
-                match (p.kind.as_str(), &p.text) {
-                    ("text", Some(t)) => out.push(t.as_str()),
-                    (kind, _) => {
-                        return Err(ApiError::InvalidRequest(format!(
-                            "messages[{index}].content: part type `{kind}` is not supported; send text parts"
-                        )));
-                    }
-                }
-            }
-            Ok(out.join("\n"))
-        }
-    }
+    content.map_or(Ok(String::new()), |c| {
+        c.joined(&["text"]).map_err(|kind| {
+            ApiError::InvalidRequest(format!(
+                "messages[{index}].content: part type `{kind}` is not supported; send text parts"
+            ))
+        })
+    })
 }
 
 fn validate_messages(req: &ChatCompletionRequest) -> Result<Messages, ApiError> {

@@ -10,14 +10,18 @@
 //! `outcome="error"`, including a stream that ended without its summary), or
 //! cancelled because the client went away (`outcome="cancelled"`).
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use moltbot_proto::generation::v1::{
     FinishReason, GenerationSummary, TokenLogprob, ToolCall, generate_response,
 };
 
 use super::{Pipeline, Prepared, generate::Started, metrics};
-use crate::{ApiError, edge::ratelimit::Reservation, openai::Usage};
+use crate::{
+    ApiError,
+    edge::ratelimit::{RateLimiter, Reservation},
+    openai::Usage,
+};
 
 /// Generations started again after the connection to their replica broke
 /// before anything reached the client, per turn.
@@ -180,6 +184,29 @@ fn record_done(prepared: &Prepared, usage: &Usage) {
     metrics::TURN_DURATION
         .with_label_values(&[route])
         .observe(prepared.arrived.elapsed().as_secs_f64());
+}
+
+/// Begins a prepared turn: reserves the prompt and the whole completion
+/// budget against the caller's tokens-per-minute (settled with what the
+/// turn used, in [`run`]), starts generation and records the time to its
+/// first event. Errors with [`ApiError::RateLimited`] or as
+/// [`Pipeline::start`].
+pub async fn begin(
+    pipeline: &Pipeline,
+    prepared: &mut Prepared,
+    limiter: &Arc<RateLimiter>,
+) -> Result<(Reservation, Started), ApiError> {
+    let budget = prepared
+        .request
+        .sampling
+        .as_ref()
+        .map_or(0, |s| s.max_tokens);
+    let reservation = limiter.reserve(prepared.prompt_tokens, budget).await?;
+    let started = start(pipeline, prepared).await?;
+    metrics::TTFT
+        .with_label_values(&[prepared.route.as_str()])
+        .observe(prepared.arrived.elapsed().as_secs_f64());
+    Ok((reservation, started))
 }
 
 /// Starts generation for `prepared`; a turn that cannot start is counted as
