@@ -347,10 +347,8 @@ struct EventsOutput {
     /// Output index of the open message item, once text arrived.
     message_index: Option<usize>,
     text: String,
-    /// Output items so far (the message counts once open).
-    items: usize,
+    /// Ids of the function-call items sent so far.
     call_ids: Vec<String>,
-    sent: bool,
 }
 
 impl EventsOutput {
@@ -359,9 +357,13 @@ impl EventsOutput {
         data["sequence_number"] = json!(self.sequence);
         self.sequence += 1;
         let event = Event::default().event(kind).data(data.to_string());
-        super::send_event(&self.tx, event, self.write_idle).await?;
-        self.sent = true;
-        Ok(())
+        super::send_event(&self.tx, event, self.write_idle).await
+    }
+
+    /// Output items opened so far: the message once text arrived, and
+    /// each call.
+    fn items(&self) -> usize {
+        usize::from(self.message_index.is_some()) + self.call_ids.len()
     }
 
     /// Closes the message item, if open: its text, part and item `done`.
@@ -394,7 +396,7 @@ impl turn::Output for EventsOutput {
     fn sent_any(&self) -> bool {
         // `response.created` went before generation started; what counts
         // is output.
-        self.sent && (self.message_index.is_some() || !self.call_ids.is_empty())
+        self.items() > 0
     }
 
     async fn delta(
@@ -406,8 +408,7 @@ impl turn::Output for EventsOutput {
         let index = match self.message_index {
             Some(i) => i,
             None => {
-                let i = self.items;
-                self.items += 1;
+                let i = self.items();
                 self.message_index = Some(i);
                 let id = self.message_id.clone();
                 self.send("response.output_item.added", json!({"output_index": i,
@@ -437,8 +438,7 @@ impl turn::Output for EventsOutput {
         call: &GenToolCall,
     ) -> Result<(), turn::Gone> {
         self.close_message().await?;
-        let i = self.items;
-        self.items += 1;
+        let i = self.items();
         let id = new_id("fc_");
         self.call_ids.push(id.clone());
         self.send(
@@ -484,9 +484,7 @@ fn stream(
             message_id: new_id("msg_"),
             message_index: None,
             text: String::new(),
-            items: 0,
             call_ids: Vec::new(),
-            sent: false,
         };
         let created =
             serde_json::to_value(echo.object("in_progress", Vec::new())).unwrap_or_default();
@@ -501,7 +499,6 @@ fn stream(
         {
             return;
         }
-        out.sent = false;
         match turn::run(&pipeline, &mut prepared, reservation, started, &mut out).await {
             turn::Ended::Answered(answer) => {
                 if answer.tool_calls.is_empty() && out.message_index.is_none() {

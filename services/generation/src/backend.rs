@@ -117,8 +117,8 @@ impl LocalBackend {
         let decoder = Decoder::load_with(dir, device, precision)?;
         let config = decoder.config().clone();
         let eos = eos_ids(dir, config.eos_token_id.as_ref().map(|e| e.to_vec()));
-        let tokenizer = ChatTokenizer::load(dir, eos.clone())?;
-        let grammars = Grammars::new(dir, tokenizer.plain(), config.vocab_size, eos);
+        let tokenizer = ChatTokenizer::load(dir, eos)?;
+        let grammars = Grammars::new(tokenizer.clone(), config.vocab_size);
         tracing::info!(model = %name, device = %device_name(device), dtype = precision.name(), layers = config.num_hidden_layers, "model loaded");
         Ok(Self {
             engine: Engine::start(&name, decoder, tokenizer.clone(), engine)?,

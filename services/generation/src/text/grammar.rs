@@ -5,7 +5,8 @@
 //! is allowed only where the answer is complete.
 //!
 //! [`Grammars`] belongs to one model: the token trie built from its
-//! `tokenizer.json` (every token's bytes) and llguidance's parser factory,
+//! token table ([`ChatTokenizer::token_table`], shared with the log
+//! probabilities) and llguidance's parser factory,
 //! built on first use (about a second) so a model that never sees a
 //! constraint does not pay for it. [`Constraint`] is one request's matcher.
 //!
@@ -20,14 +21,12 @@
 //! length, numeric bounds, array length. A schema with anything else is
 //! refused with the keyword named.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::{Arc, OnceLock},
-};
+use std::sync::{Arc, OnceLock};
 
 use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar};
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
+use super::ChatTokenizer;
 use crate::GenerationError;
 
 /// The shape an answer must take.
@@ -82,6 +81,16 @@ impl ResponseFormat {
     }
 }
 
+/// How constrained JSON is written: compact but for one space after `:`
+/// and `,` (llguidance's `x-guidance` options; see the module doc).
+pub fn json_style() -> serde_json::Value {
+    serde_json::json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+    })
+}
+
 /// A model's vocabulary for llguidance: its token trie, and its tokenizer
 /// for the few strings llguidance tokenises itself.
 struct Vocabulary {
@@ -107,34 +116,21 @@ impl TokenizerEnv for Vocabulary {
 /// One model's constraint compiler; cheap to clone.
 #[derive(Clone)]
 pub struct Grammars {
-    dir: PathBuf,
-    tokenizer: Arc<tokenizers::Tokenizer>,
+    tokenizer: ChatTokenizer,
     vocab_size: usize,
-    eos_ids: Vec<u32>,
     factory: Arc<OnceLock<Result<ParserFactory, String>>>,
 }
 
 impl std::fmt::Debug for Grammars {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Grammars")
-            .field("dir", &self.dir)
             .field("vocab_size", &self.vocab_size)
             .finish_non_exhaustive()
     }
 }
 
-fn build_factory(
-    dir: &Path,
-    tokenizer: Arc<tokenizers::Tokenizer>,
-    vocab_size: usize,
-    eos_ids: &[u32],
-) -> Result<ParserFactory, String> {
-    let raw = std::fs::read_to_string(dir.join("tokenizer.json"))
-        .map_err(|e| format!("tokenizer.json: {e}"))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&raw).map_err(|e| format!("tokenizer.json: {e}"))?;
-    let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
-        .map_err(|e| format!("tokenizer.json: {e}"))?;
+fn build_factory(tokenizer: &ChatTokenizer, vocab_size: usize) -> Result<ParserFactory, String> {
+    let mut words = tokenizer.token_table()?.to_vec();
     if words.len() > vocab_size {
         return Err(format!(
             "tokenizer.json has {} tokens, more than the model's {vocab_size} logits",
@@ -148,6 +144,7 @@ fn build_factory(
         name[0] = TokTrie::SPECIAL_TOKEN_MARKER;
         words.push(name);
     }
+    let eos_ids = tokenizer.eos_ids();
     let eos = eos_ids
         .first()
         .copied()
@@ -157,27 +154,22 @@ fn build_factory(
     if eos_ids.len() > 1 {
         trie = trie.with_eos_tokens(eos_ids);
     }
-    let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer });
+    let env: TokEnv = Arc::new(Vocabulary {
+        trie,
+        tokenizer: tokenizer.plain(),
+    });
     let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
     factory.quiet();
     Ok(factory)
 }
 
 impl Grammars {
-    /// The compiler for the model in `dir` (its `tokenizer.json`),
-    /// `vocab_size` logits per step, generation ending at `eos_ids`.
+    /// The compiler for `tokenizer`'s model, `vocab_size` logits per step.
     /// Nothing is read until the first [`Grammars::compile`].
-    pub fn new(
-        dir: &Path,
-        tokenizer: Arc<tokenizers::Tokenizer>,
-        vocab_size: usize,
-        eos_ids: Vec<u32>,
-    ) -> Self {
+    pub fn new(tokenizer: ChatTokenizer, vocab_size: usize) -> Self {
         Self {
-            dir: dir.to_path_buf(),
             tokenizer,
             vocab_size,
-            eos_ids,
             factory: Arc::new(OnceLock::new()),
         }
     }
@@ -194,14 +186,7 @@ impl Grammars {
                 "response_format.json_schema.schema must be a JSON object".to_owned(),
             ));
         };
-        object.insert(
-            "x-guidance".to_owned(),
-            serde_json::json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-            }),
-        );
+        object.insert("x-guidance".to_owned(), json_style());
         self.matcher(TopLevelGrammar::from_json_schema(schema), "response_format")
     }
 
@@ -215,14 +200,7 @@ impl Grammars {
     fn matcher(&self, grammar: TopLevelGrammar, what: &str) -> Result<Constraint, GenerationError> {
         let factory = self
             .factory
-            .get_or_init(|| {
-                build_factory(
-                    &self.dir,
-                    self.tokenizer.clone(),
-                    self.vocab_size,
-                    &self.eos_ids,
-                )
-            })
+            .get_or_init(|| build_factory(&self.tokenizer, self.vocab_size))
             .as_ref()
             .map_err(|e| GenerationError::Tokenizer(format!("constrained decoding: {e}")))?;
         let parser = factory.create_parser(grammar).map_err(|e| {

@@ -44,8 +44,8 @@ pub struct ChatTokenizer {
     eos_ids: Vec<u32>,
     /// `tokenizer.json`, for the token → bytes table.
     path: Arc<std::path::PathBuf>,
-    /// Every token's bytes, built on first use (logprobs).
-    bytes: Arc<std::sync::OnceLock<Vec<Vec<u8>>>>,
+    /// Every token's bytes, built on first use ([`Self::token_table`]).
+    bytes: Arc<std::sync::OnceLock<Result<Vec<Vec<u8>>, String>>>,
 }
 
 const TEMPLATE: &str = "chat";
@@ -99,18 +99,34 @@ impl ChatTokenizer {
         })
     }
 
-    /// The exact bytes of token `id` (byte-level BPE pieces undone; a
-    /// special token's content). The table is built from `tokenizer.json`
-    /// on first use; an unreadable file or unknown id gives no bytes.
+    /// Every token's bytes, by id, as llguidance reads them from
+    /// `tokenizer.json` (byte-level BPE pieces undone; a special token's
+    /// content behind a 0xFF marker). Built on first use and shared by the
+    /// log probabilities and the grammar compiler. Errors with the reason
+    /// the file could not be read.
+    pub fn token_table(&self) -> Result<&[Vec<u8>], String> {
+        self.bytes
+            .get_or_init(|| {
+                let raw = std::fs::read_to_string(self.path.as_ref())
+                    .map_err(|e| format!("tokenizer.json: {e}"))?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&raw).map_err(|e| format!("tokenizer.json: {e}"))?;
+                llguidance::token_bytes_from_tokenizer_json(&json)
+                    .map_err(|e| format!("tokenizer.json: {e}"))
+            })
+            .as_ref()
+            .map(Vec::as_slice)
+            .map_err(Clone::clone)
+    }
+
+    /// The exact bytes of token `id` ([`Self::token_table`] without the
+    /// special-token marker); none for an unknown id or an unreadable file.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let table = self.bytes.get_or_init(|| {
-            std::fs::read_to_string(self.path.as_ref())
-                .ok()
-                .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
-                .and_then(|json| llguidance::token_bytes_from_tokenizer_json(&json).ok())
-                .unwrap_or_default()
-        });
-        let mut bytes = table.get(id as usize).cloned().unwrap_or_default();
+        let mut bytes = self
+            .token_table()
+            .ok()
+            .and_then(|table| table.get(id as usize).cloned())
+            .unwrap_or_default();
         // llguidance marks special tokens with a leading 0xFF.
         if bytes.first() == Some(&0xFF) {
             bytes.remove(0);

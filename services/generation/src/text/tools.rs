@@ -149,11 +149,7 @@ impl ToolRequest {
             .collect();
         let schema = json!({
             "anyOf": calls,
-            "x-guidance": {
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-            },
+            "x-guidance": super::grammar::json_style(),
         });
         let repeat = if self.parallel {
             " (\"\\n\" call)*"
