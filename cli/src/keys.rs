@@ -11,7 +11,7 @@ use moltbot_proto::auth::v1::{
     add_credential_request, auth_rotation_service_client::AuthRotationServiceClient,
 };
 
-use crate::CliError;
+use crate::{CliError, mesh::with_admin_token as admin};
 
 /// Flags of `moltbot keys`.
 #[derive(Debug, clap::Args)]
@@ -91,15 +91,6 @@ fn secret_from(var: &str, stdin_lines: &mut impl Iterator<Item = String>) -> Opt
         })
 }
 
-fn admin<T>(token: &str, msg: T) -> Result<tonic::Request<T>, CliError> {
-    let mut r = tonic::Request::new(msg);
-    let value = format!("Bearer {token}").parse().map_err(|_| {
-        CliError::Setup("the admin token holds characters a header cannot carry".into())
-    })?;
-    r.metadata_mut().insert("authorization", value);
-    Ok(r)
-}
-
 fn status(s: tonic::Status) -> CliError {
     CliError::Setup(format!("auth-rotation: {} ({:?})", s.message(), s.code()))
 }
@@ -110,11 +101,12 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
     let channel = crate::mesh::connect("auth-rotation", &args.auth_url).await?;
     let mut client = AuthRotationServiceClient::new(channel);
     let token = || -> Result<String, CliError> {
-        std::env::var("MOLTBOT_ADMIN_TOKEN")
-            .ok()
-            .or_else(|| std::fs::read_to_string(args.data_dir.join("admin.token")).ok())
-            .map(|t| t.trim().to_owned())
-            .ok_or_else(|| CliError::Setup("set MOLTBOT_ADMIN_TOKEN (or run where `moltbot up` keeps var/data/admin.token)".into()))
+        crate::mesh::admin_token(&args.data_dir).ok_or_else(|| {
+            CliError::Setup(
+                "set MOLTBOT_ADMIN_TOKEN (or run where `moltbot up` keeps var/data/admin.token)"
+                    .into(),
+            )
+        })
     };
     let mut stdin = std::io::stdin().lock().lines().map_while(Result::ok);
     match args.command {

@@ -6,11 +6,14 @@
 //! - `moltbot doctor` checks binaries, ports and stores and says what to fix;
 //! - `moltbot models prepare|list` makes the generation model ready;
 //! - `moltbot kb ingest PATH --collection NAME` fills a knowledge base;
-//! - `moltbot keys add|rotate|revoke|list` manages provider credentials.
+//! - `moltbot keys add|rotate|revoke|list` manages provider credentials;
+//! - `moltbot intents train|eval|reload` trains, scores and serves intent
+//!   heads on your own data.
 
 mod chat;
 mod devkeys;
 mod doctor;
+mod intents;
 mod kb;
 mod keys;
 mod mesh;
@@ -43,6 +46,8 @@ enum Command {
     Kb(kb::KbArgs),
     /// Remote-provider credentials in the auth-rotation service.
     Keys(keys::KeysArgs),
+    /// Intent heads on your own data: train, evaluate, serve.
+    Intents(intents::IntentsArgs),
 }
 
 /// Errors of the CLI.
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
             Command::Models(args) => models::run(args).await,
             Command::Kb(args) => kb::run(args).await,
             Command::Keys(args) => keys::run(args).await,
+            Command::Intents(args) => intents::run(args).await,
         }
     });
     match result {

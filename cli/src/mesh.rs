@@ -57,3 +57,24 @@ pub async fn connect(what: &str, url: &str) -> Result<Channel, CliError> {
             ))
         })
 }
+
+/// The admin token: `MOLTBOT_ADMIN_TOKEN`, else the dev-mode
+/// `<data_dir>/admin.token` that `moltbot up` writes; `None` when neither.
+pub fn admin_token(data_dir: &Path) -> Option<String> {
+    std::env::var("MOLTBOT_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .or_else(|| std::fs::read_to_string(data_dir.join("admin.token")).ok())
+        .map(|t| t.trim().to_owned())
+}
+
+/// `msg` with `authorization: Bearer <token>`. Errors with
+/// [`CliError::Setup`] when the token cannot be a header value.
+pub fn with_admin_token<T>(token: &str, msg: T) -> Result<tonic::Request<T>, CliError> {
+    let mut r = tonic::Request::new(msg);
+    let value = format!("Bearer {token}").parse().map_err(|_| {
+        CliError::Setup("the admin token holds characters a header cannot carry".into())
+    })?;
+    r.metadata_mut().insert("authorization", value);
+    Ok(r)
+}

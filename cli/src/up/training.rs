@@ -145,8 +145,9 @@ pub async fn train(spec: TrainSpec) -> Result<(), CliError> {
     let _ = std::fs::remove_dir_all(&tmp);
     let mut child = Command::new(&binary)
         .arg("train")
-        .arg("--data")
         .arg(spec.data_dir.join("data_full_train_val.json"))
+        .arg("--name")
+        .arg("clinc150")
         .arg("--domains")
         .arg(spec.data_dir.join("domains.json"))
         .arg("--encoder-dir")

@@ -12,7 +12,7 @@ pub enum UnderstandingError {
     InvalidArgument(String),
     /// No trained intent head is loaded.
     #[error(
-        "no trained intent head at {0} yet (`moltbot up` trains one in the background and it is served once written); train one yourself with `moltbot-understanding train --data services/understanding/data/clinc150/data_full_train_val.json --domains services/understanding/data/clinc150/domains.json --out {0}`"
+        "no trained intent head at {0} yet (`moltbot up` trains one in the background and it is served once written); train one yourself with `moltbot intents train services/understanding/data/clinc150/data_full_train_val.json --name clinc150 --out {0}`, or on your own data with `moltbot intents train DATA` and serve it with `moltbot intents reload DIR`"
     )]
     NoHead(String),
     /// A head directory is missing files or does not fit the encoder.
@@ -25,6 +25,10 @@ pub enum UnderstandingError {
     /// token is configured.
     #[error("{0}")]
     PermissionDenied(String),
+    /// Training or evaluation data that cannot be read, naming the file
+    /// and line (`crate::dataset`).
+    #[error("{0}")]
+    Data(String),
     /// The encoder failed or is overloaded.
     #[error(transparent)]
     Encoder(#[from] EncoderError),
@@ -40,7 +44,9 @@ impl From<UnderstandingError> for Status {
     fn from(e: UnderstandingError) -> Self {
         let message = e.to_string();
         match e {
-            UnderstandingError::InvalidArgument(_) => Status::invalid_argument(message),
+            UnderstandingError::InvalidArgument(_) | UnderstandingError::Data(_) => {
+                Status::invalid_argument(message)
+            }
             UnderstandingError::Unauthenticated(_) => Status::unauthenticated(message),
             UnderstandingError::PermissionDenied(_) => Status::permission_denied(message),
             UnderstandingError::NoHead(_) | UnderstandingError::BadHead(_) => {

@@ -375,6 +375,11 @@ impl IntentHead {
         &self.labels.model_id
     }
 
+    /// Its labels and decision rule (`labels.json`).
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
     /// Probabilities of intents and domains for one embedding.
     pub fn probabilities(&self, embedding: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let h = match &self.hidden {

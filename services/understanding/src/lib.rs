@@ -12,7 +12,9 @@
 //! A head that appears in the head directory later (`moltbot up` trains it
 //! in the background) is loaded without a restart.
 
+pub mod dataset;
 mod error;
+pub mod eval;
 pub mod head;
 pub mod service;
 pub mod train;

@@ -25,32 +25,68 @@ use moltbot_encoder::{Encoder, Precision};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn, nn::Module, nn::OptimizerConfig};
 
-use crate::head::{BaseKnnRule, Labels};
+use crate::{
+    dataset::{Dataset, Format, Hierarchy, OOS, Source, split},
+    head::{BaseKnnRule, Labels},
+};
 
 pub mod progress;
 pub mod rule;
 
 use progress::{Progress, ProgressMode};
 
-/// Flags of `moltbot-understanding train`.
+/// A path flag where an empty value means "none" (clap's `PathBuf`
+/// parser refuses an empty value).
+fn optional_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+/// Flags of `moltbot-understanding train` (and `moltbot intents train`).
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "moltbot-understanding train", about = "Train the intent head")]
+#[command(
+    name = "moltbot-understanding train",
+    about = "Train an intent head on your data (CSV/TSV, JSONL, Rasa NLU YAML or CLINC150 JSON)"
+)]
 pub struct TrainArgs {
-    /// CLINC150-format data (`train`, `val`, `oos_train`, `oos_val`).
-    #[arg(
-        long,
-        default_value = "services/understanding/data/clinc150/data_full_train_val.json"
-    )]
+    /// The labelled data: CSV/TSV (`text,label[,domain]`), JSONL
+    /// (`{"text","intent","domain"?}`), Rasa NLU YAML, or CLINC150 JSON
+    /// (`crate::dataset` lists the accepted column and key names).
+    #[arg(default_value = "services/understanding/data/clinc150/data_full_train_val.json")]
     pub data: PathBuf,
-    /// Domain map `{domain: [intent, …]}`.
-    #[arg(
-        long,
-        default_value = "services/understanding/data/clinc150/domains.json"
-    )]
-    pub domains: PathBuf,
-    /// Where to write the head.
+    /// The data's format; default: by its extension.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Validation data in the same format; default: the data's own split
+    /// (CLINC150) or a stratified one made with `--val-share`.
     #[arg(long)]
-    pub out: PathBuf,
+    pub val: Option<PathBuf>,
+    /// Out-of-scope example texts, one per line, split like the rest.
+    #[arg(long)]
+    pub oos: Option<PathBuf>,
+    /// A domain map `{domain: [intent, …]}`; default: `domains.json` beside
+    /// CLINC150 JSON, else the hierarchy in the data (`--hierarchy`).
+    #[arg(long)]
+    pub domains: Option<PathBuf>,
+    /// Where domains come from: `auto` (a domain column or map, else
+    /// `domain/intent` labels, else `domain.intent`, else one domain),
+    /// `column`, `slash`, `dot` or `none`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub hierarchy: Hierarchy,
+    /// The label out-of-scope rows carry in the data.
+    #[arg(long, default_value = "oos")]
+    pub oos_label: String,
+    /// Share of every label's examples held out for validation when the
+    /// data has no split and `--val` is not given.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_share: f64,
+    /// Dataset name, the start of the model id; default: the data file's
+    /// stem.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where to write the head; default:
+    /// `$MOLTBOT_MODELS_DIR/intent-heads/<model id>`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// The sentence encoder directory.
     #[arg(
         long,
@@ -58,10 +94,10 @@ pub struct TrainArgs {
         default_value = "var/models/all-minilm-l6-v2"
     )]
     pub encoder_dir: PathBuf,
-    /// Random seed (initialisation and shuffling).
+    /// Random seed (initialisation, shuffling, the validation splits).
     #[arg(long, default_value_t = 7)]
     pub seed: i64,
-    /// Training epochs.
+    /// Training epochs of the head alone (`--fine-tune-epochs 0`).
     #[arg(long, default_value_t = 40)]
     pub epochs: usize,
     /// Hidden width.
@@ -72,40 +108,54 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 4)]
     pub fine_tune_epochs: usize,
     /// In-scope validation accuracy (a share) the out-of-scope rule must
-    /// keep when the probability threshold alone reaches it (the issue's
-    /// target); recall is maximised within it.
+    /// keep when the probability threshold alone reaches it; recall is
+    /// maximised within it.
     #[arg(long, default_value_t = 0.95)]
     pub min_in_scope_accuracy: f64,
-    /// libtorch threads while training. The result is deterministic for a
-    /// seed and a thread count on one kind of CPU (a different count sums
-    /// in another order, which moves the fine-tuned weights and the
-    /// validation figures by a few tenths of a point), so every machine
-    /// trains with the same count by default.
-    #[arg(long, env = "MOLTBOT_TRAIN_THREADS", default_value_t = 1)]
+    /// libtorch threads while training; 0: every core. The result is
+    /// deterministic for a seed and a thread count on one kind of CPU: a
+    /// different count sums in another order, which moves the fine-tuned
+    /// weights and the validation figures by a few tenths of a point.
+    #[arg(long, env = "MOLTBOT_TRAIN_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// Learning rate of the encoder while fine-tuning.
     #[arg(long, default_value_t = 5e-5)]
     pub encoder_lr: f64,
-    /// Synthetic out-of-scope training texts, one per line (`#` starts a
-    /// comment line), trained on as `oos` beside `oos_train` (outlier
-    /// exposure). Empty: none.
+    /// Synthetic out-of-scope texts, one per line (`#` starts a comment
+    /// line): trained on as `oos` (outlier exposure), less the share
+    /// `--synthetic-val-share` kept for choosing the out-of-scope rule.
+    /// Empty (`--synthetic-oos ""`): none.
     #[arg(
         long,
+        value_parser = optional_path,
         default_value = "services/understanding/data/synthetic_oos/synthetic_oos.txt"
     )]
     pub synthetic_oos: PathBuf,
+    /// Share of the synthetic out-of-scope texts held back from training
+    /// and added to the out-of-scope validation texts, so the rule is
+    /// chosen on out-of-scope texts the head has not seen even when the
+    /// data has none of its own.
+    #[arg(long, default_value_t = 0.25)]
+    pub synthetic_val_share: f64,
     /// Weight of each `oos` training text in the intent loss, relative to
     /// an in-scope one (1: plain cross-entropy).
     #[arg(long, default_value_t = 1.0)]
     pub oos_weight: f64,
     /// Out-of-scope probe texts, one per line: requests outside every
     /// intent of the data, flagged or not by the chosen rule and reported
-    /// as `probe_out_of_scope_recall`. They choose nothing. Empty: none.
+    /// as `probe_out_of_scope_recall`. They choose nothing. Empty
+    /// (`--probes ""`): none.
     #[arg(
         long,
+        value_parser = optional_path,
         default_value = "services/understanding/data/probes/out_of_scope.txt"
     )]
     pub probes: PathBuf,
+    /// Folds of the cross-validated (held-out) estimate of the rule's
+    /// figures: the rule is chosen on all folds but one and scored on that
+    /// one, in turn (0 or 1: no estimate).
+    #[arg(long, default_value_t = 5)]
+    pub cv_folds: usize,
     /// Arithmetic of the embeddings the decision rule is chosen on (and,
     /// with `--fine-tune-epochs 0`, the head trained on): `auto`, `f32` or
     /// `bf16`, as the service will run (`MOLTBOT_ENCODER_PRECISION`).
@@ -122,11 +172,108 @@ pub struct TrainArgs {
     /// `moltbot up`).
     #[arg(long, env = "MOLTBOT_PROGRESS", value_enum, default_value = "auto")]
     pub progress: ProgressMode,
+    /// Models directory; the default `--out` is under it.
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: PathBuf,
+}
+
+impl TrainArgs {
+    /// The dataset source these flags describe.
+    pub fn source(&self) -> Source {
+        Source {
+            data: self.data.clone(),
+            format: self.format,
+            val: self.val.clone(),
+            oos: self.oos.clone(),
+            domains: self.domains.clone(),
+            hierarchy: self.hierarchy,
+            oos_label: self.oos_label.clone(),
+            val_share: self.val_share,
+            seed: self.seed as u64,
+            name: self.name.clone(),
+        }
+    }
+
+    /// Every setting that changes the trained head, as text (hashed into
+    /// the model id with the data).
+    fn settings(&self) -> String {
+        format!(
+            "seed={} epochs={} hidden={} fine_tune_epochs={} min_acc={} threads={} encoder_lr={} synthetic_val_share={} oos_weight={} val_share={} hierarchy={:?} oos_label={} precision={}",
+            self.seed,
+            self.epochs,
+            self.hidden,
+            self.fine_tune_epochs,
+            self.min_in_scope_accuracy,
+            self.threads,
+            self.encoder_lr,
+            self.synthetic_val_share,
+            self.oos_weight,
+            self.val_share,
+            self.hierarchy,
+            self.oos_label,
+            self.precision
+        )
+    }
+}
+
+/// The model id of a head trained on `dataset` with `args`:
+/// `<dataset name>-<first 12 hex digits of SHA-256 over the data files,
+/// the synthetic out-of-scope file and the settings>`. The same data and
+/// settings give the same id; any change gives another.
+pub fn model_id(dataset: &Dataset, args: &TrainArgs) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    let synthetic = (!args.synthetic_oos.as_os_str().is_empty()).then_some(&args.synthetic_oos);
+    for file in dataset.files.iter().chain(synthetic) {
+        let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(&bytes);
+    }
+    hash.update(args.settings().as_bytes());
+    let digest = hash.finalize();
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{}-{hex}", dataset.name))
+}
+
+/// The rule's figures on texts it was not chosen on: k-fold
+/// cross-validation over the validation texts (`rule::cross_validate`).
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct HeldOut {
+    /// In-scope accuracy, pooled over the held-out folds.
+    pub in_scope_accuracy: f64,
+    /// Out-of-scope recall, pooled over the held-out folds.
+    pub out_of_scope_recall: f64,
+    /// Out-of-scope precision, pooled over the held-out folds.
+    pub out_of_scope_precision: f64,
+    /// Folds.
+    pub folds: usize,
 }
 
 /// Validation figures written to `metrics.json`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Metrics {
+    /// The head's model id (`labels.json`).
+    #[serde(default)]
+    pub model_id: String,
+    /// Where the head was written.
+    #[serde(default)]
+    pub out_dir: String,
+    /// Dataset name.
+    #[serde(default)]
+    pub dataset: String,
+    /// In-scope intents.
+    #[serde(default)]
+    pub intents: usize,
+    /// Domains.
+    #[serde(default)]
+    pub domains: usize,
+    /// How the validation split came about.
+    #[serde(default)]
+    pub val_source: serde_json::Value,
+    /// The same figures measured on validation texts the rule was not
+    /// chosen on (cross-validated); `None` with `--cv-folds` 0 or 1.
+    #[serde(default)]
+    pub held_out: Option<HeldOut>,
     /// Share of in-scope validation texts with the right intent and not
     /// flagged out of scope.
     pub in_scope_accuracy: f64,
@@ -156,36 +303,35 @@ pub struct Metrics {
     /// `bf16`).
     #[serde(default)]
     pub precision: String,
-    /// CLINC150 training texts used (`train` + `oos_train`).
+    /// Training texts of the data (in scope and out of scope; for CLINC150
+    /// `train` + `oos_train`).
     pub train_texts: usize,
-    /// Synthetic out-of-scope training texts used (`--synthetic-oos`).
+    /// Synthetic out-of-scope texts trained on (`--synthetic-oos`).
     #[serde(default)]
     pub synthetic_oos_texts: usize,
+    /// Synthetic out-of-scope texts held back for validation
+    /// (`--synthetic-val-share`); counted in `val_texts`.
+    #[serde(default)]
+    pub synthetic_oos_val_texts: usize,
     /// Out-of-scope probe texts (`--probes`).
     #[serde(default)]
     pub probe_texts: usize,
     /// Share of the probe texts the chosen rule flags (`None`: no probes).
     #[serde(default)]
     pub probe_out_of_scope_recall: Option<f64>,
-    /// Validation texts (in-scope + out-of-scope).
+    /// Validation texts (in-scope + out-of-scope, synthetic included).
     pub val_texts: usize,
     /// The seed.
     pub seed: i64,
+    /// libtorch threads used.
+    #[serde(default)]
+    pub threads: usize,
+    /// Wall-clock seconds from reading the data to writing the head.
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 type Pairs = Vec<(String, String)>;
-
-fn split(data: &serde_json::Value, name: &str) -> Result<Pairs, String> {
-    data[name]
-        .as_array()
-        .ok_or_else(|| format!("data has no {name:?} list"))?
-        .iter()
-        .map(|p| match (p[0].as_str(), p[1].as_str()) {
-            (Some(t), Some(i)) => Ok((t.to_owned(), i.to_owned())),
-            _ => Err(format!("{name}: every entry must be [text, intent]")),
-        })
-        .collect()
-}
 
 /// Non-empty, non-comment lines of `path` (none when `path` is empty);
 /// `flag` names the option in the error.
@@ -193,12 +339,10 @@ fn lines(path: &std::path::Path, flag: &str) -> Result<Vec<String>, String> {
     if path.as_os_str().is_empty() {
         return Ok(Vec::new());
     }
-    Ok(std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: {e} ({flag} \"\" for none)", path.display()))?
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
+    Ok(crate::dataset::text_lines(path, OOS)
+        .map_err(|e| format!("{e} ({flag} \"\" for none)"))?
+        .into_iter()
+        .map(|r| r.text)
         .collect())
 }
 
@@ -237,36 +381,41 @@ fn save_encoder(
         .map_err(|e| e.to_string())
 }
 
-/// Trains and writes the head. Errors with a message naming what is wrong.
+/// Trains and writes the head. Errors with a message naming what is wrong
+/// (a bad data row names its file and line).
 pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
+    let started = std::time::Instant::now();
     let precision = args.precision;
-    tch::set_num_threads(args.threads.max(1) as i32);
-    tch::manual_seed(args.seed);
-    let read = |p: &PathBuf| {
-        std::fs::read_to_string(p)
-            .map_err(|e| format!("{}: {e}", p.display()))
-            .and_then(|s| {
-                serde_json::from_str::<serde_json::Value>(&s)
-                    .map_err(|e| format!("{}: {e}", p.display()))
-            })
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        args.threads
     };
-    let data = read(&args.data)?;
-    let domain_map = read(&args.domains)?;
-    let mut intent_domain = HashMap::new();
-    let mut domains: Vec<String> = Vec::new();
-    for (domain, intents) in domain_map
-        .as_object()
-        .ok_or("domains.json must be an object")?
-    {
-        domains.push(domain.clone());
-        for i in intents.as_array().ok_or("domain lists must be arrays")? {
-            intent_domain.insert(i.as_str().unwrap_or_default().to_owned(), domain.clone());
-        }
+    tch::set_num_threads(threads as i32);
+    tch::manual_seed(args.seed);
+    let dataset = crate::dataset::load(&args.source()).map_err(|e| e.to_string())?;
+    for note in &dataset.notes {
+        eprintln!("train: {note}");
     }
-    domains.sort();
-    let mut intents: Vec<String> = intent_domain.keys().cloned().collect();
-    intents.sort();
-    intents.push("oos".into());
+    let model_id = model_id(&dataset, args)?;
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.models_dir.join("intent-heads").join(&model_id));
+    let intent_domain = &dataset.intent_domain;
+    let domains = dataset.domains();
+    let mut intents = dataset.intents();
+    intents.push(OOS.into());
+    eprintln!(
+        "train: {} ({:?}, hierarchy {:?}): {} intents in {} domain(s), {} training and {} validation examples; model id {model_id}",
+        dataset.name,
+        dataset.format,
+        dataset.hierarchy,
+        intents.len() - 1,
+        domains.len(),
+        dataset.train.len(),
+        dataset.val.len()
+    );
     let intent_index: HashMap<&str, i64> = intents
         .iter()
         .enumerate()
@@ -278,15 +427,22 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         .map(|(i, n)| (n.as_str(), i as i64))
         .collect();
 
-    let clinc_train: Pairs = [split(&data, "train")?, split(&data, "oos_train")?].concat();
-    let synthetic: Pairs = lines(&args.synthetic_oos, "--synthetic-oos")?
+    // Synthetic out-of-scope texts: most are trained on (outlier
+    // exposure); a seeded share is held back and joins the out-of-scope
+    // validation texts the rule is chosen on.
+    let synthetic_all: Pairs = lines(&args.synthetic_oos, "--synthetic-oos")?
         .into_iter()
-        .map(|t| (t, "oos".to_owned()))
+        .map(|t| (t, OOS.to_owned()))
         .collect();
-    let train: Pairs = [clinc_train.as_slice(), synthetic.as_slice()].concat();
+    let (synthetic, synthetic_val) = split::stratified(
+        synthetic_all,
+        args.synthetic_val_share,
+        args.seed as u64 + 1,
+    );
+    let train: Pairs = [dataset.train.as_slice(), synthetic.as_slice()].concat();
     let probes = lines(&args.probes, "--probes")?;
-    let val = split(&data, "val")?;
-    let oos_val = split(&data, "oos_val")?;
+    let (oos_val, val): (Pairs, Pairs) = dataset.val.iter().cloned().partition(|(_, i)| i == OOS);
+    let oos_val: Pairs = [oos_val, synthetic_val.clone()].concat();
     let label = |pairs: &Pairs| -> Result<(Vec<i64>, Vec<i64>), String> {
         let mut y = Vec::new();
         let mut d = Vec::new();
@@ -418,11 +574,11 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
             }
         }
     }
-    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     // From here on, embeddings are computed as the service will compute
     // them: the fine-tuned encoder is saved and read back in `precision`.
     let encoder = if fine_tune {
-        let dir = args.out.join("encoder");
+        let dir = out_dir.join("encoder");
         save_encoder(&encoder_vars, &args.encoder_dir, &dir)?;
         Encoder::load_with(&dir, Device::Cpu, precision).map_err(|e| e.to_string())?
     } else {
@@ -481,7 +637,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let (reference, reference_intents): (Vec<&str>, Vec<i64>) = train
         .iter()
         .zip(&y_train)
-        .filter(|((_, intent), _)| intent != "oos")
+        .filter(|((_, intent), _)| intent != OOS)
         .map(|((t, _), &y)| (t.as_str(), y))
         .unzip();
     // Each row's intent lets the service scan the predicted intent's rows
@@ -530,6 +686,22 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let oos_signals = signals(&oos_p, &x_oos, &texts(&oos_val))?;
     let (chosen, figures) = rule::select(&val_signals, &oos_signals, args.min_in_scope_accuracy);
     eprintln!("train: decision rule {chosen:?}: {figures:?}");
+    let held_out = (args.cv_folds > 1).then(|| {
+        let s = rule::cross_validate(
+            &val_signals,
+            &oos_signals,
+            args.min_in_scope_accuracy,
+            args.cv_folds,
+            args.seed as u64,
+        );
+        eprintln!("train: held-out ({}-fold) {s:?}", args.cv_folds);
+        HeldOut {
+            in_scope_accuracy: s.accuracy,
+            out_of_scope_recall: s.recall,
+            out_of_scope_precision: s.precision,
+            folds: args.cv_folds,
+        }
+    });
     let probe_recall = if probes.is_empty() {
         None
     } else {
@@ -548,6 +720,16 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         .filter(|(p, d)| **p as i64 == **d)
         .count();
     let metrics = Metrics {
+        model_id: model_id.clone(),
+        out_dir: out_dir.display().to_string(),
+        dataset: dataset.name.clone(),
+        intents: intents.len() - 1,
+        domains: domains.len(),
+        val_source: serde_json::to_value(&dataset.val_source).unwrap_or_default(),
+        held_out,
+        synthetic_oos_val_texts: synthetic_val.len(),
+        threads,
+        train_seconds: 0.0,
         in_scope_accuracy: figures.accuracy,
         out_of_scope_recall: figures.recall,
         out_of_scope_precision: figures.precision,
@@ -557,7 +739,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         base_knn_gate: chosen.gate,
         base_knn_threshold: chosen.base_knn,
         second_pass_share: figures.gated,
-        train_texts: clinc_train.len(),
+        train_texts: dataset.train.len(),
         synthetic_oos_texts: synthetic.len(),
         probe_texts: probes.len(),
         probe_out_of_scope_recall: probe_recall,
@@ -566,39 +748,33 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         precision: precision.to_string(),
     };
 
-    vs.save(args.out.join("head.safetensors"))
+    vs.save(out_dir.join("head.safetensors"))
         .map_err(|e| e.to_string())?;
     if chosen.knn > 0.0 || chosen.gate > 0.0 {
         Tensor::write_safetensors(
             &[("embeddings", &x_ref), ("intents", &reference_intents)],
-            args.out.join("knn.safetensors"),
+            out_dir.join("knn.safetensors"),
         )
         .map_err(|e| e.to_string())?;
     }
     if chosen.gate > 0.0 {
         Tensor::write_safetensors(
             &[("embeddings", &x_ref_base), ("intents", &reference_intents)],
-            args.out.join("base_knn.safetensors"),
+            out_dir.join("base_knn.safetensors"),
         )
         .map_err(|e| e.to_string())?;
     }
     let labels = Labels {
-        model_id: format!(
-            "clinc150-{}{}mlp{}-seed{}",
-            if fine_tune { "ft-" } else { "" },
-            if synthetic.is_empty() { "" } else { "oe-" },
-            args.hidden,
-            args.seed
-        ),
+        model_id: model_id.clone(),
         encoder: if fine_tune {
             "encoder".into()
         } else {
             encoder.id().to_owned()
         },
         intents,
-        oos_label: "oos".into(),
+        oos_label: OOS.into(),
         domains,
-        intent_domain,
+        intent_domain: intent_domain.clone().into_iter().collect(),
         threshold: chosen.threshold,
         knn_threshold: (chosen.knn > 0.0 || chosen.gate > 0.0).then_some(chosen.knn),
         base_knn: (chosen.gate > 0.0).then_some(BaseKnnRule {
@@ -607,11 +783,15 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         }),
     };
     let write =
-        |name: &str, v: String| std::fs::write(args.out.join(name), v).map_err(|e| e.to_string());
+        |name: &str, v: String| std::fs::write(out_dir.join(name), v).map_err(|e| e.to_string());
     write(
         "labels.json",
         serde_json::to_string_pretty(&labels).map_err(|e| e.to_string())?,
     )?;
+    let metrics = Metrics {
+        train_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        ..metrics
+    };
     write(
         "metrics.json",
         serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?,
