@@ -48,12 +48,9 @@ pub struct EvalArgs {
     pub json: Option<PathBuf>,
     /// The base sentence encoder directory (the cascade's second opinion,
     /// and the encoder of heads trained without fine-tuning).
-    #[arg(
-        long,
-        env = "MOLTBOT_ENCODER_DIR",
-        default_value = "var/models/all-minilm-l6-v2"
-    )]
-    pub encoder_dir: PathBuf,
+    /// Default: `<models dir>/all-minilm-l6-v2`.
+    #[arg(long, env = "MOLTBOT_ENCODER_DIR")]
+    pub encoder_dir: Option<PathBuf>,
     /// Arithmetic of the embeddings, as the service runs
     /// (`MOLTBOT_ENCODER_PRECISION`).
     #[arg(
@@ -66,6 +63,9 @@ pub struct EvalArgs {
     /// libtorch threads; 0: every core.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Models directory (`make models`).
+    #[arg(long, env = "MOLTBOT_MODELS_DIR", default_value = "var/models")]
+    pub models_dir: PathBuf,
     /// Confusion pairs and weakest intents shown in the table.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
@@ -319,8 +319,15 @@ pub fn run(args: &EvalArgs) -> Result<Report, String> {
     };
     tch::set_num_threads(threads as i32);
     let device = tch::Device::Cpu;
-    let base =
-        Encoder::load_with(&args.encoder_dir, device, args.precision).map_err(|e| e.to_string())?;
+    let base = Encoder::load_with(
+        &args
+            .encoder_dir
+            .clone()
+            .unwrap_or_else(|| args.models_dir.join("all-minilm-l6-v2")),
+        device,
+        args.precision,
+    )
+    .map_err(|e| e.to_string())?;
     let head = IntentHead::load(&args.head, base.dimension()).map_err(|e| e.to_string())?;
     let tuned = match head.encoder_dir() {
         Some(dir) => {

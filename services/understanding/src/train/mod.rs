@@ -88,12 +88,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// The sentence encoder directory.
-    #[arg(
-        long,
-        env = "MOLTBOT_ENCODER_DIR",
-        default_value = "var/models/all-minilm-l6-v2"
-    )]
-    pub encoder_dir: PathBuf,
+    /// Default: `<models dir>/all-minilm-l6-v2`.
+    #[arg(long, env = "MOLTBOT_ENCODER_DIR")]
+    pub encoder_dir: Option<PathBuf>,
     /// Random seed (initialisation, shuffling, the validation splits).
     #[arg(long, default_value_t = 7)]
     pub seed: i64,
@@ -178,6 +175,13 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The base encoder directory.
+    pub fn encoder(&self) -> PathBuf {
+        self.encoder_dir
+            .clone()
+            .unwrap_or_else(|| self.models_dir.join("all-minilm-l6-v2"))
+    }
+
     /// The dataset source these flags describe.
     pub fn source(&self) -> Source {
         Source {
@@ -469,9 +473,9 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let encoder_root = encoder_vars.root();
     let fine_tune = args.fine_tune_epochs > 0;
     let encoder = if fine_tune {
-        Encoder::load_into(&args.encoder_dir, Device::Cpu, Some(&encoder_root))
+        Encoder::load_into(&args.encoder(), Device::Cpu, Some(&encoder_root))
     } else {
-        Encoder::load_with(&args.encoder_dir, Device::Cpu, precision)
+        Encoder::load_with(&args.encoder(), Device::Cpu, precision)
     }
     .map_err(|e| e.to_string())?;
 
@@ -579,7 +583,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     // them: the fine-tuned encoder is saved and read back in `precision`.
     let encoder = if fine_tune {
         let dir = out_dir.join("encoder");
-        save_encoder(&encoder_vars, &args.encoder_dir, &dir)?;
+        save_encoder(&encoder_vars, &args.encoder(), &dir)?;
         Encoder::load_with(&dir, Device::Cpu, precision).map_err(|e| e.to_string())?
     } else {
         encoder
@@ -652,7 +656,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     // fine-tuned; otherwise the embeddings above already are that space.
     let base_encoder = if fine_tune {
         Some(
-            Encoder::load_with(&args.encoder_dir, Device::Cpu, precision)
+            Encoder::load_with(&args.encoder(), Device::Cpu, precision)
                 .map_err(|e| e.to_string())?,
         )
     } else {
