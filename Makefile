@@ -38,7 +38,7 @@ BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 # A stamp per pinned version, so a new pin reinstalls.
 OPENAI_NODE := $(TOOLS_DIR)/.installed-$(subst @,-,$(OPENAI_NODE_PKG))
 
-.PHONY: node-sdk deploy-tools bench-mesh bench-retrieval all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: node-sdk deploy-tools bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -142,6 +142,19 @@ bench-mesh: build-release models
 
 bench-retrieval: build-release models
 	$(CARGO_TARGET_DIR)/release/moltbot-retrieval-bench --sizes 100000,1000000
+
+## Intent benchmarks (BENCHMARKS.md, "Intent engine on your data"): CLINC150
+## (validation figures and their held-out estimate, from the head
+## `make intent-head-release` trains) and CLINC150 open-intent (a seeded 75 %
+## of the intents known, the rest to be flagged; scripts/intent_bench_open.py),
+## trained and scored through `moltbot intents`.
+OPEN_BENCH := $(MODELS_DIR)/bench/clinc150-open
+bench-intents: intent-head-release
+	$(VENV)/bin/python scripts/intent_bench_open.py $(OPEN_BENCH)
+	$(CARGO_TARGET_DIR)/release/moltbot intents train $(OPEN_BENCH)/train.jsonl \
+	  --name clinc150-open --out $(OPEN_BENCH)/head --progress lines
+	$(CARGO_TARGET_DIR)/release/moltbot intents eval $(OPEN_BENCH)/head $(OPEN_BENCH)/test.jsonl
+	cat $(MODELS_DIR)/intent-head/metrics.json
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -132,7 +132,8 @@ pub struct Report {
     pub macro_f1: f64,
     /// Every label's figures, weakest F1 first.
     pub per_intent: Vec<IntentScore>,
-    /// The most frequent mistakes.
+    /// Every mistake (expected, predicted) with its count, most frequent
+    /// first.
     pub confusions: Vec<Confusion>,
     /// Texts classified per second (embedding included).
     pub texts_per_second: f64,
@@ -303,7 +304,7 @@ pub fn table(r: &Report, top: usize) -> String {
         );
     }
     out += &format!("\n{:<40} {:<40} {:>5}\n", "expected", "predicted", "count");
-    for c in &r.confusions {
+    for c in r.confusions.iter().take(top) {
         out += &format!("{:<40} {:<40} {:>5}\n", c.expected, c.predicted, c.count);
     }
     out

@@ -7,17 +7,16 @@ use std::collections::BTreeMap;
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
+/// `(text, label)` pairs.
+pub type Pairs = Vec<(String, String)>;
+
 /// Splits `(text, label)` pairs into `(train, val)`: for each label (in
 /// sorted order), its examples are shuffled with ChaCha8 seeded by `seed`
 /// and `round(n × share)` of them go to validation, never all of them (a
 /// label with one example stays in training). Both halves keep the input's
 /// order. Deterministic for a seed on every platform (ChaCha8 is specified
 /// bit for bit).
-pub fn stratified(
-    pairs: Vec<(String, String)>,
-    share: f64,
-    seed: u64,
-) -> (Vec<(String, String)>, Vec<(String, String)>) {
+pub fn stratified(pairs: Pairs, share: f64, seed: u64) -> (Pairs, Pairs) {
     let share = share.clamp(0.0, 1.0);
     let mut by_label: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, (_, label)) in pairs.iter().enumerate() {

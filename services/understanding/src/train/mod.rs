@@ -30,6 +30,7 @@ use crate::{
     head::{BaseKnnRule, Labels},
 };
 
+pub mod early_stop;
 pub mod progress;
 pub mod rule;
 
@@ -138,6 +139,17 @@ pub struct TrainArgs {
     /// an in-scope one (1: plain cross-entropy).
     #[arg(long, default_value_t = 1.0)]
     pub oos_weight: f64,
+    /// Label smoothing of the intent loss (Szegedy et al., "Rethinking the
+    /// Inception Architecture", CVPR 2016): the target puts this share of
+    /// its mass evenly on every class (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Early stopping: fine-tuning stops once this many epochs in a row
+    /// bring no gain in the head's validation accuracy, and the best
+    /// epoch's weights are kept (0: every epoch runs; the best is still
+    /// kept). Costs one pass over the validation texts per epoch.
+    #[arg(long, default_value_t = 1)]
+    pub patience: usize,
     /// Out-of-scope probe texts, one per line: requests outside every
     /// intent of the data, flagged or not by the chosen rule and reported
     /// as `probe_out_of_scope_recall`. They choose nothing. Empty
@@ -202,7 +214,7 @@ impl TrainArgs {
     /// the model id with the data).
     fn settings(&self) -> String {
         format!(
-            "seed={} epochs={} hidden={} fine_tune_epochs={} min_acc={} threads={} encoder_lr={} synthetic_val_share={} oos_weight={} val_share={} hierarchy={:?} oos_label={} precision={}",
+            "seed={} epochs={} hidden={} fine_tune_epochs={} min_acc={} threads={} encoder_lr={} synthetic_val_share={} oos_weight={} label_smoothing={} patience={} val_share={} hierarchy={:?} oos_label={} precision={}",
             self.seed,
             self.epochs,
             self.hidden,
@@ -212,6 +224,8 @@ impl TrainArgs {
             self.encoder_lr,
             self.synthetic_val_share,
             self.oos_weight,
+            self.label_smoothing,
+            self.patience,
             self.val_share,
             self.hierarchy,
             self.oos_label,
@@ -330,6 +344,10 @@ pub struct Metrics {
     /// libtorch threads used.
     #[serde(default)]
     pub threads: usize,
+    /// The head's validation accuracy after each fine-tuning epoch run
+    /// (early stopping; the best epoch's weights are kept).
+    #[serde(default)]
+    pub val_accuracy_by_epoch: Vec<f64>,
     /// Wall-clock seconds from reading the data to writing the head.
     #[serde(default)]
     pub train_seconds: f64,
@@ -469,7 +487,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
 
     // The encoder's weights are variables of their own store: fine-tuned
     // with a small learning rate, saved beside the head.
-    let encoder_vars = nn::VarStore::new(Device::Cpu);
+    let mut encoder_vars = nn::VarStore::new(Device::Cpu);
     let encoder_root = encoder_vars.root();
     let fine_tune = args.fine_tune_epochs > 0;
     let encoder = if fine_tune {
@@ -479,7 +497,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     }
     .map_err(|e| e.to_string())?;
 
-    let vs = nn::VarStore::new(Device::Cpu);
+    let mut vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
     let dim = encoder.dimension() as i64;
     let hidden = nn::linear(&root / "hidden", dim, args.hidden, Default::default());
@@ -516,7 +534,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
             Some(&class_weights),
             tch::Reduction::Mean,
             -100,
-            0.0,
+            args.label_smoothing,
         ) + domain_head.forward(&h).cross_entropy_loss::<Tensor>(
             &d.index_select(0, idx),
             None,
@@ -526,6 +544,8 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         )
     };
 
+    // Validation accuracy after each fine-tuning epoch (early stopping).
+    let mut epochs_run: Vec<f64> = Vec::new();
     if fine_tune {
         // Joint fine-tuning of encoder and head (Reimers & Gurevych 2019
         // fine-tune the same way), batch 32, AdamW.
@@ -537,6 +557,11 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         let batches = (n as usize).div_ceil(32);
         let mut progress =
             Progress::start(args.progress, "fine-tune", args.fine_tune_epochs, batches);
+        let stop_pairs: Pairs = [val.as_slice(), oos_val.as_slice()].concat();
+        let stop_texts = texts(&stop_pairs);
+        let stop_y = Tensor::from_slice(&label(&stop_pairs)?.0);
+        let mut stop = early_stop::EarlyStop::new(args.patience);
+        let checkpoint = early_stop::Checkpoint::new()?;
         for epoch in 0..args.fine_tune_epochs {
             let perm = Vec::<i64>::try_from(&Tensor::randperm(n, (Kind::Int64, Device::Cpu)))
                 .map_err(|e| e.to_string())?;
@@ -555,7 +580,45 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
                 let last = b + 1 == batches;
                 progress.tick(epoch, b + 1, total / (b + 1) as f64, last);
             }
+            // Early stopping on the head's validation accuracy (in-scope
+            // intents and the `oos` class).
+            let _g = tch::no_grad_guard();
+            let logits = intent_head.forward(
+                &hidden
+                    .forward(&embed_all(&encoder, &stop_texts)?)
+                    .gelu("none"),
+            );
+            let right = logits
+                .argmax(1, false)
+                .eq_tensor(&stop_y)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            let accuracy = right as f64 / stop_texts.len().max(1) as f64;
+            let decision = stop.record(epoch, accuracy);
+            eprintln!(
+                "train: epoch {} validation accuracy {accuracy:.4}",
+                epoch + 1
+            );
+            if decision.improved && epoch + 1 < args.fine_tune_epochs {
+                checkpoint.save(&[&encoder_vars, &vs])?;
+            }
+            if decision.stop {
+                eprintln!("train: no gain for {} epoch(s): stopping", args.patience);
+                break;
+            }
         }
+        if stop
+            .best_epoch()
+            .is_some_and(|b| b + 1 < stop.history.len())
+        {
+            eprintln!(
+                "train: keeping epoch {}'s weights (from {})",
+                stop.best_epoch().map_or(0, |b| b + 1),
+                checkpoint.dir().display()
+            );
+            checkpoint.restore(&mut [&mut encoder_vars, &mut vs])?;
+        }
+        epochs_run = stop.history.clone();
         progress.finish();
     } else {
         eprintln!("train: embedding {} training texts", train.len());
@@ -733,6 +796,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         held_out,
         synthetic_oos_val_texts: synthetic_val.len(),
         threads,
+        val_accuracy_by_epoch: epochs_run.clone(),
         train_seconds: 0.0,
         in_scope_accuracy: figures.accuracy,
         out_of_scope_recall: figures.recall,
