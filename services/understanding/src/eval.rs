@@ -313,12 +313,7 @@ pub fn table(r: &Report, top: usize) -> String {
 /// Runs `eval`: classifies every text of the data and writes the report.
 /// Errors with a message naming what is wrong.
 pub fn run(args: &EvalArgs) -> Result<Report, String> {
-    let threads = if args.threads == 0 {
-        std::thread::available_parallelism().map_or(1, usize::from)
-    } else {
-        args.threads
-    };
-    tch::set_num_threads(threads as i32);
+    crate::train::set_threads(args.threads);
     let device = tch::Device::Cpu;
     let base = Encoder::load_with(
         &args

@@ -183,16 +183,18 @@ fn clinc150_validation_meets_the_targets() {
     // The decision rule is chosen for out-of-scope recall ≥ 0.70 on validation.
     assert!(m.out_of_scope_recall >= 0.70, "{m:?}");
     // The targets, on CLINC150 validation (the fine-tuned encoder
-    // with the probability and nearest-neighbour rules: 0.952 / 0.95 / 0.982).
+    // with the probability and nearest-neighbour rules: 0.955 / 0.93 / 0.986).
     assert!(m.in_scope_accuracy >= 0.95, "{m:?}");
     assert!(m.domain_accuracy >= 0.98, "{m:?}");
     assert!(m.out_of_scope_precision > 0.5, "{m:?}");
+    // A nearest-neighbour test is part of the rule: the fine-tuned-space
+    // threshold, or the cascade's gate into the base encoder's space.
     assert!(
-        m.knn_threshold > 0.0,
-        "the nearest-neighbour rule is off: {m:?}"
+        m.knn_threshold > 0.0 || m.base_knn_gate > 0.0,
+        "the nearest-neighbour rules are off: {m:?}"
     );
     // Out-of-scope detection carries over to requests unlike CLINC150's
-    // `oos_val` (data/probes: creative writing, coding, advice; 0.95 with
+    // `oos_val` (data/probes: creative writing, coding, advice; 0.975 with
     // the rule above; the probes choose nothing).
     assert_eq!(m.probe_texts, 40);
     let probes = m.probe_out_of_scope_recall.unwrap();
@@ -237,8 +239,9 @@ async fn classifies_the_examples() {
     served.shutdown().await;
 }
 
-/// Served decisions match training's: CLINC150 validation through
-/// ClassifyBatch gives the figures `metrics.json` holds (the same rule —
+/// Served decisions match training's: CLINC150 validation (and the
+/// held-back synthetic out-of-scope texts) through ClassifyBatch gives the
+/// figures `metrics.json` holds (the same rule —
 /// threshold, nearest-neighbour test and the base-encoder cascade — applied
 /// by the service; batches differ from training's, so a text or two on a
 /// boundary may flip).
@@ -262,9 +265,24 @@ async fn served_decisions_reproduce_the_validation_figures() {
             .map(|p| (p[0].as_str().unwrap().into(), p[1].as_str().unwrap().into()))
             .collect()
     };
+    // The out-of-scope validation texts training chose the rule on:
+    // `oos_val` and the synthetic texts it held back (the trainer's split:
+    // a quarter, seeded with the seed + 1, as `train::run` makes it).
+    let synthetic: Vec<(String, String)> = std::fs::read_to_string(
+        root().join("services/understanding/data/synthetic_oos/synthetic_oos.txt"),
+    )
+    .unwrap()
+    .lines()
+    .map(str::trim)
+    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    .map(|l| (l.to_owned(), "oos".to_owned()))
+    .collect();
+    let (_, held_back) =
+        moltbot_understanding::dataset::split::stratified(synthetic, 0.25, m.seed as u64 + 1);
+    assert_eq!(held_back.len(), m.synthetic_oos_val_texts);
     let mut served = Vec::new();
-    for split in ["val", "oos_val"] {
-        for chunk in pairs(split).chunks(8) {
+    for split in [pairs("val"), pairs("oos_val"), held_back] {
+        for chunk in split.chunks(8) {
             let out = c
                 .classify_batch(pb::ClassifyBatchRequest {
                     texts: chunk.iter().map(|(t, _)| t.clone()).collect(),

@@ -408,17 +408,24 @@ fn save_encoder(
         .map_err(|e| e.to_string())
 }
 
+/// Sets libtorch's intra-op threads: `n`, or every core for 0. Returns
+/// the count set.
+pub fn set_threads(n: usize) -> usize {
+    let threads = if n == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        n
+    };
+    tch::set_num_threads(threads as i32);
+    threads
+}
+
 /// Trains and writes the head. Errors with a message naming what is wrong
 /// (a bad data row names its file and line).
 pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
     let started = std::time::Instant::now();
     let precision = args.precision;
-    let threads = if args.threads == 0 {
-        std::thread::available_parallelism().map_or(1, usize::from)
-    } else {
-        args.threads
-    };
-    tch::set_num_threads(threads as i32);
+    let threads = set_threads(args.threads);
     tch::manual_seed(args.seed);
     let dataset = crate::dataset::load(&args.source()).map_err(|e| e.to_string())?;
     for note in &dataset.notes {
