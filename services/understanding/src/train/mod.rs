@@ -1,23 +1,27 @@
-//! `moltbot-understanding train`: fine-tunes the encoder with the intent
-//! and domain heads, in Rust with tch, and chooses the out-of-scope rule.
+//! `moltbot-understanding train` (and `moltbot intents train`): fine-tunes
+//! the encoder with the intent and domain heads, in Rust with tch, and
+//! chooses the out-of-scope rule.
 //!
-//! Data: a CLINC150-format JSON (`train`, `val`, `oos_train`, `oos_val`:
-//! lists of `[text, intent]`) and a domain map (`{domain: [intent, …]}`).
-//! Model: the MiniLM encoder, one GELU hidden layer over its 384-d sentence
-//! embedding and two softmax heads — 150 intents + `oos`, and 10 domains
-//! (trained on in-scope texts only) — fitted jointly with AdamW on `train` +
-//! `oos_train` (or the heads alone on the frozen encoder with
-//! `--fine-tune-epochs 0`). The domain is predicted hierarchically: the
-//! domain head's probabilities plus the intent head's probability mass per
-//! domain. Outlier exposure (Hendrycks et al., ICLR 2019): synthetic
-//! out-of-scope requests (`--synthetic-oos`, made once by
+//! Data: any format [`crate::dataset`] reads (CSV/TSV, JSONL, Rasa NLU
+//! YAML, CLINC150 JSON), with its hierarchy and validation split resolved
+//! there. Model: the MiniLM encoder, one GELU hidden layer over its 384-d
+//! sentence embedding and two softmax heads — the data's intents + `oos`,
+//! and its domains (trained on in-scope texts only) — fitted jointly with
+//! AdamW (label smoothing 0.1 on the intent loss) and stopped early on the
+//! head's validation accuracy ([`early_stop`]), or the heads alone on the
+//! frozen encoder with `--fine-tune-epochs 0`. The domain is predicted
+//! hierarchically: the domain head's probabilities plus the intent head's
+//! probability mass per domain. Outlier exposure (Hendrycks et al., ICLR
+//! 2019): synthetic out-of-scope requests (`--synthetic-oos`, made once by
 //! `scripts/synth_oos.py` with the generation model, decontaminated against
-//! every evaluation text) join `oos_train` as `oos` training texts, since
-//! CLINC150's 100 `oos_train` texts never show the head what else a chat
-//! assistant is asked. The out-of-scope rule ([`rule`]) is chosen on `val` +
-//! `oos_val` only. Deterministic for a seed. Writes `head.safetensors`, `labels.json`,
-//! `metrics.json` (validation figures), the fine-tuned `encoder/` and the
-//! nearest-neighbour tables (`knn.safetensors`, `base_knn.safetensors`).
+//! every CLINC150 evaluation text) are trained on as `oos`, but for a
+//! seeded quarter held back for validation. The out-of-scope rule
+//! ([`rule`]) is chosen on validation texts only (the data's, plus the
+//! held-back synthetic ones), and its figures are cross-validated for a
+//! held-out estimate. Deterministic for a seed and a thread count. Writes
+//! `head.safetensors`, `labels.json`, `metrics.json` (validation and
+//! held-out figures), the fine-tuned `encoder/` and the nearest-neighbour
+//! tables (`knn.safetensors`, `base_knn.safetensors`).
 
 use std::{collections::HashMap, path::PathBuf};
 
