@@ -316,10 +316,7 @@ pub fn run(args: &EvalArgs) -> Result<Report, String> {
     crate::train::set_threads(args.threads);
     let device = tch::Device::Cpu;
     let base = Encoder::load_with(
-        &args
-            .encoder_dir
-            .clone()
-            .unwrap_or_else(|| args.models_dir.join("all-minilm-l6-v2")),
+        &crate::encoder_dir(&args.models_dir, args.encoder_dir.as_deref()),
         device,
         args.precision,
     )

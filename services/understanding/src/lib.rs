@@ -91,9 +91,7 @@ pub struct Args {
 impl Args {
     /// The encoder directory.
     pub fn encoder_dir(&self) -> PathBuf {
-        self.encoder_dir
-            .clone()
-            .unwrap_or_else(|| self.models_dir.join("all-minilm-l6-v2"))
+        encoder_dir(&self.models_dir, self.encoder_dir.as_deref())
     }
 
     /// The head directory.
@@ -102,6 +100,14 @@ impl Args {
             .clone()
             .unwrap_or_else(|| self.models_dir.join("intent-head"))
     }
+}
+
+/// The base sentence encoder's directory: `explicit` when given (a
+/// `--encoder-dir` flag), else `<models_dir>/all-minilm-l6-v2`, where
+/// `make models` puts it. The service, `train` and `eval` all resolve it
+/// here.
+pub fn encoder_dir(models_dir: &std::path::Path, explicit: Option<&std::path::Path>) -> PathBuf {
+    explicit.map_or_else(|| models_dir.join("all-minilm-l6-v2"), PathBuf::from)
 }
 
 /// Serves until SIGTERM/SIGINT: loads the encoder (and the head, when one is

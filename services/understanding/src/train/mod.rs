@@ -198,9 +198,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The base encoder directory.
     pub fn encoder(&self) -> PathBuf {
-        self.encoder_dir
-            .clone()
-            .unwrap_or_else(|| self.models_dir.join("all-minilm-l6-v2"))
+        crate::encoder_dir(&self.models_dir, self.encoder_dir.as_deref())
     }
 
     /// The dataset source these flags describe.
@@ -634,7 +632,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
             );
             checkpoint.restore(&mut [&mut encoder_vars, &mut vs])?;
         }
-        epochs_run = stop.history.clone();
+        epochs_run = stop.history;
         progress.finish();
     } else {
         eprintln!("train: embedding {} training texts", train.len());
@@ -812,7 +810,7 @@ pub fn run(args: &TrainArgs) -> Result<Metrics, String> {
         held_out,
         synthetic_oos_val_texts: synthetic_val.len(),
         threads,
-        val_accuracy_by_epoch: epochs_run.clone(),
+        val_accuracy_by_epoch: epochs_run,
         train_seconds: 0.0,
         in_scope_accuracy: figures.accuracy,
         out_of_scope_recall: figures.recall,
