@@ -38,7 +38,7 @@ BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 # A stamp per pinned version, so a new pin reinstalls.
 OPENAI_NODE := $(TOOLS_DIR)/.installed-$(subst @,-,$(OPENAI_NODE_PKG))
 
-.PHONY: node-sdk deploy-tools bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -132,8 +132,19 @@ test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools
 	  $(CARGO) test --workspace --no-fail-fast
 
 ## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
-bench-generation: build-release models
-	$(CARGO_TARGET_DIR)/release/moltbot-generation-bench --model-dir $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
+## Generation runs against llama.cpp through llama-cpp-python, pinned here and
+## installed into its own virtualenv by this target only: pip compiles
+## llama.cpp for several minutes, which `make up` and `make test` never pay.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_VENV := $(TOOLS_DIR)/llama-venv
+$(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON_VERSION):
+	python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	touch $@
+
+bench-generation: build-release models $(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON_VERSION)
+	MOLTBOT_LLAMA_PYTHON=$(LLAMA_VENV)/bin/python \
+	  $(CARGO_TARGET_DIR)/release/moltbot-generation-bench --model-dir $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
 
 ## Scale-out and gateway-overhead benchmarks (BENCHMARKS.md, "Scale out"):
 ## real processes of the release build; the services' logs are dropped.

@@ -109,3 +109,74 @@ async fn a_name_that_does_not_resolve_fails_at_once_with_unavailable() {
     );
     assert!(began.elapsed() < Duration::from_secs(15));
 }
+
+/// One Check of `service` carrying session-affinity key `key`: true when
+/// endpoint "a" answered.
+async fn answered_by_a(channel: &client::TracedChannel, key: &str) -> bool {
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: "a".to_owned(),
+    });
+    request.set_timeout(Duration::from_secs(2));
+    request.metadata_mut().insert(
+        moltbot_runtime::grpc::balance::AFFINITY_HEADER,
+        key.parse().unwrap(),
+    );
+    match HealthClient::new(channel.clone()).check(request).await {
+        Ok(_) => true,
+        Err(s) if s.code() == tonic::Code::NotFound => false,
+        Err(s) => panic!("a call failed: {s:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_key_sticks_to_one_endpoint_and_moves_when_it_stops() {
+    let (a, _stop_a) = server("a").await;
+    let (b, stop_b) = server("b").await;
+    let channel = client::channel(&format!("http://127.0.0.1:{a},http://127.0.0.1:{b}")).unwrap();
+    // Wait until both endpoints are in the ready set.
+    for _ in 0..20 {
+        let _ = check(&channel, "a").await;
+    }
+    // Each of 40 keys always reaches the same endpoint, and keys spread.
+    let mut on_a = Vec::new();
+    for k in 0..40 {
+        let key = format!("s-{k:012x}");
+        let first = answered_by_a(&channel, &key).await;
+        for _ in 0..5 {
+            assert_eq!(
+                answered_by_a(&channel, &key).await,
+                first,
+                "key {key} moved"
+            );
+        }
+        on_a.push((key, first));
+    }
+    let a_keys = on_a.iter().filter(|(_, a)| *a).count();
+    assert!((8..=32).contains(&a_keys), "{a_keys} of 40 keys on a");
+
+    // b stops: its keys move to a (affinity is a preference); a's stay.
+    let _ = stop_b.send(());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut failures = 0;
+    for (key, _) in &on_a {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: "a".to_owned(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        request.metadata_mut().insert(
+            moltbot_runtime::grpc::balance::AFFINITY_HEADER,
+            key.parse().unwrap(),
+        );
+        if HealthClient::new(channel.clone())
+            .check(request)
+            .await
+            .is_err()
+        {
+            failures += 1;
+        }
+    }
+    assert!(failures <= 3, "{failures} calls failed after b stopped");
+    for (key, _) in &on_a {
+        assert!(answered_by_a(&channel, key).await, "key {key} not on a");
+    }
+}

@@ -93,10 +93,18 @@ async fn one_attempt(
     mut request: GenerateRequest,
     model: &str,
     remaining: Duration,
+    affinity: Option<&str>,
 ) -> Result<Started, tonic::Status> {
     request.model = model.to_owned();
     let mut req = tonic::Request::new(request);
     req.set_timeout(remaining);
+    // Session affinity: the balancer sends every turn of a session to the
+    // same generation replica while it is ready, where the previous turns'
+    // KV blocks are cached (moltbot_runtime::grpc::balance::affinity).
+    if let Some(key) = affinity.and_then(|k| k.parse().ok()) {
+        req.metadata_mut()
+            .insert(moltbot_runtime::grpc::balance::AFFINITY_HEADER, key);
+    }
     let mut client = GenerationServiceClient::new(channel);
     let call = async {
         let mut stream = client.generate(req).await?.into_inner();
@@ -120,23 +128,40 @@ async fn one_attempt(
     }
 }
 
-/// Tries `chain` in order under `policy` until one model starts answering.
-/// Every attempt is appended to `attempts`.
+/// Which models to try, how, and for which session.
+pub struct Plan<'a> {
+    /// Route name (for errors).
+    pub route: &'a str,
+    /// Models in order.
+    pub chain: &'a [String],
+    /// Attempts and backoff per model.
+    pub policy: &'a RetryPolicy,
+    /// A digest of tenant and session: keeps a session's turns on one
+    /// generation replica when it can (its prefix cache lives there).
+    pub affinity: Option<&'a str>,
+}
+
+/// Tries `plan.chain` in order under `plan.policy` until one model starts
+/// answering. Every attempt is appended to `attempts`.
 ///
 /// Errors: [`ApiError::Upstream`] at once for a request no model can serve
 /// (INVALID_ARGUMENT and the like); [`ApiError::AllAttemptsFailed`] when every
 /// model failed or the deadline ran out (`deadline: true`).
 pub async fn start(
     channel: &TracedChannel,
-    route: &str,
-    chain: &[String],
-    policy: &RetryPolicy,
+    plan: Plan<'_>,
     request: GenerateRequest,
     deadline: Instant,
     attempts: &mut Vec<Attempt>,
 ) -> Result<Started, ApiError> {
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut deadline_hit = false;
+    let Plan {
+        route,
+        chain,
+        policy,
+        affinity,
+    } = plan;
     'models: for (index, model) in chain.iter().enumerate() {
         let more = index + 1 < chain.len();
         for n in 1..=policy.max_attempts {
@@ -149,7 +174,8 @@ pub async fn start(
             tokio::time::sleep(wait).await;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let began = Instant::now();
-            let result = one_attempt(channel.clone(), request.clone(), model, remaining).await;
+            let result =
+                one_attempt(channel.clone(), request.clone(), model, remaining, affinity).await;
             let latency_ms = began.elapsed().as_millis() as u64;
             match result {
                 Ok(started) => {

@@ -817,11 +817,18 @@ impl Pipeline {
     /// Starts generation on the route's chain, recording attempts in
     /// `prepared.ext.attempts`.
     pub async fn start(&self, prepared: &mut Prepared) -> Result<generate::Started, ApiError> {
+        let affinity = moltbot_runtime::telemetry::redact::session_id(
+            &prepared.tenant,
+            &prepared.ext.session_id,
+        );
         generate::start(
             &self.generation,
-            &prepared.route,
-            &prepared.chain,
-            &prepared.retry,
+            generate::Plan {
+                route: &prepared.route,
+                chain: &prepared.chain,
+                policy: &prepared.retry,
+                affinity: Some(&affinity),
+            },
             prepared.request.clone(),
             prepared.deadline,
             &mut prepared.ext.attempts,

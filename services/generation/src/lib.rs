@@ -1,10 +1,12 @@
 //! `moltbot-generation`: token generation from a local Llama/Qwen2-family
-//! model on libtorch (CPU or CUDA), with a KV cache and continuous batching,
+//! model on libtorch (CPU or CUDA), with a paged KV cache, prefix caching,
+//! chunked prefill and continuous batching,
 //! behind `moltbot.generation.v1.GenerationService`.
 //!
 //! - [`model`]: the decoder forward pass in tch;
 //! - [`text`]: tokenizer, chat template, incremental detokenization, stops;
 //! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty;
+//! - [`kv`]: the paged KV cache: block pool, block manager, prefix cache;
 //! - [`engine`]: the continuous-batching scheduler, one per model;
 //! - [`backend`]: the [`backend::Backend`] trait the service serves;
 //! - [`service`]: the gRPC layer.
@@ -13,6 +15,7 @@ pub mod backend;
 pub mod device;
 pub mod engine;
 mod error;
+pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod remote;
@@ -65,8 +68,8 @@ pub struct Args {
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "MOLTBOT_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
-    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16`, `f16` (CUDA) or
-    /// `int8` (weight-only, CPU: the fastest single stream).
+    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16`, `f16` (CUDA),
+    /// `int8` or `int4` (weight-only, CPU: the fastest single stream).
     #[arg(long, env = "MOLTBOT_DTYPE", default_value = "auto")]
     pub dtype: DtypeSpec,
     /// Intra-op CPU threads of libtorch; 0 = every core.
@@ -78,6 +81,22 @@ pub struct Args {
     /// Most KV-cache tokens (prompt + max_tokens of each running sequence).
     #[arg(long, env = "MOLTBOT_MAX_BATCH_TOKENS", default_value_t = 65_536)]
     pub max_batch_tokens: usize,
+    /// Memory of each local model's paged KV cache in MiB: the running
+    /// sequences' keys and values plus the prefix cache, which evicts least
+    /// recently used blocks when it is full. Committed as it fills.
+    #[arg(long, env = "MOLTBOT_KV_CACHE_MB", default_value_t = 1024)]
+    pub kv_cache_mb: usize,
+    /// Tokens per KV-cache block (the unit of allocation and of prefix reuse).
+    #[arg(long, env = "MOLTBOT_KV_BLOCK_SIZE", default_value_t = kv::DEFAULT_BLOCK_SIZE)]
+    pub kv_block_size: usize,
+    /// Most prompt tokens prefilled per scheduler step: a long prompt is
+    /// prefilled in chunks between the running streams' decode steps.
+    #[arg(long, env = "MOLTBOT_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Reuse the KV cache of prompt prefixes seen before (previous turns,
+    /// shared system prompts); `false` recomputes every prompt.
+    #[arg(long, env = "MOLTBOT_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
     /// Most requests waiting per model before RESOURCE_EXHAUSTED.
     #[arg(long, env = "MOLTBOT_QUEUE_CAPACITY", default_value_t = 256)]
     pub queue_capacity: usize,
@@ -123,15 +142,22 @@ impl Args {
             || self.max_batch_tokens == 0
             || self.queue_capacity == 0
             || self.default_max_tokens == 0
+            || self.kv_cache_mb == 0
+            || self.kv_block_size == 0
+            || self.prefill_chunk == 0
         {
             return Err(RuntimeError::Config(
-                "MOLTBOT_MAX_BATCH_SIZE, MOLTBOT_MAX_BATCH_TOKENS, MOLTBOT_QUEUE_CAPACITY and MOLTBOT_DEFAULT_MAX_TOKENS must be at least 1".into(),
+                "MOLTBOT_MAX_BATCH_SIZE, MOLTBOT_MAX_BATCH_TOKENS, MOLTBOT_QUEUE_CAPACITY, MOLTBOT_DEFAULT_MAX_TOKENS, MOLTBOT_KV_CACHE_MB, MOLTBOT_KV_BLOCK_SIZE and MOLTBOT_PREFILL_CHUNK must be at least 1".into(),
             ));
         }
         Ok(EngineConfig {
             max_batch_size: self.max_batch_size,
             max_batch_tokens: self.max_batch_tokens,
             queue_capacity: self.queue_capacity,
+            kv_cache_bytes: self.kv_cache_mb << 20,
+            block_size: self.kv_block_size,
+            prefill_chunk: self.prefill_chunk,
+            prefix_caching: self.prefix_caching,
         })
     }
 

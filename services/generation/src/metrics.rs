@@ -1,6 +1,8 @@
 //! The generation service's Prometheus metrics, labelled by model: time to
 //! first token, tokens in and out, batch size, queue depth, active sequences,
-//! finished requests by reason.
+//! finished requests by reason, the paged KV cache's blocks and the prefix
+//! cache's hits (hit rate = `generation_prefix_cache_hit_tokens_total` /
+//! `generation_prefix_cache_lookup_tokens_total`).
 
 use std::sync::OnceLock;
 
@@ -25,6 +27,14 @@ pub struct Metrics {
     /// Finished requests by model and reason (`stop`, `length`,
     /// `cancelled`, `error`).
     pub requests: IntCounterVec,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub prefix_cache_hit_tokens: IntCounterVec,
+    /// Prompt tokens looked up in the prefix cache (every admitted prompt).
+    pub prefix_cache_lookup_tokens: IntCounterVec,
+    /// KV-cache blocks by model and state (`used`, `cached`, `free`).
+    pub kv_cache_blocks: IntGaugeVec,
+    /// Seconds per prefill chunk, by model.
+    pub prefill_chunk_seconds: HistogramVec,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -79,6 +89,35 @@ pub fn metrics() -> &'static Metrics {
                 &["model", "reason"],
             )
             .expect("valid metric"),
+            prefix_cache_hit_tokens: IntCounterVec::new(
+                Opts::new(
+                    "generation_prefix_cache_hit_tokens_total",
+                    "Prompt tokens served from the prefix cache instead of prefill",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
+            prefix_cache_lookup_tokens: IntCounterVec::new(
+                Opts::new(
+                    "generation_prefix_cache_lookup_tokens_total",
+                    "Prompt tokens looked up in the prefix cache",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
+            kv_cache_blocks: IntGaugeVec::new(
+                Opts::new(
+                    "generation_kv_cache_blocks",
+                    "KV-cache blocks by state: used (held by sequences), cached (reusable prefixes), free",
+                ),
+                &["model", "state"],
+            )
+            .expect("valid metric"),
+            prefill_chunk_seconds: hist(
+                "generation_prefill_chunk_seconds",
+                "Seconds per prefill chunk",
+                LATENCY_BUCKETS_SECONDS.to_vec(),
+            ),
         };
         let r = registry();
         let _ = r.register(Box::new(m.time_to_first_token.clone()));
@@ -88,6 +127,10 @@ pub fn metrics() -> &'static Metrics {
         let _ = r.register(Box::new(m.queue_depth.clone()));
         let _ = r.register(Box::new(m.active_sequences.clone()));
         let _ = r.register(Box::new(m.requests.clone()));
+        let _ = r.register(Box::new(m.prefix_cache_hit_tokens.clone()));
+        let _ = r.register(Box::new(m.prefix_cache_lookup_tokens.clone()));
+        let _ = r.register(Box::new(m.kv_cache_blocks.clone()));
+        let _ = r.register(Box::new(m.prefill_chunk_seconds.clone()));
         m
     })
 }

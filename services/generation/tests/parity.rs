@@ -174,3 +174,75 @@ fn int8_weights_stay_close_to_f32() {
         .unwrap();
     assert!(answer.contains("Paris"), "{answer:?}");
 }
+
+/// The probe set of `--dtype int4`: short chat prompts of the kinds the
+/// mission serves (facts, code, arithmetic, instructions, support).
+const PROBES: [&str; 8] = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "What is 17 times 23?",
+    "Name three primary colours.",
+    "Translate 'good morning' into Spanish.",
+    "How do I reset my password if I forgot it?",
+    "Explain what a hash map is in one sentence.",
+    "Which planet is closest to the sun?",
+];
+
+/// Greedy tokens compared per probe.
+const PROBE_TOKENS: usize = 16;
+
+/// Weight-only int4 (groups of 32, int8 LM head) against f32: the relative
+/// logit error on each probe's prompt is bounded, the first token is f32's
+/// on at least 7 of 8 probes, and the 16-token greedy answers are equal on
+/// at least 5 of 8. Every difference is printed; BENCHMARKS.md ("Run 9")
+/// lists and judges them.
+#[test]
+fn int4_weights_keep_the_probe_sets_answers() {
+    use moltbot_generation::model::Precision;
+    let model = common::model_dir();
+    let tokenizer = ChatTokenizer::load(&model, vec![151645, 151643]).unwrap();
+    let f32_model = Decoder::load(&model, Device::Cpu, Kind::Float).unwrap();
+    let int4 = Decoder::load_with(&model, Device::Cpu, Precision::INT4).unwrap();
+    let argmax = moltbot_generation::sampling::argmax;
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let mut worst = 0.0f32;
+    let mut first_differs = 0;
+    let mut differing = Vec::new();
+    for probe in PROBES {
+        let prompt = tokenizer
+            .encode_chat(&[ChatMessage {
+                role: "user".into(),
+                content: probe.into(),
+                ..Default::default()
+            }])
+            .unwrap();
+        let last = |d: &Decoder| {
+            let mut cache = d.new_cache(prompt.len()).unwrap();
+            Vec::<f32>::try_from(d.prefill(&prompt, &mut cache, false).unwrap().view([-1])).unwrap()
+        };
+        let (a, b) = (last(&f32_model), last(&int4));
+        let diff: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let rel = norm(&diff) / norm(&a);
+        worst = worst.max(rel);
+        if argmax(&a) != argmax(&b) {
+            first_differs += 1;
+        }
+        let eos = tokenizer.eos_ids();
+        let want = common::greedy(&f32_model, &prompt, PROBE_TOKENS, eos);
+        let got = common::greedy(&int4, &prompt, PROBE_TOKENS, eos);
+        if want != got {
+            differing.push(format!(
+                "{probe:?}: f32 {:?} / int4 {:?}",
+                tokenizer.decode(&want).unwrap(),
+                tokenizer.decode(&got).unwrap()
+            ));
+        }
+    }
+    println!("int4 vs f32: worst relative logit error {worst:.4}");
+    for d in &differing {
+        println!("differs: {d}");
+    }
+    assert!(worst < 0.25, "relative logit error {worst}");
+    assert!(first_differs <= 1, "{first_differs} first tokens differ");
+    assert!(differing.len() <= 3, "{differing:#?}");
+}

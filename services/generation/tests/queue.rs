@@ -19,6 +19,7 @@ const ENGINE: EngineConfig = EngineConfig {
     max_batch_size: 1,
     max_batch_tokens: 16_384,
     queue_capacity: 1,
+    ..EngineConfig::DEFAULT
 };
 
 #[tokio::test(flavor = "multi_thread")]

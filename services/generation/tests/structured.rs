@@ -18,6 +18,7 @@ const ENGINE: EngineConfig = EngineConfig {
     max_batch_size: 8,
     max_batch_tokens: 16_384,
     queue_capacity: 64,
+    ..EngineConfig::DEFAULT
 };
 
 fn schema_format(schema: &Value) -> Option<pb::ResponseFormat> {

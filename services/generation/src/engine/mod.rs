@@ -1,13 +1,27 @@
 //! Continuous batching (Yu et al. 2022, "Orca": iteration-level scheduling)
-//! for one loaded model.
+//! with chunked prefill over a paged KV cache with prefix caching, for one
+//! loaded model.
 //!
-//! One OS thread owns the [`Decoder`] and runs the loop: at every step
-//! boundary it drops sequences whose caller went away, admits queued requests
-//! while the batch has room (at most `max_batch_size` sequences, and at most
-//! `max_batch_tokens` of KV cache reserved — prompt + `max_tokens` each),
-//! prefills each newcomer and emits its first token, then advances every
-//! running sequence by one token in a single batched decode. Finished
-//! sequences leave at once; the next waiting request takes the slot.
+//! One OS thread owns the [`Decoder`], the KV pool and its block manager
+//! ([`crate::kv`]) and runs the loop: at every step boundary it drops
+//! sequences whose caller went away, admits queued requests while the batch
+//! has room (at most `max_batch_size` sequences, at most `max_batch_tokens`
+//! reserved — prompt + `max_tokens` each — and the KV pool able to promise
+//! the blocks they may need), then runs one step:
+//!
+//! 1. **Chunked prefill** (Agrawal et al. 2024, "Sarathi-Serve"): prompts
+//!    being prefilled advance by at most `prefill_chunk` tokens in all, oldest
+//!    first, so a long prompt costs the running streams one chunk's latency
+//!    per step instead of its whole prefill. A prompt whose last chunk ran
+//!    emits its first token.
+//! 2. **Decode**: every sequence past its prompt advances by one token in a
+//!    single batched pass.
+//!
+//! Admission reuses the longest cached prefix of the prompt in whole blocks
+//! (prefix caching), so the next turn of a conversation, a shared system
+//! prompt or the same retrieved passages skip their prefill. Finished
+//! sequences leave at once through [`Scheduler::retire`], the one place that
+//! gives their blocks back; full blocks stay cached until evicted (LRU).
 //!
 //! Requests wait in a bounded queue; [`Engine::submit`] answers
 //! [`GenerationError::QueueFull`] rather than letting it grow. A failed step
@@ -28,6 +42,7 @@ use tokio::sync::mpsc;
 use self::sequence::Sequence;
 use crate::{
     GenerationError,
+    kv::{BlockManager, BlockTable, KvPool},
     metrics::metrics,
     model::Decoder,
     sampling::{Sampler, SamplingConfig},
@@ -43,6 +58,30 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most requests waiting for a slot before submissions are refused.
     pub queue_capacity: usize,
+    /// Bytes of the KV pool (running sequences and the prefix cache), rounded
+    /// down to whole blocks.
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most prompt tokens prefilled per scheduler step (chunked prefill).
+    pub prefill_chunk: usize,
+    /// Whether full blocks are kept and reused across requests.
+    pub prefix_caching: bool,
+}
+
+impl EngineConfig {
+    /// Defaults for tests and benchmarks: 16 sequences, 64 Ki reserved
+    /// tokens, 256 queued, a 1 GiB pool of 16-token blocks, 512-token
+    /// chunks, prefix caching on.
+    pub const DEFAULT: Self = Self {
+        max_batch_size: 16,
+        max_batch_tokens: 65_536,
+        queue_capacity: 256,
+        kv_cache_bytes: 1 << 30,
+        block_size: crate::kv::DEFAULT_BLOCK_SIZE,
+        prefill_chunk: 512,
+        prefix_caching: true,
+    };
 }
 
 /// Why a sequence ended.
@@ -157,8 +196,20 @@ impl Engine {
         // over to the scheduler thread that runs every forward pass.
         let threads = tch::get_num_threads();
         let load = Arc::new(Load::default());
+        let block_size = config.block_size.max(1);
+        let blocks = config.kv_cache_bytes / (decoder.kv_bytes_per_token() * block_size).max(1);
+        if blocks == 0 {
+            return Err(GenerationError::InvalidArgument(format!(
+                "a KV cache of {} bytes holds no {block_size}-token block of {} bytes; raise MOLTBOT_KV_CACHE_MB",
+                config.kv_cache_bytes,
+                decoder.kv_bytes_per_token() * block_size
+            )));
+        }
+        let pool = decoder.new_pool(blocks * block_size)?;
         let mut scheduler = Scheduler {
             model: model.to_owned(),
+            pool,
+            blocks: BlockManager::new(blocks, block_size),
             decoder,
             tokenizer,
             config,
@@ -210,6 +261,10 @@ impl Engine {
 struct Scheduler {
     model: String,
     decoder: Decoder,
+    /// The KV cache's memory.
+    pool: KvPool,
+    /// Which blocks of `pool` are free, held or cached.
+    blocks: BlockManager,
     tokenizer: ChatTokenizer,
     config: EngineConfig,
     rx: mpsc::Receiver<Job>,
@@ -253,27 +308,40 @@ impl Scheduler {
             .set(self.load.queued.load(Ordering::SeqCst) as i64);
     }
 
-    fn drop_cancelled(&mut self) {
-        let before = self.running.len();
-        let mut freed = 0;
-        self.running.retain(|s| {
-            let alive = !s.cancelled();
-            if !alive {
-                freed += s.reserved();
-            }
-            alive
-        });
-        self.reserved -= freed;
-        let cancelled = before - self.running.len();
-        if cancelled > 0 {
-            metrics()
-                .requests
-                .with_label_values(&[&self.model, "cancelled"])
-                .inc_by(cancelled as u64);
+    fn publish_blocks(&self) {
+        let m = metrics();
+        let free = self.blocks.free();
+        let cached = self.blocks.evictable();
+        let used = self.blocks.capacity() - free - cached;
+        for (state, n) in [("used", used), ("cached", cached), ("free", free)] {
+            m.kv_cache_blocks
+                .with_label_values(&[&self.model, state])
+                .set(n as i64);
         }
     }
 
-    /// Admits waiting requests while the batch has room, prefilling each.
+    /// Removes `running[i]`, giving its blocks and reservation back: the one
+    /// place a sequence leaves the batch.
+    fn retire(&mut self, i: usize) -> Sequence {
+        let mut seq = self.running.remove(i);
+        seq.table_mut().0.release(&mut self.blocks);
+        self.reserved -= seq.reserved();
+        seq
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                self.retire(i);
+                self.count("cancelled");
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Admits waiting requests while the batch and the KV pool have room.
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch_size {
             let job = match self.held.take() {
@@ -288,76 +356,156 @@ impl Scheduler {
                 self.held = Some(job);
                 break;
             }
-            self.load.queued.fetch_sub(1, Ordering::SeqCst);
             if job.events.is_closed() {
-                metrics()
-                    .requests
-                    .with_label_values(&[&self.model, "cancelled"])
-                    .inc();
+                self.load.queued.fetch_sub(1, Ordering::SeqCst);
+                self.count("cancelled");
                 continue;
             }
-            match self.prefill(job) {
-                Ok(Some(seq)) => {
-                    self.reserved += seq.reserved();
-                    self.running.push(seq);
+            let table = match BlockTable::admit(
+                &mut self.blocks,
+                &job.prompt_ids,
+                job.max_tokens,
+                self.config.prefix_caching,
+            ) {
+                Ok(table) => table,
+                Err(_) if self.running.is_empty() => {
+                    self.load.queued.fetch_sub(1, Ordering::SeqCst);
+                    self.count("error");
+                    let capacity = self.blocks.capacity() * self.blocks.block_size();
+                    let _ = job.events.send(Event::Failed(GenerationError::InvalidArgument(
+                        format!(
+                            "prompt of {} tokens + max_tokens {} exceeds the KV cache of {capacity} tokens (MOLTBOT_KV_CACHE_MB)",
+                            job.prompt_ids.len(),
+                            job.max_tokens
+                        ),
+                    )));
+                    continue;
+                }
+                Err(_) => {
+                    self.held = Some(job);
+                    break;
+                }
+            };
+            self.load.queued.fetch_sub(1, Ordering::SeqCst);
+            let m = metrics();
+            m.prefix_cache_lookup_tokens
+                .with_label_values(&[&self.model])
+                .inc_by(job.prompt_ids.len() as u64);
+            m.prefix_cache_hit_tokens
+                .with_label_values(&[&self.model])
+                .inc_by(table.cached() as u64);
+            let seq = Sequence::new(job, table, Sampler::new);
+            self.reserved += seq.reserved();
+            self.running.push(seq);
+        }
+        self.publish_blocks();
+    }
+
+    /// One scheduler step: a prefill chunk, then one batched decode.
+    fn step(&mut self) {
+        self.prefill_chunk();
+        self.decode();
+        self.publish_blocks();
+    }
+
+    /// Advances prefilling sequences, oldest first, by up to `prefill_chunk`
+    /// prompt tokens in all; a sequence whose prompt is complete emits its
+    /// first token (and may finish with it).
+    fn prefill_chunk(&mut self) {
+        let mut budget = self.config.prefill_chunk.max(1);
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let left = self.running[i].prefill_left();
+            if left == 0 {
+                i += 1;
+                continue;
+            }
+            let n = left.min(budget);
+            budget -= n;
+            match self.prefill_one(i, n) {
+                Ok(Some(mut logits)) => {
+                    let seq = &mut self.running[i];
+                    let token = seq.sample(&mut logits);
+                    if advance(&self.model, &self.tokenizer, seq, token) {
+                        self.retire(i);
+                        continue;
+                    }
                 }
                 Ok(None) => {}
-                Err((events, e)) => {
+                Err(e) => {
                     tracing::warn!(model = %self.model, error = %e, "prefill failed");
                     self.count("error");
-                    let _ = events.send(Event::Failed(e));
+                    let seq = self.retire(i);
+                    let _ = seq.send(Event::Failed(e));
+                    continue;
                 }
             }
+            i += 1;
         }
     }
 
-    /// Prefills `job` and emits its first token; `None` when that token
-    /// already finished it.
-    #[allow(clippy::result_large_err)] // the sender goes back with the error
-    fn prefill(
-        &mut self,
-        job: Job,
-    ) -> Result<Option<Sequence>, (mpsc::UnboundedSender<Event>, GenerationError)> {
-        let need = job.prompt_ids.len() + job.max_tokens;
-        let mut cache = match self.decoder.new_cache(need) {
-            Ok(c) => c,
-            Err(e) => return Err((job.events, e)),
-        };
-        let logits = self
-            .decoder
-            .prefill(&job.prompt_ids, &mut cache, false)
-            .and_then(|l| to_rows(&l, 1));
-        let mut logits = match logits {
-            Ok(l) => l,
-            Err(e) => return Err((job.events, e)),
-        };
-        metrics()
-            .tokens
+    /// Prefills the next `n` prompt positions of `running[i]`: the last
+    /// position's logits row when that completes the prompt.
+    fn prefill_one(&mut self, i: usize, n: usize) -> Result<Option<Vec<f32>>, GenerationError> {
+        let started = Instant::now();
+        let seq = &mut self.running[i];
+        let (table, tokens) = seq.table_mut();
+        let start = table.len();
+        let slots = table
+            .reserve(&mut self.blocks, n)
+            .map_err(|_| GenerationError::Tensor("KV cache promise broken".into()))?;
+        let logits = self.decoder.forward(
+            &tokens[start..start + n],
+            start,
+            &mut self.pool,
+            slots,
+            false,
+        )?;
+        table.commit(&mut self.blocks, n, tokens);
+        let m = metrics();
+        m.tokens
             .with_label_values(&[&self.model, "prompt"])
-            .inc_by(job.prompt_ids.len() as u64);
-        let mut seq = Sequence::new(job, cache, Sampler::new);
-        let token = seq.sample(&mut logits[0]);
-        if self.advance(&mut seq, token) {
-            Ok(None)
-        } else {
-            Ok(Some(seq))
+            .inc_by(n as u64);
+        m.prefill_chunk_seconds
+            .with_label_values(&[&self.model])
+            .observe(started.elapsed().as_secs_f64());
+        if seq.prefill_left() > 0 {
+            return Ok(None);
         }
+        Ok(to_rows(&logits, 1)?.pop())
     }
 
-    /// One batched decode step over every running sequence.
-    fn step(&mut self) {
-        if self.running.is_empty() {
+    /// One batched decode step over every sequence past its prompt.
+    fn decode(&mut self) {
+        let batch: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].prefill_left() == 0)
+            .collect();
+        if batch.is_empty() {
             return;
         }
         let started = Instant::now();
-        let tokens: Vec<u32> = self.running.iter().map(Sequence::last_token).collect();
-        let result = {
-            let mut caches: Vec<_> = self.running.iter_mut().map(Sequence::cache_mut).collect();
-            self.decoder
-                .decode(&tokens, &mut caches)
-                .and_then(|l| to_rows(&l, tokens.len()))
-        };
         let m = metrics();
+        let mut tokens = Vec::with_capacity(batch.len());
+        let mut reserve_error = None;
+        for &i in &batch {
+            let seq = &mut self.running[i];
+            tokens.push(seq.last_token());
+            if seq.table_mut().0.reserve(&mut self.blocks, 1).is_err() {
+                reserve_error = Some(GenerationError::Tensor("KV cache promise broken".into()));
+            }
+        }
+        let result = match reserve_error {
+            Some(e) => Err(e),
+            None => {
+                let slots: Vec<&[i64]> = batch
+                    .iter()
+                    .map(|&i| self.running[i].table().slots())
+                    .collect();
+                self.decoder
+                    .decode_paged(&tokens, &mut self.pool, &slots)
+                    .and_then(|l| to_rows(&l, tokens.len()))
+            }
+        };
         m.batch_size
             .with_label_values(&[&self.model])
             .observe(tokens.len() as f64);
@@ -365,70 +513,69 @@ impl Scheduler {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(model = %self.model, error = %e, batch = tokens.len(), "decode step failed; failing its sequences");
-                for seq in self.running.drain(..) {
+                for &i in batch.iter().rev() {
+                    let seq = self.retire(i);
                     let _ = seq.send(Event::Failed(clone_error(&e)));
-                    m.requests.with_label_values(&[&self.model, "error"]).inc();
+                    self.count("error");
                 }
-                self.reserved = 0;
                 return;
             }
         };
-        let mut finished = vec![false; self.running.len()];
-        let mut running = std::mem::take(&mut self.running);
-        for (i, seq) in running.iter_mut().enumerate() {
-            let token = seq.sample(&mut rows[i]);
-            finished[i] = self.advance(seq, token);
-        }
-        let mut freed = 0;
-        let mut i = 0;
-        running.retain(|s| {
-            let keep = !finished[i];
-            if !keep {
-                freed += s.reserved();
+        let mut finished = Vec::new();
+        for (row, &i) in batch.iter().enumerate() {
+            let seq = &mut self.running[i];
+            let (table, history) = seq.table_mut();
+            table.commit(&mut self.blocks, 1, history);
+            let token = seq.sample(&mut rows[row]);
+            if advance(&self.model, &self.tokenizer, seq, token) {
+                finished.push(i);
             }
-            i += 1;
-            keep
-        });
-        self.running = running;
-        self.reserved -= freed;
+        }
+        // Highest index first: removing it keeps the lower indices valid.
+        for &i in finished.iter().rev() {
+            self.retire(i);
+        }
         m.step_seconds
             .with_label_values(&[&self.model])
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Feeds `token` to `seq`, emitting text and the end; true when finished.
-    fn advance(&self, seq: &mut Sequence, token: u32) -> bool {
-        let m = metrics();
-        if seq.completion_len() == 0 {
-            m.time_to_first_token
-                .with_label_values(&[&self.model])
-                .observe(seq.since_received().as_secs_f64());
-        }
-        m.tokens
-            .with_label_values(&[&self.model, "completion"])
-            .inc();
-        match seq.push(&self.tokenizer, token) {
-            Ok(Some(finish)) => {
-                self.count(match finish {
+    fn count(&self, reason: &str) {
+        count(&self.model, reason);
+    }
+}
+
+/// Counts a finished request of `model` by `reason`.
+fn count(model: &str, reason: &str) {
+    metrics().requests.with_label_values(&[model, reason]).inc();
+}
+
+/// Feeds `token` to `seq`, emitting text and the end; true when finished.
+fn advance(model: &str, tokenizer: &ChatTokenizer, seq: &mut Sequence, token: u32) -> bool {
+    let m = metrics();
+    if seq.completion_len() == 0 {
+        m.time_to_first_token
+            .with_label_values(&[model])
+            .observe(seq.since_received().as_secs_f64());
+    }
+    m.tokens.with_label_values(&[model, "completion"]).inc();
+    match seq.push(tokenizer, token) {
+        Ok(Some(finish)) => {
+            count(
+                model,
+                match finish {
                     Finish::Stop | Finish::ToolCalls => "stop",
                     Finish::Length => "length",
-                });
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                self.count("error");
-                let _ = seq.send(Event::Failed(e));
-                true
-            }
+                },
+            );
+            true
         }
-    }
-
-    fn count(&self, reason: &str) {
-        metrics()
-            .requests
-            .with_label_values(&[&self.model, reason])
-            .inc();
+        Ok(None) => false,
+        Err(e) => {
+            count(model, "error");
+            let _ = seq.send(Event::Failed(e));
+            true
+        }
     }
 }
 

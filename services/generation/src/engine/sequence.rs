@@ -1,5 +1,7 @@
-//! One running sequence: its KV cache, sampler, decoding state and the
-//! channel to its caller.
+//! One running sequence: its blocks of the paged KV cache, sampler,
+//! decoding state and the channel to its caller. A sequence is *prefilling*
+//! until every prompt position is in the KV cache (chunk by chunk), then
+//! decoding.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use tokio::sync::mpsc;
 use super::{Event, Finish, Job, Usage};
 use crate::{
     GenerationError,
-    model::KvCache,
+    kv::BlockTable,
     sampling::{Sampler, SamplingConfig},
     text::{
         ChatTokenizer, IncrementalDecoder, StopMatcher, grammar::Constraint, stop::StopOutcome,
@@ -22,7 +24,7 @@ pub struct Sequence {
     history: Vec<u32>,
     prompt_len: usize,
     max_tokens: usize,
-    cache: KvCache,
+    table: BlockTable,
     sampler: Sampler,
     detok: IncrementalDecoder,
     stop: StopMatcher,
@@ -65,14 +67,18 @@ fn log_softmax_top(logits: &[f32], k: usize) -> (f32, Vec<(u32, f32)>) {
 }
 
 impl Sequence {
-    /// A sequence for `job` whose prompt is already in `cache`.
-    pub fn new(job: Job, cache: KvCache, sampler: impl FnOnce(SamplingConfig) -> Sampler) -> Self {
+    /// A sequence for `job` holding `table` (its cached prefix, if any).
+    pub fn new(
+        job: Job,
+        table: BlockTable,
+        sampler: impl FnOnce(SamplingConfig) -> Sampler,
+    ) -> Self {
         let prompt_len = job.prompt_ids.len();
         Self {
             history: job.prompt_ids,
             prompt_len,
             max_tokens: job.max_tokens,
-            cache,
+            table,
             sampler: sampler(job.sampling),
             detok: IncrementalDecoder::new(),
             stop: StopMatcher::new(job.stop),
@@ -93,9 +99,14 @@ impl Sequence {
         self.events.is_closed()
     }
 
-    /// KV-cache tokens reserved.
+    /// KV-cache tokens reserved: prompt + `max_tokens`.
     pub fn reserved(&self) -> usize {
-        self.cache.capacity()
+        self.prompt_len + self.max_tokens
+    }
+
+    /// Prompt positions not yet in the KV cache (0 once decoding).
+    pub fn prefill_left(&self) -> usize {
+        self.prompt_len.saturating_sub(self.table.len())
     }
 
     /// Tokens generated so far.
@@ -108,9 +119,15 @@ impl Sequence {
         self.history.last().copied().unwrap_or_default()
     }
 
-    /// The KV cache, for the decode step.
-    pub fn cache_mut(&mut self) -> &mut KvCache {
-        &mut self.cache
+    /// The sequence's blocks and its tokens by position (for committing
+    /// written positions).
+    pub fn table_mut(&mut self) -> (&mut BlockTable, &[u32]) {
+        (&mut self.table, &self.history)
+    }
+
+    /// The sequence's blocks.
+    pub fn table(&self) -> &BlockTable {
+        &self.table
     }
 
     /// Time since the request arrived.

@@ -6,18 +6,25 @@
 //! logits `= lm_head(rms_norm(x))`. Attention is grouped-query (each key/value
 //! head serves `heads / kv_heads` query heads); Qwen2 adds q/k/v biases.
 //!
-//! Two entry points: [`Decoder::prefill`] runs one prompt through the model
-//! into an empty [`KvCache`]; [`Decoder::decode`] advances many sequences by
-//! one token each in one batched pass — every weight matrix is read once per
-//! step for the whole batch, which is what makes continuous batching pay on a
-//! memory-bound CPU. q/k/v and gate/up are fused into one matrix each at load.
+//! Two entry points over the paged KV cache ([`crate::kv`]):
+//! [`Decoder::forward`] runs a run of one sequence's tokens after the
+//! positions already cached (a whole prompt, the part after a cached prefix,
+//! or one chunk of a long prompt); [`Decoder::decode_paged`] advances many
+//! sequences by one token each in one batched pass — every weight matrix is
+//! read once per step for the whole batch, which is what makes continuous
+//! batching pay on a memory-bound CPU. [`Decoder::prefill`] and
+//! [`Decoder::decode`] wrap them for one sequence in its own [`KvCache`].
+//! q/k/v and gate/up are fused into one matrix each at load.
 
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
 use super::{KvCache, Linear, ModelConfig, Precision, rope::Rope, weights::Weights};
-use crate::GenerationError;
+use crate::{
+    GenerationError,
+    kv::{KvPool, Slots},
+};
 
 /// One decoder layer's weights, `[out, in]`.
 struct Layer {
@@ -61,13 +68,7 @@ impl Decoder {
         precision: Precision,
     ) -> Result<Self, GenerationError> {
         let kind = precision.kind;
-        let linear = |w: Tensor| -> Result<Linear, GenerationError> {
-            if precision.int8_weights {
-                Ok(Linear::quantize_int8(&w)?)
-            } else {
-                Ok(Linear::Dense(w))
-            }
-        };
+        let linear = |w: Tensor| -> Result<Linear, GenerationError> { Ok(precision.linear(w)?) };
         let load_err = |reason: String| GenerationError::Load {
             path: dir.display().to_string(),
             reason,
@@ -106,7 +107,7 @@ impl Decoder {
             });
         }
         let embed = w.take("model.embed_tokens.weight")?;
-        let lm_head = linear(match w.take_optional("lm_head.weight")? {
+        let lm_head = precision.head(match w.take_optional("lm_head.weight")? {
             Some(head) if !config.tie_word_embeddings => head,
             _ => embed.shallow_clone(),
         })?;
@@ -149,27 +150,41 @@ impl Decoder {
         self.kind
     }
 
-    /// An empty KV cache for `capacity` tokens on this model's device.
+    /// An empty KV cache for one sequence of up to `capacity` tokens on this
+    /// model's device.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache, GenerationError> {
-        Ok(KvCache::new(
+        Ok(KvCache::new(self.new_pool(capacity)?))
+    }
+
+    /// A KV pool of `slots` token slots (the paged cache's memory) on this
+    /// model's device, in the model's dtype.
+    pub fn new_pool(&self, slots: usize) -> Result<KvPool, GenerationError> {
+        Ok(KvPool::new(
             self.config.num_hidden_layers,
             self.config.kv_heads(),
             self.config.head_dim(),
-            capacity,
+            slots,
             self.kind,
             self.device,
         )?)
     }
 
-    /// RMSNorm (Zhang & Sennrich 2019) as `Qwen2RMSNorm`: normalised in f32,
-    /// cast back, then scaled by `weight`.
+    /// Bytes of one token's keys and values over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.num_hidden_layers
+            * self.config.kv_heads()
+            * self.config.head_dim()
+            * self.kind.elt_size_in_bytes()
+    }
+
+    /// RMSNorm (Zhang & Sennrich 2019) as `Qwen2RMSNorm`, through
+    /// libtorch's fused `rms_norm` (one op instead of six; a decode step runs
+    /// 49 of them). It accumulates in f32 as `Qwen2RMSNorm` does; in half
+    /// precision it rounds once where transformers rounds twice (before and
+    /// after scaling by `weight`).
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, tch::TchError> {
-        let xf = x.f_to_kind(Kind::Float)?;
-        let var = xf
-            .f_pow_tensor_scalar(2)?
-            .f_mean_dim(-1, true, Kind::Float)?;
-        let normed = xf.f_mul(&var.f_add_scalar(self.config.rms_norm_eps)?.f_rsqrt()?)?;
-        weight.f_mul(&normed.f_to_kind(self.kind)?)
+        let hidden = [self.config.hidden_size as i64];
+        x.f_rms_norm(hidden.as_slice(), Some(weight), self.config.rms_norm_eps)
     }
 
     /// q, k, v of `h` (`[b, n, hidden]`): q `[b, heads, n, d]`, k and v
@@ -225,19 +240,84 @@ impl Decoder {
                 cache.capacity()
             )));
         }
+        let slots: Vec<i64> = (0..ids.len() as i64).collect();
+        let logits = self.forward(ids, 0, cache.pool_mut(), &slots, all_logits)?;
+        cache.advance(ids.len());
+        Ok(logits)
+    }
+
+    /// Appends `token` to the single sequence of `cache` and returns the
+    /// next token's logits `[1, vocab]` f32. Errors: out of memory or a
+    /// full cache.
+    pub fn decode(&self, token: u32, cache: &mut KvCache) -> Result<Tensor, GenerationError> {
+        if cache.len() >= cache.capacity() {
+            return Err(GenerationError::InvalidArgument(format!(
+                "KV cache full at {} tokens",
+                cache.capacity()
+            )));
+        }
+        let slots: Vec<i64> = (0..=cache.len() as i64).collect();
+        let logits = self.decode_paged(&[token], cache.pool_mut(), &[&slots])?;
+        cache.advance(1);
+        Ok(logits)
+    }
+
+    /// Runs `ids` at positions `start..start + n` of one sequence whose
+    /// positions `0..start` are already in `pool`: writes their keys and
+    /// values at `slots[start..]` and attends over `slots[..start + n]`
+    /// (causal: position `start + i` sees `0..=start + i`). This is prefill
+    /// of a whole prompt (`start = 0`), of the part after a cached prefix,
+    /// or of one chunk of a long prompt. Returns logits `[n, vocab]` f32
+    /// when `all_logits`, else `[1, vocab]` for the last position.
+    ///
+    /// Errors: out of memory, `ids` empty, or `slots` not of length
+    /// `start + n`.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        start: usize,
+        pool: &mut KvPool,
+        slots: &[i64],
+        all_logits: bool,
+    ) -> Result<Tensor, GenerationError> {
+        if ids.is_empty() || slots.len() != start + ids.len() {
+            return Err(GenerationError::InvalidArgument(format!(
+                "forward of {} tokens after {start} with {} slots",
+                ids.len(),
+                slots.len()
+            )));
+        }
         let _guard = tch::no_grad_guard();
         let n = ids.len() as i64;
+        let total = slots.len() as i64;
         let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
         let ids = Tensor::f_from_slice(&ids)?.f_to_device(self.device)?;
-        let positions = Tensor::f_arange(n, (Kind::Int64, self.device))?;
+        let positions = Tensor::f_arange_start(start as i64, total, (Kind::Int64, self.device))?;
         let (cos, sin) = self.rope.at(&positions, self.kind)?;
         let (cos, sin) = (cos.f_view([1, 1, n, -1])?, sin.f_view([1, 1, n, -1])?);
         let group = (self.config.num_attention_heads / self.config.kv_heads()) as i64;
+        let write = Slots::of(&slots[start..], self.device)?;
+        let read = Slots::of(slots, self.device)?;
+        // Position start+i sees keys 0..=start+i: a bool mask (true =
+        // attend) once a cached prefix precedes the new tokens; SDPA's
+        // `is_causal` aligns the triangle top-left, right only when start = 0.
+        let mask = if start > 0 {
+            let keys = Tensor::f_arange(total, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
+            let queries = positions.f_unsqueeze(1)?;
+            Some(keys.f_le_tensor(&queries)?)
+        } else {
+            None
+        };
         let mut x = self.embed.f_index_select(0, &ids)?.f_unsqueeze(0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_norm)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
-            let _ = cache.write(i, &k, &v)?;
+            pool.write(i, &write, &k.f_squeeze_dim(0)?, &v.f_squeeze_dim(0)?)?;
+            let (k, v) = if start > 0 {
+                pool.read(i, &read)?
+            } else {
+                (k, v)
+            };
             let (k, v) = if group > 1 {
                 (
                     k.f_repeat_interleave_self_int(group, 1, None)?,
@@ -246,14 +326,20 @@ impl Decoder {
             } else {
                 (k, v)
             };
-            let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, None, false,
+            let attn = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                mask.as_ref(),
+                0.0,
+                mask.is_none(),
+                None,
+                false,
             )?;
             let attn = attn.f_transpose(1, 2)?.f_reshape([1, n, -1])?;
             x = x.f_add(&layer.o_proj.forward(&attn, None)?)?;
             x = self.mlp(layer, &x)?;
         }
-        cache.advance(ids.size()[0] as usize);
         let x = if all_logits {
             x
         } else {
@@ -264,26 +350,28 @@ impl Decoder {
         Ok(logits.f_squeeze_dim(0)?.f_to_kind(Kind::Float)?)
     }
 
-    /// Advances every sequence by one token: `tokens[i]` is appended to
-    /// `caches[i]` at position `caches[i].len()`. Returns logits
-    /// `[batch, vocab]` f32 for the next token of each sequence.
+    /// Advances every sequence by one token in one batched pass: sequence
+    /// `i` feeds `tokens[i]` at position `slots[i].len() − 1`, writing its
+    /// key and value at the last of `slots[i]` and attending over all of
+    /// them. Returns logits `[batch, vocab]` f32 for each next token.
     ///
     /// The projections and MLP run batched (`[batch, 1, hidden]`); attention
-    /// runs per sequence against its own cache, the query heads of each
+    /// runs per sequence over its gathered slots, the query heads of each
     /// key/value head folded into one `[1, kv_heads, group, d]` query so
-    /// grouped-query attention needs no copy of the cache.
+    /// grouped-query attention needs no copy of the keys.
     ///
-    /// Errors: out of memory, a full cache, or mismatched lengths.
-    pub fn decode(
+    /// Errors: out of memory, mismatched lengths, or an empty slot list.
+    pub fn decode_paged(
         &self,
         tokens: &[u32],
-        caches: &mut [&mut KvCache],
+        pool: &mut KvPool,
+        slots: &[&[i64]],
     ) -> Result<Tensor, GenerationError> {
-        if tokens.len() != caches.len() || tokens.is_empty() {
+        if tokens.len() != slots.len() || tokens.is_empty() || slots.iter().any(|s| s.is_empty()) {
             return Err(GenerationError::InvalidArgument(format!(
-                "decode of {} tokens for {} caches",
+                "decode of {} tokens for {} sequences",
                 tokens.len(),
-                caches.len()
+                slots.len()
             )));
         }
         let _guard = tch::no_grad_guard();
@@ -293,21 +381,29 @@ impl Decoder {
         let group = self.config.num_attention_heads as i64 / kv;
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let ids = Tensor::f_from_slice(&ids)?.f_to_device(self.device)?;
-        let pos: Vec<i64> = caches.iter().map(|c| c.len() as i64).collect();
+        let pos: Vec<i64> = slots.iter().map(|s| s.len() as i64 - 1).collect();
         let positions = Tensor::f_from_slice(&pos)?.f_to_device(self.device)?;
         let (cos, sin) = self.rope.at(&positions, self.kind)?;
         let (cos, sin) = (cos.f_view([b, 1, 1, d])?, sin.f_view([b, 1, 1, d])?);
+        let last: Vec<i64> = slots.iter().map(|s| s[s.len() - 1]).collect();
+        let write = Slots::of(&last, self.device)?;
+        let reads = slots
+            .iter()
+            .map(|s| Slots::of(s, self.device))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut x = self.embed.f_index_select(0, &ids)?.f_view([b, 1, -1])?;
         let mut outputs = Vec::with_capacity(tokens.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_norm)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
+            // [b, kv, 1, d] → [kv, b, d]: one write for the whole batch.
+            let k = k.f_squeeze_dim(2)?.f_transpose(0, 1)?;
+            let v = v.f_squeeze_dim(2)?.f_transpose(0, 1)?;
+            pool.write(l, &write, &k, &v)?;
             outputs.clear();
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let i = i as i64;
-                let (keys, values) =
-                    cache.write(l, &k.f_narrow(0, i, 1)?, &v.f_narrow(0, i, 1)?)?;
-                let qi = q.f_narrow(0, i, 1)?.f_reshape([1, kv, group, d])?;
+            for (i, read) in reads.iter().enumerate() {
+                let (keys, values) = pool.read(l, read)?;
+                let qi = q.f_narrow(0, i as i64, 1)?.f_reshape([1, kv, group, d])?;
                 let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
                     &qi, &keys, &values, None, 0.0, false, None, false,
                 )?;
@@ -316,9 +412,6 @@ impl Decoder {
             let attn = Tensor::f_cat(&outputs, 0)?;
             x = x.f_add(&layer.o_proj.forward(&attn, None)?)?;
             x = self.mlp(layer, &x)?;
-        }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
         }
         let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x, None)?;

@@ -62,7 +62,7 @@ pub fn greedy(decoder: &Decoder, prompt: &[u32], n: usize, eos: &[u32]) -> Vec<u
         if out.len() == n || eos.contains(&next) {
             return out;
         }
-        let logits = decoder.decode(&[next], &mut [&mut cache]).unwrap();
+        let logits = decoder.decode(next, &mut cache).unwrap();
         next = argmax(&Vec::<f32>::try_from(logits.view([-1])).unwrap());
     }
 }

@@ -9,16 +9,18 @@
 //! - One lazily connecting HTTP/2 channel per address, wrapped in outlier
 //!   ejection ([`outlier`]) and a count of calls in flight until their
 //!   response body ends ([`load`]).
-//! - tower's power-of-two-choices balancer (`tower::balance::p2c`) picks,
-//!   of two random ready endpoints, the one with fewer calls in flight
-//!   (Mitzenmacher, "The Power of Two Choices in Randomized Load
-//!   Balancing", 2001), behind a `tower::buffer::Buffer` so that the
-//!   channel is cheap to clone.
+//! - A power-of-two-choices balancer ([`affinity`], tower's `p2c` with
+//!   session affinity added) picks, of two random ready endpoints, the one
+//!   with fewer calls in flight (Mitzenmacher, "The Power of Two Choices in
+//!   Randomized Load Balancing", 2001) — or, for a call carrying
+//!   [`AFFINITY_HEADER`], the ready endpoint that key hashes to — behind a
+//!   `tower::buffer::Buffer` so that the channel is cheap to clone.
 //!
 //! Servers close connections at a maximum age (`grpc::server`), which does
 //! not matter here (each address has its own connection) but spreads
 //! clients that connect through a ClusterIP Service.
 
+pub mod affinity;
 mod discover;
 mod load;
 mod metrics;
@@ -35,9 +37,10 @@ use std::{
 
 use tonic::{body::Body, transport::Endpoint};
 use tower::{
-    BoxError, Service, ServiceExt, balance::p2c::Balance, buffer::Buffer, load::PendingRequests,
-    util::BoxService,
+    BoxError, Service, ServiceExt, buffer::Buffer, load::PendingRequests, util::BoxService,
 };
+
+pub use self::affinity::AFFINITY_HEADER;
 
 use crate::RuntimeError;
 
@@ -239,7 +242,7 @@ pub fn channel(spec: &str) -> Result<MeshChannel, RuntimeError> {
             }
         },
     );
-    let balance = Balance::new(changes).map_err(|e: BoxError| e);
+    let balance = affinity::AffinityBalance::new(changes).map_err(|e: BoxError| e);
     let buffer = Buffer::new(BoxService::new(balance), QUEUE);
     Ok(MeshChannel {
         buffer: Some(buffer),
