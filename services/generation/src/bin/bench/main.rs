@@ -185,7 +185,7 @@ fn main() -> Result<(), String> {
     let gguf = args
         .gguf
         .clone()
-        .unwrap_or_else(|| args.model_dir.with_extension("gguf"));
+        .unwrap_or_else(|| PathBuf::from(format!("{}.gguf", args.model_dir.display())));
     let reference = match &args.llama_python {
         Some(python) => {
             let r = llama::run(python, &gguf, &prompt, args.new_tokens, threads, REPEATS)?;
