@@ -242,7 +242,7 @@ fn int4_weights_keep_the_probe_sets_answers() {
     for d in &differing {
         println!("differs: {d}");
     }
-    assert!(worst < 0.25, "relative logit error {worst}");
+    assert!(worst < 0.2, "relative logit error {worst}");
     assert!(first_differs <= 1, "{first_differs} first tokens differ");
     assert!(differing.len() <= 3, "{differing:#?}");
 }
