@@ -110,9 +110,8 @@ async fn a_name_that_does_not_resolve_fails_at_once_with_unavailable() {
     assert!(began.elapsed() < Duration::from_secs(15));
 }
 
-/// One Check of `service` carrying session-affinity key `key`: true when
-/// endpoint "a" answered.
-async fn answered_by_a(channel: &client::TracedChannel, key: &str) -> bool {
+/// One Check of service "a" carrying session-affinity key `key`.
+async fn check_with_key(channel: &client::TracedChannel, key: &str) -> Result<(), tonic::Status> {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: "a".to_owned(),
     });
@@ -121,8 +120,16 @@ async fn answered_by_a(channel: &client::TracedChannel, key: &str) -> bool {
         moltbot_runtime::grpc::balance::AFFINITY_HEADER,
         key.parse().unwrap(),
     );
-    match HealthClient::new(channel.clone()).check(request).await {
-        Ok(_) => true,
+    HealthClient::new(channel.clone())
+        .check(request)
+        .await
+        .map(|_| ())
+}
+
+/// Whether endpoint "a" answers a call carrying `key`.
+async fn answered_by_a(channel: &client::TracedChannel, key: &str) -> bool {
+    match check_with_key(channel, key).await {
+        Ok(()) => true,
         Err(s) if s.code() == tonic::Code::NotFound => false,
         Err(s) => panic!("a call failed: {s:?}"),
     }
