@@ -78,6 +78,14 @@ pub enum GenerationError {
     Unsupported(String),
 }
 
+/// A sequence outgrew the KV blocks promised at its admission: a scheduler
+/// bug, not the caller's fault.
+impl From<crate::kv::OutOfBlocks> for GenerationError {
+    fn from(_: crate::kv::OutOfBlocks) -> Self {
+        Self::Tensor("KV cache promise broken: a sequence outgrew its blocks".into())
+    }
+}
+
 impl From<tch::TchError> for GenerationError {
     fn from(e: tch::TchError) -> Self {
         let message = e.to_string();

@@ -398,7 +398,6 @@ impl Scheduler {
             self.reserved += seq.reserved();
             self.running.push(seq);
         }
-        self.publish_blocks();
     }
 
     /// One scheduler step: a prefill chunk, then one batched decode.
@@ -451,9 +450,7 @@ impl Scheduler {
         let seq = &mut self.running[i];
         let (table, tokens) = seq.table_mut();
         let start = table.len();
-        let slots = table
-            .reserve(&mut self.blocks, n)
-            .map_err(|_| GenerationError::Tensor("KV cache promise broken".into()))?;
+        let slots = table.reserve(&mut self.blocks, n)?;
         let logits = self.decoder.forward(
             &tokens[start..start + n],
             start,
@@ -490,8 +487,8 @@ impl Scheduler {
         for &i in &batch {
             let seq = &mut self.running[i];
             tokens.push(seq.last_token());
-            if seq.table_mut().0.reserve(&mut self.blocks, 1).is_err() {
-                reserve_error = Some(GenerationError::Tensor("KV cache promise broken".into()));
+            if let Err(e) = seq.table_mut().0.reserve(&mut self.blocks, 1) {
+                reserve_error = Some(GenerationError::from(e));
             }
         }
         let result = match reserve_error {

@@ -297,14 +297,14 @@ impl Decoder {
         let (cos, sin) = (cos.f_view([1, 1, n, -1])?, sin.f_view([1, 1, n, -1])?);
         let group = (self.config.num_attention_heads / self.config.kv_heads()) as i64;
         let write = Slots::of(&slots[start..], self.device)?;
-        let read = Slots::of(slots, self.device)?;
-        // Position start+i sees keys 0..=start+i: a bool mask (true =
-        // attend) once a cached prefix precedes the new tokens; SDPA's
-        // `is_causal` aligns the triangle top-left, right only when start = 0.
-        let mask = if start > 0 {
+        // After a cached prefix (start > 0), attention reads every position
+        // back from the pool, and position start+i sees keys 0..=start+i: a
+        // bool mask (true = attend), since SDPA's `is_causal` aligns the
+        // triangle top-left, right only when start = 0.
+        let prefix = if start > 0 {
             let keys = Tensor::f_arange(total, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
             let queries = positions.f_unsqueeze(1)?;
-            Some(keys.f_le_tensor(&queries)?)
+            Some((Slots::of(slots, self.device)?, keys.f_le_tensor(&queries)?))
         } else {
             None
         };
@@ -313,10 +313,9 @@ impl Decoder {
             let h = self.rms_norm(&x, &layer.input_norm)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
             pool.write(i, &write, &k.f_squeeze_dim(0)?, &v.f_squeeze_dim(0)?)?;
-            let (k, v) = if start > 0 {
-                pool.read(i, &read)?
-            } else {
-                (k, v)
+            let (k, v) = match &prefix {
+                Some((read, _)) => pool.read(i, read)?,
+                None => (k, v),
             };
             let (k, v) = if group > 1 {
                 (
@@ -330,9 +329,9 @@ impl Decoder {
                 &q,
                 &k,
                 &v,
-                mask.as_ref(),
+                prefix.as_ref().map(|(_, mask)| mask),
                 0.0,
-                mask.is_none(),
+                prefix.is_none(),
                 None,
                 false,
             )?;

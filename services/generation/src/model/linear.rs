@@ -114,20 +114,6 @@ impl Linear {
         }
     }
 
-    /// Bytes of weight (and scales) this projection streams per call.
-    pub fn bytes(&self) -> usize {
-        let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        match self {
-            Self::Dense(w) => size(w),
-            Self::Int8 { weight, scales } => size(weight) + size(scales),
-            Self::Int4 {
-                packed,
-                scales_zeros,
-                ..
-            } => size(packed) + size(scales_zeros),
-        }
-    }
-
     /// `x·Wᵀ (+ bias)` for `x` of shape `[.., in]`, in `x`'s dtype (bf16 for
     /// the quantised formats).
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, tch::TchError> {
