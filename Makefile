@@ -123,11 +123,14 @@ doctor: build-release
 	$(CARGO_TARGET_DIR)/release/moltbot doctor
 
 ## Every test: unit, integration and end-to-end (real processes, real sockets,
-## real model weights, real Redis and PostgreSQL).
+## real model weights, real Redis and PostgreSQL). The services the tests
+## start generate in f32 (MOLTBOT_DTYPE), where answers match transformers
+## exactly; the CPU default, int4, has its own parity and probe-set test
+## (services/generation/tests/parity.rs).
 test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools
 	$(CARGO) build --workspace --bins --tests
 	GRPCURL=$(GRPCURL) MOLTBOT_INTENT_HEAD_DIR=$(MODELS_DIR)/intent-head \
-	  MOLTBOT_NODE_PATH=$(TOOLS_DIR)/node_modules \
+	  MOLTBOT_DTYPE=f32 MOLTBOT_NODE_PATH=$(TOOLS_DIR)/node_modules \
 	  HELM=$(VENV)/bin/helm KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate \
 	  $(CARGO) test --workspace --no-fail-fast
 

@@ -59,7 +59,11 @@ impl DeviceSpec {
 /// Weight and activation dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DtypeSpec {
-    /// bf16 on CUDA, f32 on the CPU (exact parity with the f32 reference).
+    /// bf16 on CUDA; int4 on the CPU, the fastest there at an accepted
+    /// quality (BENCHMARKS.md, "Generation against llama.cpp": 1.33× the
+    /// decode speed of llama.cpp's Q4_K_M on the same GGUF; the parity
+    /// bound of `tests/parity.rs`). `f32` gives exact parity with the f32
+    /// reference.
     Auto,
     /// 32-bit float.
     F32,
@@ -98,7 +102,8 @@ impl DtypeSpec {
     /// The precision on `device`. Errors for f16 on the CPU and int8 on CUDA.
     pub fn resolve(self, device: Device) -> Result<Precision, String> {
         match (self, device) {
-            (Self::Auto, Device::Cpu) | (Self::F32, _) => Ok(Kind::Float.into()),
+            (Self::F32, _) => Ok(Kind::Float.into()),
+            (Self::Auto, Device::Cpu) | (Self::Int4, Device::Cpu) => Ok(Precision::INT4),
             (Self::Auto, _) | (Self::Bf16, _) => Ok(Kind::BFloat16.into()),
             (Self::F16, Device::Cpu) => {
                 Err("--dtype f16 is for CUDA; use f32, bf16, int8 or int4 on the CPU".into())
@@ -106,7 +111,6 @@ impl DtypeSpec {
             (Self::F16, _) => Ok(Kind::Half.into()),
             (Self::Int8, Device::Cpu) => Ok(Precision::INT8),
             (Self::Int8, _) => Err("--dtype int8 is for the CPU; use bf16 or f16 on CUDA".into()),
-            (Self::Int4, Device::Cpu) => Ok(Precision::INT4),
             (Self::Int4, _) => Err("--dtype int4 is for the CPU; use bf16 or f16 on CUDA".into()),
         }
     }
@@ -140,7 +144,8 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
         assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
-        assert_eq!(DtypeSpec::Auto.resolve(Device::Cpu), Ok(Kind::Float.into()));
+        assert_eq!(DtypeSpec::Auto.resolve(Device::Cpu), Ok(Precision::INT4));
+        assert_eq!(DtypeSpec::F32.resolve(Device::Cpu), Ok(Kind::Float.into()));
         assert!(DtypeSpec::F16.resolve(Device::Cpu).is_err());
         assert_eq!(
             DtypeSpec::Auto.resolve(Device::Cuda(0)),

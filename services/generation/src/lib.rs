@@ -68,8 +68,8 @@ pub struct Args {
     /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "MOLTBOT_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
-    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16`, `f16` (CUDA),
-    /// `int8` or `int4` (weight-only, CPU: the fastest single stream).
+    /// `auto` (bf16 on CUDA, int4 on CPU: the fastest of each), `f32`,
+    /// `bf16`, `f16` (CUDA), `int8` or `int4` (weight-only, CPU).
     #[arg(long, env = "MOLTBOT_DTYPE", default_value = "auto")]
     pub dtype: DtypeSpec,
     /// Intra-op CPU threads of libtorch; 0 = every core.
@@ -211,9 +211,20 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
     let api = GenerationApi::with_remote(remote, args.fault_unavailable_models.clone());
     let service = GrpcService::new(GenerationServiceServer::new(api.clone()));
     let ready = async move {
-        let models = tokio::task::spawn_blocking(move || args.load_models())
+        // A thread of its own that ends with the loading, not a tokio
+        // blocking thread (those linger idle for 10 s): its OpenMP pool goes
+        // with it, leaving each engine's scheduler the only pool
+        // (engine/mod.rs, "One OpenMP pool").
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("load-models".into())
+            .spawn(move || {
+                let _ = tx.send(args.load_models());
+            })
+            .map_err(|e| RuntimeError::NotReady(format!("cannot start the loading thread: {e}")))?;
+        let models = rx
             .await
-            .map_err(|e| RuntimeError::NotReady(format!("model loading panicked: {e}")))??;
+            .map_err(|_| RuntimeError::NotReady("model loading panicked".into()))??;
         api.install(models);
         Ok(())
     };

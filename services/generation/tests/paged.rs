@@ -161,6 +161,38 @@ fn chunked_prefill_equals_a_whole_prefill() {
     assert!(diff < 1e-3, "max logit difference {diff}");
 }
 
+/// One batched decode step over sequences of different lengths — one of
+/// them reading shared cached blocks, so its slots are not consecutive —
+/// gives each the logits of its own whole prefill: the padded gather and
+/// its mask leak nothing between rows.
+#[test]
+fn a_batched_decode_step_equals_each_sequence_alone() {
+    let (turn1, turn2, other) = conversation();
+    let d = decoder();
+    let mut paged = Paged::new(&d, 128);
+    let mut seqs = Vec::new();
+    for ids in [&turn1, &turn2, &other] {
+        let (cached, logits, table) = paged.prefill(ids, 512);
+        let next = moltbot_generation::sampling::argmax(&logits);
+        seqs.push((ids.to_vec(), cached, next, table));
+    }
+    assert!(seqs[1].1 > 0, "turn 2 shares turn 1's blocks");
+    assert!(turn1.len() != turn2.len() && turn2.len() == other.len());
+    let tokens: Vec<u32> = seqs.iter().map(|s| s.2).collect();
+    for s in &mut seqs {
+        s.3.reserve(&mut paged.blocks, 1).unwrap();
+    }
+    let slots: Vec<&[i64]> = seqs.iter().map(|s| s.3.slots()).collect();
+    let out = d.decode_paged(&tokens, &mut paged.pool, &slots).unwrap();
+    assert_eq!(out.size(), [3, d.config().vocab_size as i64]);
+    for (i, (ids, _, next, _)) in seqs.iter().enumerate() {
+        let mut whole = ids.clone();
+        whole.push(*next);
+        let diff = max_diff(&rows(&out.get(i as i64)), &reference(&d, &whole));
+        assert!(diff < 1e-3, "sequence {i}: max logit difference {diff}");
+    }
+}
+
 #[test]
 fn a_cached_block_never_serves_a_different_prefix() {
     let (_, turn2, other) = conversation();

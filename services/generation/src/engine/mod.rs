@@ -23,6 +23,18 @@
 //! sequences leave at once through [`Scheduler::retire`], the one place that
 //! gives their blocks back; full blocks stay cached until evicted (LRU).
 //!
+//! # One OpenMP pool
+//!
+//! libtorch's CPU ops run on OpenMP, and libgomp keeps one pool of worker
+//! threads per thread that ran a parallel op. Once the workers of all pools
+//! outnumber the cores, libgomp cuts their spin-wait between parallel
+//! regions to ~100 iterations (libgomp's `gomp_throttled_spin_count_var`),
+//! so each of a decode step's hundreds of parallel ops pays a futex
+//! wake-up: on the 2-core benchmark machine an int4 stream fell from 76 to
+//! 60 tok/s. The scheduler thread is meant to hold the process's only pool:
+//! load models on a thread that then ends (`serve` in lib.rs, `on_own_thread`
+//! in the benchmark), and keep tensor work off other long-lived threads.
+//!
 //! Requests wait in a bounded queue; [`Engine::submit`] answers
 //! [`GenerationError::QueueFull`] rather than letting it grow. A failed step
 //! (say out of memory) fails the sequences in it and the loop goes on serving.
@@ -180,6 +192,7 @@ pub struct Engine {
     tx: mpsc::Sender<Job>,
     load: Arc<Load>,
     config: EngineConfig,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Engine {
@@ -219,14 +232,34 @@ impl Engine {
             held: None,
             reserved: 0,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("engine-{model}"))
             .spawn(move || {
                 tch::set_num_threads(threads);
                 scheduler.run()
             })
             .map_err(|e| GenerationError::Tensor(format!("cannot start the scheduler: {e}")))?;
-        Ok(Self { tx, load, config })
+        Ok(Self {
+            tx,
+            load,
+            config,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Drops this handle and, when it is the last one, waits for the
+    /// scheduler thread to end: it finishes the step in flight, fails or
+    /// drops what is running (callers gone), and exits. A process that
+    /// returns from `main` while a scheduler is mid-step can crash in
+    /// libtorch's teardown; the benchmark calls this before moving on.
+    pub fn shutdown(self) {
+        let Self { tx, thread, .. } = self;
+        drop(tx);
+        if let Ok(handle) = Arc::try_unwrap(thread)
+            && let Some(handle) = handle.into_inner().unwrap_or_else(|e| e.into_inner())
+        {
+            let _ = handle.join();
+        }
     }
 
     /// Queues `job`. Errors with [`GenerationError::QueueFull`] when the queue

@@ -187,9 +187,10 @@ impl Decoder {
         x.f_rms_norm(hidden.as_slice(), Some(weight), self.config.rms_norm_eps)
     }
 
-    /// q, k, v of `h` (`[b, n, hidden]`): q `[b, heads, n, d]`, k and v
-    /// `[b, kv_heads, n, d]`, with RoPE applied to q and k (`cos`/`sin`
-    /// broadcastable to `[b, 1, n, d]`).
+    /// q, k, v of `h` (`[b, n, hidden]`): q `[b, n, heads, d]`, k and v
+    /// `[b, n, kv_heads, d]` (views of the fused projection; callers
+    /// transpose as they need), with RoPE applied to q and k in one pass
+    /// (`cos`/`sin` broadcastable to `[b, n, 1, d]`).
     fn qkv(
         &self,
         layer: &Layer,
@@ -202,23 +203,28 @@ impl Decoder {
         let heads = self.config.num_attention_heads as i64;
         let kv = self.config.kv_heads() as i64;
         let qkv = layer.qkv.forward(h, layer.qkv_bias.as_ref())?;
-        let parts = qkv.f_split_with_sizes([heads * d, kv * d, kv * d], -1)?;
-        let shape = |t: &Tensor, h: i64| t.f_view([b, n, h, d])?.f_transpose(1, 2);
-        let q = super::rope::apply(&shape(&parts[0], heads)?, cos, sin)?;
-        let k = super::rope::apply(&shape(&parts[1], kv)?, cos, sin)?;
-        let v = shape(&parts[2], kv)?;
+        let qk = qkv
+            .f_narrow(-1, 0, (heads + kv) * d)?
+            .f_view([b, n, heads + kv, d])?;
+        let qk = super::rope::apply(&qk, cos, sin)?;
+        let q = qk.f_narrow(2, 0, heads)?;
+        let k = qk.f_narrow(2, heads, kv)?;
+        let v = qkv
+            .f_narrow(-1, (heads + kv) * d, kv * d)?
+            .f_view([b, n, kv, d])?;
         Ok((q, k, v))
     }
 
     /// The MLP half of a layer, with its residual: `x + down(silu(gate)·up)`.
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        let h = self.rms_norm(x, &layer.post_norm)?;
+    fn mlp(&self, layer: &Layer, mut x: Tensor) -> Result<Tensor, tch::TchError> {
+        let h = self.rms_norm(&x, &layer.post_norm)?;
         let gu = layer.gate_up.forward(&h, None)?;
         let inter = self.config.intermediate_size as i64;
         let gate = gu.f_narrow(-1, 0, inter)?;
         let up = gu.f_narrow(-1, inter, inter)?;
         let act = gate.f_silu()?.f_mul(&up)?;
-        x.f_add(&layer.down.forward(&act, None)?)
+        let _ = x.f_add_(&layer.down.forward(&act, None)?)?;
+        Ok(x)
     }
 
     /// Runs `ids` (one prompt, positions `0..n`) through the model, filling
@@ -294,7 +300,7 @@ impl Decoder {
         let ids = Tensor::f_from_slice(&ids)?.f_to_device(self.device)?;
         let positions = Tensor::f_arange_start(start as i64, total, (Kind::Int64, self.device))?;
         let (cos, sin) = self.rope.at(&positions, self.kind)?;
-        let (cos, sin) = (cos.f_view([1, 1, n, -1])?, sin.f_view([1, 1, n, -1])?);
+        let (cos, sin) = (cos.f_view([1, n, 1, -1])?, sin.f_view([1, n, 1, -1])?);
         let group = (self.config.num_attention_heads / self.config.kv_heads()) as i64;
         let write = Slots::of(&slots[start..], self.device)?;
         // After a cached prefix (start > 0), attention reads every position
@@ -312,10 +318,14 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_norm)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
-            pool.write(i, &write, &k.f_squeeze_dim(0)?, &v.f_squeeze_dim(0)?)?;
+            // [1, n, kv, d] → [kv, n, d], the pool's layout.
+            let (k, v) = (k.f_squeeze_dim(0)?, v.f_squeeze_dim(0)?);
+            let (k, v) = (k.f_transpose(0, 1)?, v.f_transpose(0, 1)?);
+            pool.write(i, &write, &k, &v)?;
+            let q = q.f_transpose(1, 2)?;
             let (k, v) = match &prefix {
                 Some((read, _)) => pool.read(i, read)?,
-                None => (k, v),
+                None => (k.f_unsqueeze(0)?, v.f_unsqueeze(0)?),
             };
             let (k, v) = if group > 1 {
                 (
@@ -336,8 +346,8 @@ impl Decoder {
                 false,
             )?;
             let attn = attn.f_transpose(1, 2)?.f_reshape([1, n, -1])?;
-            x = x.f_add(&layer.o_proj.forward(&attn, None)?)?;
-            x = self.mlp(layer, &x)?;
+            let _ = x.f_add_(&layer.o_proj.forward(&attn, None)?)?;
+            x = self.mlp(layer, x)?;
         }
         let x = if all_logits {
             x
@@ -354,10 +364,13 @@ impl Decoder {
     /// key and value at the last of `slots[i]` and attending over all of
     /// them. Returns logits `[batch, vocab]` f32 for each next token.
     ///
-    /// The projections and MLP run batched (`[batch, 1, hidden]`); attention
-    /// runs per sequence over its gathered slots, the query heads of each
-    /// key/value head folded into one `[1, kv_heads, group, d]` query so
-    /// grouped-query attention needs no copy of the keys.
+    /// Everything runs batched, attention included: each layer gathers every
+    /// sequence's keys and values in one `index_select` into `[batch,
+    /// kv_heads, L, d]` (L the longest sequence; shorter ones padded and
+    /// masked, see [`DecodeReads`]) for one SDPA call, with the query heads
+    /// of each key/value head folded into `[batch, kv_heads, group, d]` so
+    /// grouped-query attention needs no copy of the keys. A step's op count
+    /// does not grow with the batch.
     ///
     /// Errors: out of memory, mismatched lengths, or an empty slot list.
     pub fn decode_paged(
@@ -386,34 +399,97 @@ impl Decoder {
         let (cos, sin) = (cos.f_view([b, 1, 1, d])?, sin.f_view([b, 1, 1, d])?);
         let last: Vec<i64> = slots.iter().map(|s| s[s.len() - 1]).collect();
         let write = Slots::of(&last, self.device)?;
-        let reads = slots
-            .iter()
-            .map(|s| Slots::of(s, self.device))
-            .collect::<Result<Vec<_>, _>>()?;
+        let reads = DecodeReads::new(slots, self.device)?;
         let mut x = self.embed.f_index_select(0, &ids)?.f_view([b, 1, -1])?;
-        let mut outputs = Vec::with_capacity(tokens.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_norm)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
-            // [b, kv, 1, d] → [kv, b, d]: one write for the whole batch.
-            let k = k.f_squeeze_dim(2)?.f_transpose(0, 1)?;
-            let v = v.f_squeeze_dim(2)?.f_transpose(0, 1)?;
+            // [b, 1, kv, d] → [kv, b, d]: one write for the whole batch.
+            let k = k.f_squeeze_dim(1)?.f_transpose(0, 1)?;
+            let v = v.f_squeeze_dim(1)?.f_transpose(0, 1)?;
             pool.write(l, &write, &k, &v)?;
-            outputs.clear();
-            for (i, read) in reads.iter().enumerate() {
-                let (keys, values) = pool.read(l, read)?;
-                let qi = q.f_narrow(0, i as i64, 1)?.f_reshape([1, kv, group, d])?;
-                let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                    &qi, &keys, &values, None, 0.0, false, None, false,
-                )?;
-                outputs.push(o.f_reshape([1, 1, -1])?);
-            }
-            let attn = Tensor::f_cat(&outputs, 0)?;
-            x = x.f_add(&layer.o_proj.forward(&attn, None)?)?;
-            x = self.mlp(layer, &x)?;
+            let (keys, values) = reads.read(pool, l)?;
+            let q = q.f_reshape([b, kv, group, d])?;
+            let o = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &keys,
+                &values,
+                reads.mask.as_ref(),
+                0.0,
+                false,
+                None,
+                false,
+            )?;
+            let _ = x.f_add_(&layer.o_proj.forward(&o.f_reshape([b, 1, -1])?, None)?)?;
+            x = self.mlp(layer, x)?;
         }
         let x = self.rms_norm(&x, &self.norm)?;
         let logits = self.lm_head.forward(&x, None)?;
         Ok(logits.f_view([b, -1])?.f_to_kind(Kind::Float)?)
+    }
+}
+
+/// Where a decode step's attention reads keys and values: one sequence's
+/// slots as they are (a view when consecutive), or every sequence's slots
+/// in one gather of `b·L` slots, each sequence padded to the longest length
+/// `L` with its own first slot and the padding masked out.
+struct DecodeReads {
+    slots: Slots,
+    /// `[b, 1, 1, L]` bool, true = attend; `None` when no row is padded.
+    mask: Option<Tensor>,
+    batch: i64,
+    len: i64,
+}
+
+impl DecodeReads {
+    fn new(slots: &[&[i64]], device: Device) -> Result<Self, tch::TchError> {
+        let len = slots.iter().map(|s| s.len()).max().unwrap_or(0);
+        if let [one] = slots {
+            return Ok(Self {
+                slots: Slots::of(one, device)?,
+                mask: None,
+                batch: 1,
+                len: len as i64,
+            });
+        }
+        let mut index = Vec::with_capacity(slots.len() * len);
+        let mut attend = Vec::with_capacity(slots.len() * len);
+        for s in slots {
+            let pad = len - s.len();
+            index.extend_from_slice(s);
+            index.extend(std::iter::repeat_n(s[0], pad));
+            attend.extend(std::iter::repeat_n(true, s.len()));
+            attend.extend(std::iter::repeat_n(false, pad));
+        }
+        let batch = slots.len() as i64;
+        let mask = if attend.iter().all(|&a| a) {
+            None
+        } else {
+            Some(
+                Tensor::f_from_slice(&attend)?
+                    .f_to_device(device)?
+                    .f_view([batch, 1, 1, len as i64])?,
+            )
+        };
+        Ok(Self {
+            slots: Slots::Indexed(Tensor::f_from_slice(&index)?.f_to_device(device)?),
+            mask,
+            batch,
+            len: len as i64,
+        })
+    }
+
+    /// Keys and values of `layer`, `[b, kv_heads, L, d]`.
+    fn read(&self, pool: &KvPool, layer: usize) -> Result<(Tensor, Tensor), tch::TchError> {
+        let (k, v) = pool.read(layer, &self.slots)?;
+        if self.batch == 1 {
+            return Ok((k, v));
+        }
+        // [1, kv, b·L, d] → [kv, b, L, d] → [b, kv, L, d] (a strided view).
+        let unfold = |t: Tensor| -> Result<Tensor, tch::TchError> {
+            let (kv, d) = (t.size()[1], t.size()[3]);
+            t.f_view([kv, self.batch, self.len, d])?.f_transpose(0, 1)
+        };
+        Ok((unfold(k)?, unfold(v)?))
     }
 }

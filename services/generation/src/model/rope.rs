@@ -4,7 +4,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// Precomputed cos/sin tables, `[max_positions, head_dim]` f32.
+/// Precomputed cos/sin tables, `[max_positions, head_dim]` f32. The sin
+/// table's first half is negated, so that [`apply`] needs one `roll` where
+/// `rotate_half` needs two slices, a negation and a concatenation.
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -29,13 +31,16 @@ impl Rope {
         let positions = Tensor::f_arange(max_positions as i64, (Kind::Float, Device::Cpu))?;
         let freqs = positions.f_outer(&inv_freq)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        let sin = freqs.f_sin()?;
+        let signed_sin = Tensor::f_cat(&[&sin.f_neg()?, &sin], -1)?;
         Ok(Self {
             cos: emb.f_cos()?.f_to_device(device)?,
-            sin: emb.f_sin()?.f_to_device(device)?,
+            sin: signed_sin.f_to_device(device)?,
         })
     }
 
-    /// cos and sin for `positions` (`[n]` i64), `[n, head_dim]` in `kind`.
+    /// cos and signed sin (first half negated) for `positions` (`[n]`
+    /// i64), `[n, head_dim]` in `kind`, for [`apply`].
     pub fn at(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor), tch::TchError> {
         Ok((
             self.cos.f_index_select(0, positions)?.f_to_kind(kind)?,
@@ -44,12 +49,13 @@ impl Rope {
     }
 }
 
-/// Rotates `x` (`[.., head_dim]`) by the angles whose cos/sin broadcast
-/// against it: `x·cos + rotate_half(x)·sin`.
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, tch::TchError> {
+/// Rotates `x` (`[.., head_dim]`) by the angles whose cos and signed sin
+/// ([`Rope::at`]) broadcast against it: `x·cos + rotate_half(x)·sin`, where
+/// `rotate_half(x) = [−x₂, x₁]` equals `roll(x, d/2) = [x₂, x₁]` times the
+/// sign folded into the table. Three ops (a decode step runs this once per
+/// layer, on q and k together). Returns a contiguous tensor of `x`'s shape.
+pub fn apply(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor, tch::TchError> {
     let half = x.size().last().copied().unwrap_or(0) / 2;
-    let x1 = x.f_narrow(-1, 0, half)?;
-    let x2 = x.f_narrow(-1, half, half)?;
-    let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
-    x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
+    let rolled = x.f_roll([half].as_slice(), [-1i64].as_slice())?;
+    x.f_mul(cos)?.f_addcmul(&rolled, signed_sin)
 }

@@ -26,8 +26,8 @@ pub struct Outcome {
     pub tokens: usize,
     /// Submit → first delta.
     pub ttft: Duration,
-    /// Arrival time of every delta.
-    pub deltas: Vec<Instant>,
+    /// Arrival time of every delta and the tokens it carried.
+    pub deltas: Vec<(Instant, usize)>,
 }
 
 /// Submits a greedy request; its receiver.
@@ -65,11 +65,13 @@ pub fn collect(
     };
     while let Some(event) = rx.blocking_recv() {
         match event {
-            Event::Delta { text, .. } => {
+            Event::Delta {
+                text, token_ids, ..
+            } => {
                 if out.deltas.is_empty() {
                     out.ttft = started.elapsed();
                 }
-                out.deltas.push(Instant::now());
+                out.deltas.push((Instant::now(), token_ids.len()));
                 out.text.push_str(&text);
             }
             Event::Finished { usage, .. } => {
@@ -83,8 +85,26 @@ pub fn collect(
     Err("the engine stopped".into())
 }
 
-/// Aggregate completion tokens/s of `prompts` run concurrently.
-pub fn concurrent(engine: &Engine, prompts: &[Vec<u32>], tokens: usize) -> Result<f64, String> {
+/// Throughput of concurrent streams, tokens/s.
+pub struct Throughput {
+    /// Every completion token over the wall time from submitting all the
+    /// prompts to the last token: prompts' prefill included.
+    pub end_to_end: f64,
+    /// Tokens delivered while every stream was decoding (from the last
+    /// stream's first token to the first stream's last token) over that
+    /// window: the steady-state decode rate, comparable with a single
+    /// stream's decode tok/s.
+    pub decode: f64,
+}
+
+/// Runs `prompts` concurrently, `tokens` completion tokens each (EOS is
+/// not ignored by the engine, so a stream may end early; the window of
+/// [`Throughput::decode`] ends at the first stream to finish).
+pub fn concurrent(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    tokens: usize,
+) -> Result<Throughput, String> {
     let started = Instant::now();
     let receivers = prompts
         .iter()
@@ -98,11 +118,29 @@ pub fn concurrent(engine: &Engine, prompts: &[Vec<u32>], tokens: usize) -> Resul
         });
     }
     drop(tx);
-    let mut total = 0;
-    for outcome in rx {
-        total += outcome?.tokens;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let outcomes = rx.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let total: usize = outcomes.iter().map(|o| o.tokens).sum();
+    let end_to_end = total as f64 / started.elapsed().as_secs_f64();
+    let firsts = outcomes
+        .iter()
+        .filter_map(|o| o.deltas.first().map(|d| d.0));
+    let lasts = outcomes.iter().filter_map(|o| o.deltas.last().map(|d| d.0));
+    let (Some(from), Some(to)) = (firsts.max(), lasts.min()) else {
+        return Err("a stream produced no tokens".into());
+    };
+    let window = to.saturating_duration_since(from).as_secs_f64();
+    let in_window: usize = outcomes
+        .iter()
+        .flat_map(|o| &o.deltas)
+        .filter(|(at, _)| *at > from && *at <= to)
+        .map(|(_, n)| n)
+        .sum();
+    let decode = if window > 0.0 {
+        in_window as f64 / window
+    } else {
+        end_to_end
+    };
+    Ok(Throughput { end_to_end, decode })
 }
 
 fn msg(role: &str, content: &str) -> ChatMessage {
