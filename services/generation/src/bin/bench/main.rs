@@ -159,18 +159,24 @@ fn chat(text: &str) -> Vec<ChatMessage> {
 /// "One OpenMP pool"). Loading a model and the single-stream runs happen on
 /// such short-lived threads, as the service loads its models, so that the
 /// engine's scheduler thread owns the only pool while it runs.
+///
+/// OpenMP's thread count is per thread, so the caller's carries over.
 fn on_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, String> {
-    std::thread::scope(|s| s.spawn(f).join()).map_err(|_| "a benchmark thread panicked".into())
+    let threads = tch::get_num_threads();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tch::set_num_threads(threads);
+            f()
+        })
+        .join()
+    })
+    .map_err(|_| "a benchmark thread panicked".into())
 }
 
 fn engine(args: &Args, dtype: &str, config: EngineConfig) -> Result<Engine, String> {
     let precision = precision(dtype)?;
-    let threads = tch::get_num_threads();
-    let decoder = on_own_thread(|| {
-        tch::set_num_threads(threads);
-        Decoder::load_with(&args.model_dir, Device::Cpu, precision)
-    })?
-    .map_err(|e| e.to_string())?;
+    let decoder = on_own_thread(|| Decoder::load_with(&args.model_dir, Device::Cpu, precision))?
+        .map_err(|e| e.to_string())?;
     let tokenizer =
         ChatTokenizer::load(&args.model_dir, vec![151645, 151643]).map_err(|e| e.to_string())?;
     Engine::start("bench", decoder, tokenizer, config).map_err(|e| e.to_string())
@@ -222,7 +228,6 @@ fn main() -> Result<(), String> {
         llama::reset_peak_rss();
         let precision = precision(dtype)?;
         let ours = on_own_thread(|| {
-            tch::set_num_threads(threads as i32);
             let decoder = Decoder::load_with(&args.model_dir, Device::Cpu, precision)
                 .map_err(|e| e.to_string())?;
             single_stream(&decoder, &prompt, args.new_tokens)
