@@ -1,121 +1,36 @@
 //! `moltbot-gateway`: the HTTP edge of the mesh.
 //!
-//! Serves the OpenAI-compatible API (`POST /v1/chat/completions`, `GET
-//! /v1/models`) over the chat [`pipeline`], with [`routing`] from a YAML file
-//! and [`edge`] protection (API keys, rate limits, body limit); plus
+//! Serves the OpenAI-compatible API (`POST /v1/chat/completions`,
+//! `POST /v1/responses`, `POST /v1/embeddings`, `GET /v1/models`) plus
 //! `/healthz` (process alive), `/readyz` (required upstreams SERVING) and
 //! `/metrics`. Every request gets an OpenTelemetry server span (joining the
 //! caller's `traceparent` when there is one) that parents the gRPC client
 //! spans of its upstream calls.
+//!
+//! The layers, each importing only those below it (docs/architecture.md,
+//! "Inside the gateway"):
+//!
+//! - [`http`]: routes, middleware and the handlers that format answers;
+//! - [`adapters`]: wire formats validated into a neutral turn request;
+//! - [`edge`]: API keys, tenants, rate limits, admission;
+//! - [`turn`]: the turn engine, its ports and its call policy;
+//! - [`upstream`]: the gRPC clients implementing the ports;
+//! - [`routing`], [`openai`]: configuration and wire types.
+//!
+//! [`serve`] is the composition root (`compose.rs`).
 
+pub mod adapters;
+mod compose;
 mod config;
 pub mod edge;
 mod error;
 pub mod http;
 pub mod openai;
-pub mod pipeline;
 pub mod routing;
-mod upstreams;
+pub mod turn;
+pub mod upstream;
 
-use std::sync::Arc;
-
+pub use compose::serve;
 pub use config::Args;
 pub use error::{ApiError, GatewayError};
-pub use upstreams::{Upstream, UpstreamHealth, Upstreams};
-
-/// Serves until SIGTERM/SIGINT, then lets in-flight requests finish within the
-/// grace period. Logs `listening` with the bound `http_addr`.
-///
-/// Errors: [`GatewayError::Config`] for invalid flags, [`GatewayError::Bind`]
-/// when the address is taken, [`GatewayError::Io`] when serving fails.
-pub async fn serve(args: Args) -> Result<(), GatewayError> {
-    let config = match &args.config {
-        Some(path) => routing::GatewayConfig::load(path)?,
-        None => routing::GatewayConfig::default(),
-    };
-    let shared_buckets = match args.redis_url.as_deref().filter(|u| !u.is_empty()) {
-        Some(url) => Some(Arc::new(edge::ratelimit::shared::SharedBuckets::new(url)?)),
-        None if args.replicated => {
-            return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(
-                "MOLTBOT_REPLICATED=true but the rate-limit buckets would be local to each gateway, giving every key its limit once per replica: set REDIS_URL".to_owned(),
-            )));
-        }
-        None => None,
-    };
-    let keys = Arc::new(edge::KeyRing::new(
-        &config,
-        args.http_addr,
-        &args.tenant,
-        shared_buckets,
-    )?);
-    moltbot_runtime::grpc::tls::install_client(&args.tls)?;
-    moltbot_runtime::grpc::balance::install(&args.balance)?;
-    let upstreams = Arc::new(Upstreams::connect(&args)?);
-    let pipeline = Arc::new(pipeline::Pipeline::new(
-        &upstreams,
-        routing::Router::new(config.routes),
-        pipeline::PipelineSettings {
-            enrichment_timeout: std::time::Duration::from_millis(args.enrichment_timeout_ms),
-            request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
-        },
-    ));
-    let state = http::AppState {
-        upstreams,
-        pipeline,
-        keys,
-        readiness_timeout: args.readiness_timeout(),
-        admission: Arc::new(edge::admission::Admission::new(
-            args.max_in_flight,
-            std::time::Duration::from_millis(args.body_timeout_ms),
-            args.max_body_bytes,
-        )),
-        sse_write_idle: std::time::Duration::from_millis(args.sse_write_idle_ms),
-        max_body_bytes: args.max_body_bytes,
-        draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    };
-    let draining = state.draining.clone();
-    let app = http::router(state);
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .map_err(|source| GatewayError::Bind {
-            addr: args.http_addr,
-            source,
-        })?;
-    let http_addr = listener.local_addr()?;
-    // Handlers installed before `listening` is logged: a SIGTERM right after
-    // it drains instead of killing the process.
-    let stop = moltbot_runtime::shutdown::signal();
-    tracing::info!(%http_addr, "listening");
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let limits = http::serve::ConnLimits {
-        header_read_timeout: std::time::Duration::from_millis(args.header_timeout_ms),
-        max_connections: args.max_connections,
-    };
-    let mut server = tokio::spawn(http::serve::serve(listener, app, limits, async {
-        let _ = stop_rx.await;
-    }));
-    tokio::select! {
-        _ = stop => {}
-        r = &mut server => return Ok(r.map_err(|e| GatewayError::Io(std::io::Error::other(e)))??),
-    }
-    // Fail /readyz first and keep serving while endpoints update; only then
-    // stop accepting.
-    draining.store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(
-        grace_ms = args.shutdown_grace_ms,
-        drain_delay_ms = args.drain_delay_ms,
-        "draining"
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(args.drain_delay_ms)).await;
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(args.shutdown_grace(), &mut server).await {
-        Ok(joined) => joined.map_err(|e| GatewayError::Io(std::io::Error::other(e)))??,
-        Err(_) => {
-            tracing::warn!("grace period elapsed with requests in flight; dropping them");
-            server.abort();
-        }
-    }
-    tracing::info!("stopped");
-    Ok(())
-}
+pub use upstream::{Upstream, UpstreamHealth, Upstreams};

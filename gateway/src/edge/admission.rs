@@ -60,7 +60,7 @@ pub async fn admit(
     next: Next,
 ) -> Response {
     let Ok(permit) = admission.in_flight.clone().try_acquire_owned() else {
-        crate::pipeline::metrics::SHED.inc();
+        crate::edge::metrics::SHED.inc();
         let mut response = (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(

@@ -3,6 +3,7 @@
 //! anonymous-on-loopback rule, and admission control ([`admission`]).
 
 pub mod admission;
+pub mod metrics;
 pub mod ratelimit;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};

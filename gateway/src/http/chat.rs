@@ -8,7 +8,7 @@
 //! is dropped, which cancels the sequence in the generation service's batch,
 //! and nothing is written to the session.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, time::Duration};
 
 use axum::{
     Extension, Json,
@@ -22,16 +22,18 @@ use tracing::Instrument;
 
 use super::AppState;
 use crate::{
-    ApiError,
-    edge::{Caller, ratelimit::Reservation},
+    ApiError, adapters,
+    edge::Caller,
     openai::{
         ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
         FunctionCall, Logprobs, ResponseMessage, ToolCall, ToolCallDelta,
     },
-    pipeline::{Pipeline, Prepared, generate::Started, turn},
+    turn::{self, Turn},
 };
 
-/// The handler. Errors are answered as [`ApiError`] envelopes.
+/// The handler: the adapter validates, the engine starts the turn, the
+/// answer is formatted as one JSON object or as SSE chunks. Errors are
+/// answered as [`ApiError`] envelopes.
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -39,36 +41,32 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = super::parse_body(body, state.max_body_bytes)?;
-    let pipeline = state.pipeline.clone();
-    let mut prepared = pipeline
-        .prepare(
-            &req,
-            &caller.tenant,
-            super::header_str(&headers, "x-session-id"),
-            super::request_timeout(&headers),
-        )
+    let turn_request = adapters::chat::turn_request(
+        &req,
+        super::header_str(&headers, "x-session-id"),
+        super::request_timeout(&headers),
+    )?;
+    let turn = state
+        .engine
+        .start(turn_request, &caller.tenant, &caller.limiter)
         .await?;
-    let (reservation, started) = turn::begin(&pipeline, &mut prepared, &caller.limiter).await?;
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(stream(
-            pipeline,
-            reservation,
-            prepared,
-            started,
+            turn,
             StreamSettings {
                 write_idle: state.sse_write_idle,
                 include_usage,
             },
         ))
     } else {
-        complete(&pipeline, reservation, prepared, started).await
+        complete(turn).await
     }
 }
 
 /// Whether the turn asked for token log probabilities.
-fn asked_logprobs(prepared: &Prepared) -> bool {
-    prepared
+fn asked_logprobs(turn: &Turn) -> bool {
+    turn.prepared()
         .request
         .sampling
         .as_ref()
@@ -77,19 +75,16 @@ fn asked_logprobs(prepared: &Prepared) -> bool {
 
 /// Runs the turn to its end and answers with one JSON object. Nothing
 /// reaches the client before the end, so a generation whose replica dies
-/// mid-answer is started again ([`turn::run`]).
-async fn complete(
-    pipeline: &Pipeline,
-    reservation: Reservation,
-    mut prepared: Prepared,
-    started: Started,
-) -> Result<Response, ApiError> {
-    let logprobs = asked_logprobs(&prepared);
-    let answer = turn::run_buffered(pipeline, &mut prepared, reservation, started).await?;
+/// mid-answer is started again.
+async fn complete(turn: Turn) -> Result<Response, ApiError> {
+    let logprobs = asked_logprobs(&turn);
+    let (id, created) = (turn.prepared().id.clone(), turn.prepared().created);
+    let (ended, ext) = turn.run(&mut turn::Buffered).await;
+    let answer = turn::into_result(ended)?;
     let body = ChatCompletion {
-        id: prepared.id.clone(),
+        id,
         object: "chat.completion",
-        created: prepared.created,
+        created,
         model: answer.model,
         choices: vec![Choice {
             index: 0,
@@ -104,7 +99,7 @@ async fn complete(
             logprobs: logprobs.then(|| Logprobs::of(&answer.logprobs)),
         }],
         usage: answer.usage,
-        moltbot: prepared.ext,
+        moltbot: ext,
     };
     Ok(Json(body).into_response())
 }
@@ -267,37 +262,31 @@ fn openai_call(call: &GenToolCall) -> ToolCall {
     }
 }
 
-/// Streams the answer as SSE. A task runs the turn ([`turn::run`]) into a
-/// bounded channel; when the client disconnects the channel closes, and
-/// when the client stops reading the channel stays full: after
-/// `write_idle` of that the client counts as gone too. Either way the turn
-/// ends cancelled and drops the generation stream (cancelling it upstream,
-/// which frees its batch slot), and the reservation charges what was used.
-fn stream(
-    pipeline: Arc<Pipeline>,
-    reservation: Reservation,
-    mut prepared: Prepared,
-    started: Started,
-    sse: StreamSettings,
-) -> Response {
+/// Streams the answer as SSE. A task runs the turn into a bounded channel;
+/// when the client disconnects the channel closes, and when the client
+/// stops reading the channel stays full: after `write_idle` of that the
+/// client counts as gone too. Either way the turn ends cancelled and drops
+/// the generation stream (cancelling it upstream, which frees its batch
+/// slot), and the reservation charges what was used.
+fn stream(turn: Turn, sse: StreamSettings) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
+    let mut out = SseOutput {
+        tx,
+        id: turn.prepared().id.clone(),
+        created: turn.prepared().created,
+        write_idle: sse.write_idle,
+        sent: false,
+        logprobs: asked_logprobs(&turn),
+    };
     let task = async move {
-        let mut out = SseOutput {
-            tx,
-            id: prepared.id.clone(),
-            created: prepared.created,
-            write_idle: sse.write_idle,
-            sent: false,
-            logprobs: asked_logprobs(&prepared),
-        };
-        match turn::run(&pipeline, &mut prepared, reservation, started, &mut out).await {
-            turn::Ended::Answered(answer) => {
-                out.finish(&answer, prepared.ext, sse.include_usage).await;
+        match turn.run(&mut out).await {
+            (turn::Ended::Answered(answer), ext) => {
+                out.finish(&answer, ext, sse.include_usage).await;
             }
-            turn::Ended::Failed(err) => {
+            (turn::Ended::Failed(err), _) => {
                 let _ = out.tx.send(Ok(event_of(&err.envelope()))).await;
             }
-            turn::Ended::Cancelled => {}
+            (turn::Ended::Cancelled, _) => {}
         }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));

@@ -13,9 +13,7 @@ use axum::{
     extract::{State, rejection::BytesRejection},
 };
 use base64::Engine as _;
-use moltbot_proto::understanding::v1::{
-    EmbedRequest, Embedding, understanding_service_client::UnderstandingServiceClient,
-};
+use moltbot_proto::understanding::v1::Embedding;
 
 use super::AppState;
 use crate::{
@@ -24,7 +22,7 @@ use crate::{
     openai::embeddings::{
         EmbeddingInput, EmbeddingList, EmbeddingObject, EmbeddingRequest, EmbeddingUsage, Vector,
     },
-    pipeline::retry,
+    turn::policy::{self, Budget},
 };
 
 /// The id `/v1/models` lists and requests name (any ASCII case).
@@ -112,24 +110,18 @@ pub async fn embeddings(
         .map(|t| (t.len() / 4 + 2).min(256) as u32)
         .sum();
     let reservation = caller.limiter.reserve(estimate, 0).await?;
-    let channel = state.upstreams.channel("understanding");
-    let deadline = tokio::time::Instant::now() + state.pipeline.request_timeout();
+    let understanding = &state.upstreams.understanding;
+    let budget = Budget::new(state.engine.request_timeout());
     let mut vectors: Vec<Embedding> = Vec::with_capacity(texts.len());
     for batch in texts.chunks(BATCH) {
-        let response = retry::idempotent(deadline, |left| {
-            let mut request = tonic::Request::new(EmbedRequest {
-                texts: batch.to_vec(),
-            });
-            request.set_timeout(left);
-            let mut client = UnderstandingServiceClient::new(channel.clone());
-            async move { client.embed(request).await }
+        let response = policy::call("understanding", "embed", budget, |left| {
+            understanding.embed(batch.to_vec(), left)
         })
         .await
         .map_err(|status| ApiError::Upstream {
             service: "understanding",
             status,
-        })?
-        .into_inner();
+        })?;
         if response.dimension != DIMENSIONS || response.embeddings.len() != batch.len() {
             return Err(ApiError::Upstream {
                 service: "understanding",

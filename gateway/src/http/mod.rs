@@ -25,7 +25,7 @@ use tower::ServiceBuilder;
 
 use crate::{
     ApiError, Upstreams, edge,
-    pipeline::{Pipeline, turn},
+    turn::{self, Engine},
 };
 
 /// State shared by every handler.
@@ -33,8 +33,8 @@ use crate::{
 pub struct AppState {
     /// The gRPC upstreams.
     pub upstreams: Arc<Upstreams>,
-    /// The chat pipeline.
-    pub pipeline: Arc<Pipeline>,
+    /// The turn engine.
+    pub engine: Arc<Engine>,
     /// Client keys and their limits.
     pub keys: Arc<edge::KeyRing>,
     /// Deadline of each upstream health check behind `/readyz`.
@@ -60,7 +60,7 @@ fn header_str(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
 }
 
 /// The client's deadline for the whole request (`x-request-timeout-ms`);
-/// the pipeline bounds it by the configured request timeout.
+/// the turn engine bounds it by the configured request timeout.
 fn request_timeout(headers: &axum::http::HeaderMap) -> Option<Duration> {
     header_str(headers, "x-request-timeout-ms")
         .and_then(|v| v.parse::<u64>().ok())

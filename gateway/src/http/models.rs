@@ -12,7 +12,7 @@ use crate::{
 /// The handler. Errors with 503 when generation cannot be asked.
 pub async fn list_models(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut data: Vec<ModelObject> = state
-        .pipeline
+        .engine
         .router()
         .model_names()
         .into_iter()
@@ -23,7 +23,7 @@ pub async fn list_models(State(state): State<AppState>) -> Result<impl IntoRespo
             owned_by: "moltbot".to_owned(),
         })
         .collect();
-    for m in state.pipeline.served_models().await? {
+    for m in state.engine.served_models().await? {
         if let Some(existing) = data.iter_mut().find(|d| d.id == m.name) {
             existing.owned_by = m.backend.clone();
             continue;

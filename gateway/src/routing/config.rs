@@ -6,6 +6,7 @@
 //!   - name: banking
 //!     match: { models: [default], domains: [banking] }
 //!     system_prompt: You are a careful banking assistant.
+//!     understanding: true   # false: no intent classification on this route
 //!     retrieval: { collection: docs, top_k: 4, min_score: 0.25 }
 //!     candidates: [{ model: qwen2.5-coder-0.5b-instruct, weight: 1 }]
 //!     fallbacks: [fake-openai/gpt-4o-mini]
@@ -150,6 +151,12 @@ pub struct Route {
     /// System prompt put first in every prompt of this route.
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// Whether turns on this route are classified by understanding
+    /// (default true). A turn is classified when any route its request
+    /// model may take has it on; `false` on every such route (with no
+    /// `retrieval`) is the pure-gateway case: no enrichment is called.
+    #[serde(default = "yes")]
+    pub understanding: bool,
     /// Knowledge retrieval; none when unset.
     #[serde(default)]
     pub retrieval: Option<RetrievalConfig>,
@@ -240,6 +247,7 @@ impl Default for GatewayConfig {
                     ..RouteMatch::default()
                 },
                 system_prompt: Some(DEFAULT_SYSTEM_PROMPT.to_owned()),
+                understanding: true,
                 retrieval: Some(RetrievalConfig {
                     collection: "docs".to_owned(),
                     top_k: default_top_k(),
@@ -301,6 +309,13 @@ impl GatewayConfig {
             if !(0.0..=1.0).contains(&r.retry.jitter) {
                 return Err(format!(
                     "route `{}`: retry.jitter must be in [0, 1]",
+                    r.name
+                ));
+            }
+            let on_intent = !r.matches.domains.is_empty() || !r.matches.intents.is_empty();
+            if on_intent && !r.understanding {
+                return Err(format!(
+                    "route `{}` matches on domains or intents but has `understanding: false`; remove one of them",
                     r.name
                 ));
             }

@@ -160,7 +160,7 @@ impl RateLimiter {
                     return Err((ops.get(i).map_or(Kind::Requests, |op| op.kind), wait));
                 }
                 Err(e) => {
-                    crate::pipeline::metrics::RATE_LIMIT_STORE_ERRORS.inc();
+                    crate::edge::metrics::RATE_LIMIT_STORE_ERRORS.inc();
                     tracing::warn!(error = %e, "shared rate-limit buckets unreachable; using this gateway's own");
                 }
             }
@@ -304,6 +304,30 @@ impl Reservation {
                 let _ = limiter.apply_local(&[op]);
             }
         }
+    }
+}
+
+/// The turn engine charges a caller's turns through its limiter.
+impl crate::turn::Charge for Arc<RateLimiter> {
+    fn reserve(
+        &self,
+        prompt_tokens: u32,
+        completion_budget: u32,
+    ) -> futures::future::BoxFuture<'_, Result<Box<dyn crate::turn::Reserved>, ApiError>> {
+        Box::pin(async move {
+            let r = RateLimiter::reserve(self, prompt_tokens, completion_budget).await?;
+            Ok(Box::new(r) as Box<dyn crate::turn::Reserved>)
+        })
+    }
+}
+
+impl crate::turn::Reserved for Reservation {
+    fn saw_completion(&mut self, n: u32) {
+        Reservation::saw_completion(self, n);
+    }
+
+    fn settle(self: Box<Self>, used: u32) {
+        Reservation::settle(*self, used);
     }
 }
 

@@ -1,4 +1,7 @@
-//! The gateway's gRPC upstreams and their health.
+//! The gateway's gRPC upstreams: their channels, their health (`/readyz`)
+//! and the typed clients that implement the turn engine's ports ([`grpc`]).
+
+pub mod grpc;
 
 use std::time::Duration;
 
@@ -51,8 +54,16 @@ impl UpstreamHealth {
 /// The five upstreams of the mesh.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
-    /// Every upstream, required ones first.
+    /// Every upstream, required ones first, for health checks.
     pub all: Vec<Upstream>,
+    /// The context service.
+    pub context: grpc::Context,
+    /// The generation service.
+    pub generation: grpc::GenerationClient,
+    /// The understanding service.
+    pub understanding: grpc::UnderstandingClient,
+    /// The retrieval service.
+    pub retrieval: grpc::RetrievalClient,
 }
 
 impl Upstreams {
@@ -106,19 +117,24 @@ impl Upstreams {
                 channel: client::channel(&url)?,
             });
         }
-        Ok(Self { all })
+        let [context, generation, understanding, retrieval] =
+            [0, 1, 2, 3].map(|i| all[i].channel.clone());
+        Ok(Self {
+            context: grpc::Context(context),
+            generation: grpc::GenerationClient(generation),
+            understanding: grpc::UnderstandingClient(understanding),
+            retrieval: grpc::RetrievalClient(retrieval),
+            all,
+        })
     }
 
-    /// The channel of the upstream named `name` (`context`, `generation`,
-    /// `understanding`, `retrieval`, `auth-rotation`). An unknown name is a
-    /// programming error; it gets a channel to nowhere that fails every call.
-    pub fn channel(&self, name: &str) -> TracedChannel {
-        match self.all.iter().find(|u| u.name == name) {
-            Some(u) => u.channel.clone(),
-            None => {
-                tracing::error!(name, "no such upstream");
-                client::unreachable(&format!("no upstream named {name}"))
-            }
+    /// The turn engine's ports over these upstreams.
+    pub fn ports(&self) -> crate::turn::Ports {
+        crate::turn::Ports {
+            sessions: std::sync::Arc::new(self.context.clone()),
+            understanding: std::sync::Arc::new(self.understanding.clone()),
+            retrieval: std::sync::Arc::new(self.retrieval.clone()),
+            generation: std::sync::Arc::new(self.generation.clone()),
         }
     }
 

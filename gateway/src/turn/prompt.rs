@@ -2,19 +2,21 @@
 //! prompt, as much recent history as fits, the retrieved passages in a
 //! delimited data block (a user-role message, never the system prompt:
 //! OWASP LLM01 indirect injection), then the request's own messages. Token counts come from the generation service's
-//! `CountTokens` (the model's own tokenizer and chat template).
-
-use std::time::Duration;
+//! `CountTokens` (the model's own tokenizer and chat template); a stored
+//! history turn keeps the count it was written with and is not counted
+//! again.
 
 use moltbot_proto::{
     context::v1 as ctx,
-    generation::v1::{
-        ChatMessage, CountTokensRequest, Role, generation_service_client::GenerationServiceClient,
-    },
+    generation::v1::{ChatMessage, CountTokensRequest, CountTokensResponse, Role},
 };
-use moltbot_runtime::grpc::client::TracedChannel;
 
-use crate::{ApiError, openai::Source};
+use super::{
+    Source,
+    policy::{self, Budget, WalkError},
+    ports::Generation,
+};
+use crate::{ApiError, routing::config::RetryPolicy};
 
 /// Chat-template tokens around each message besides its content
 /// (`<|im_start|>`, the role, `\n`, `<|im_end|>`, `\n` in ChatML, Qwen2's
@@ -98,6 +100,8 @@ pub struct Assembled {
     /// Tokens of the assembled prompt (counted; estimated at 4 bytes a
     /// token when no model of the chain can count).
     pub prompt_tokens: u32,
+    /// The model whose tokenizer counted the prompt; `None` when none could.
+    pub counted_by: Option<String>,
 }
 
 fn gen_role(role: ctx::Role) -> Role {
@@ -109,59 +113,145 @@ fn gen_role(role: ctx::Role) -> Role {
     }
 }
 
-/// Counts and assembles the prompt for `model`.
+/// Why no candidate of the chain assembled the prompt.
+#[derive(Debug)]
+pub enum ChainError {
+    /// The request fails (422 for a prompt too long, 503/504 when every
+    /// candidate failed or the deadline ran out, …).
+    Api(ApiError),
+    /// No candidate is served by the generation service.
+    NoneServes,
+}
+
+/// Counts and assembles the prompt with the first candidate of `chain` that
+/// can count (the call policy's walk: NOT_FOUND and UNIMPLEMENTED move to the
+/// next). When only remote models are on the chain (every one UNIMPLEMENTED)
+/// the prompt is [`uncounted`].
 ///
-/// `max_tokens` is the completion budget wanted; it is reserved before history
-/// is added, and clamped to what is left when the prompt itself is long.
-///
-/// Errors: [`ApiError::ContextLengthExceeded`] when the system message and the
-/// new messages alone leave no room for one completion token;
-/// [`ApiError::Upstream`] when `CountTokens` fails (NOT_FOUND for a model the
-/// generation service does not serve).
-pub async fn assemble(
-    channel: TracedChannel,
-    model: &str,
+/// Errors: [`ChainError::NoneServes`] when no candidate is served; else as
+/// [`assemble`].
+pub async fn assemble_on_chain(
+    generation: &dyn Generation,
+    chain: &[String],
+    retry: &RetryPolicy,
     parts: Parts,
     history: &[ctx::Turn],
     max_tokens: u32,
-    timeout: Duration,
+    budget: Budget,
+) -> Result<Assembled, ChainError> {
+    let (head, texts, recount) = count_request(&parts, history);
+    let mut attempts = Vec::new();
+    let counted = policy::walk(
+        "generation",
+        "count_tokens",
+        chain,
+        retry,
+        budget,
+        &mut attempts,
+        |model, left| {
+            generation.count_tokens(
+                CountTokensRequest {
+                    model: model.to_owned(),
+                    messages: head.clone(),
+                    texts: texts.clone(),
+                },
+                left,
+            )
+        },
+    )
+    .await;
+    match counted {
+        Ok((model, counted)) => assemble(&model, parts, history, &recount, &counted, max_tokens)
+            .map_err(ChainError::Api),
+        Err(WalkError::Fail(status)) => Err(ChainError::Api(ApiError::Upstream {
+            service: "generation",
+            status,
+        })),
+        Err(WalkError::Exhausted { deadline }) => {
+            let only = |outcome: &str| {
+                !attempts.is_empty() && attempts.iter().all(|a| a.outcome == outcome)
+            };
+            if attempts.iter().any(|a| a.outcome == "unimplemented")
+                && attempts
+                    .iter()
+                    .all(|a| a.outcome == "unimplemented" || a.outcome == "not_found")
+            {
+                // Only remote models on this route: they count for themselves.
+                Ok(uncounted(parts, history, max_tokens))
+            } else if only("not_found") {
+                Err(ChainError::NoneServes)
+            } else {
+                let summary = attempts
+                    .iter()
+                    .map(|a| format!("{}: {}", a.model, a.outcome))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(ChainError::Api(ApiError::AllAttemptsFailed {
+                    route: "token counting".to_owned(),
+                    summary: if summary.is_empty() {
+                        "no attempt fitted in the deadline".to_owned()
+                    } else {
+                        summary
+                    },
+                    deadline,
+                }))
+            }
+        }
+    }
+}
+
+/// The head messages (system, passages, new messages) and the texts to count
+/// one by one: the history turns stored without a count, then the new
+/// messages. Also which history turns are recounted, by index.
+fn count_request(
+    parts: &Parts,
+    history: &[ctx::Turn],
+) -> (Vec<ChatMessage>, Vec<String>, Vec<usize>) {
+    let mut head = vec![ChatMessage {
+        role: Role::System as i32,
+        content: parts.system.clone(),
+        ..Default::default()
+    }];
+    head.extend(parts.passages.iter().cloned());
+    head.extend(parts.new.iter().cloned());
+    // A turn's tokens are counted once, when it is written: only turns
+    // stored without a count (answers of remote models) are counted again.
+    let recount: Vec<usize> = history
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.token_count == 0 && !t.content.is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    let texts = recount
+        .iter()
+        .map(|&i| history[i].content.clone())
+        .chain(parts.new.iter().map(|m| m.content.clone()))
+        .collect();
+    (head, texts, recount)
+}
+
+/// Assembles the prompt for `model` from its counts.
+///
+/// `max_tokens` is the completion budget wanted; it is reserved before history
+/// is added, and clamped to what is left when the prompt itself is long.
+/// `recount` names the history turns whose counts lead `counted.text_tokens`;
+/// the others use their stored counts.
+///
+/// Errors: [`ApiError::ContextLengthExceeded`] when the system message and the
+/// new messages alone leave no room for one completion token.
+pub fn assemble(
+    model: &str,
+    parts: Parts,
+    history: &[ctx::Turn],
+    recount: &[usize],
+    counted: &CountTokensResponse,
+    max_tokens: u32,
 ) -> Result<Assembled, ApiError> {
     let Parts {
         system,
         passages,
         new,
     } = parts;
-    let mut head = vec![ChatMessage {
-        role: Role::System as i32,
-        content: system,
-        ..Default::default()
-    }];
-    head.extend(passages.iter().cloned());
-    head.extend(new.iter().cloned());
-    let texts: Vec<String> = history
-        .iter()
-        .map(|t| t.content.clone())
-        .chain(new.iter().map(|m| m.content.clone()))
-        .collect();
-    // Counting is idempotent: retried on another generation replica after
-    // a transient failure.
-    let deadline = tokio::time::Instant::now() + timeout;
-    let counted = super::retry::idempotent(deadline, |left| {
-        let mut request = tonic::Request::new(CountTokensRequest {
-            model: model.to_owned(),
-            messages: head.clone(),
-            texts: texts.clone(),
-        });
-        request.set_timeout(left);
-        let mut client = GenerationServiceClient::new(channel.clone());
-        async move { client.count_tokens(request).await }
-    })
-    .await
-    .map_err(|status| ApiError::Upstream {
-        service: "generation",
-        status,
-    })?
-    .into_inner();
     let context_length = counted.context_length;
     let prompt = counted.prompt_tokens;
     if prompt >= context_length {
@@ -174,7 +264,11 @@ pub async fn assemble(
     let room = context_length - prompt;
     let max_tokens = max_tokens.min(room);
     let mut budget = room - max_tokens;
-    let history_tokens = &counted.text_tokens[..history.len().min(counted.text_tokens.len())];
+    let recounted = recount.len().min(counted.text_tokens.len());
+    let mut history_tokens: Vec<u32> = history.iter().map(|t| t.token_count).collect();
+    for (&i, &tokens) in recount.iter().zip(&counted.text_tokens[..recounted]) {
+        history_tokens[i] = tokens;
+    }
     let mut kept = 0;
     for tokens in history_tokens.iter().rev() {
         let cost = tokens + PER_MESSAGE_OVERHEAD_TOKENS;
@@ -185,7 +279,11 @@ pub async fn assemble(
         kept += 1;
     }
     let mut messages = Vec::with_capacity(2 + kept + new.len());
-    messages.push(head.swap_remove(0));
+    messages.push(ChatMessage {
+        role: Role::System as i32,
+        content: system,
+        ..Default::default()
+    });
     for t in &history[history.len() - kept..] {
         messages.push(ChatMessage {
             role: gen_role(t.role()) as i32,
@@ -199,9 +297,10 @@ pub async fn assemble(
         messages,
         max_tokens,
         history_kept: kept,
-        new_message_tokens: counted.text_tokens[history_tokens.len()..].to_vec(),
+        new_message_tokens: counted.text_tokens[recounted..].to_vec(),
         context_length,
         prompt_tokens: prompt + (room - max_tokens - budget),
+        counted_by: Some(model.to_owned()),
     })
 }
 
@@ -235,6 +334,7 @@ pub fn uncounted(parts: Parts, history: &[ctx::Turn], max_tokens: u32) -> Assemb
         new_message_tokens: vec![0; new_len],
         context_length: 0,
         prompt_tokens: u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX),
+        counted_by: None,
     }
 }
 

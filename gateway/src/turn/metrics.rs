@@ -1,12 +1,12 @@
-//! The chat pipeline's Prometheus metrics (registered in the process registry
+//! The turn engine's Prometheus metrics (registered in the process registry
 //! served at `/metrics`).
 
 use std::sync::LazyLock;
 
 use moltbot_runtime::metrics;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
+pub(crate) fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
     let _ = metrics::registry().register(Box::new(c.clone()));
     c
 }
@@ -22,33 +22,6 @@ pub static TURNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
                 "Chat turns by route and outcome",
             ),
             &["route", "outcome"],
-        )
-        .expect("valid metric"),
-    )
-});
-
-/// `moltbot_gateway_shed_requests_total`: requests answered 503 because
-/// the gateway was at its in-flight limit (`MOLTBOT_MAX_IN_FLIGHT`).
-#[allow(clippy::expect_used)]
-pub static SHED: LazyLock<IntCounter> = LazyLock::new(|| {
-    register(
-        IntCounter::new(
-            "moltbot_gateway_shed_requests_total",
-            "Requests shed at the in-flight limit",
-        )
-        .expect("valid metric"),
-    )
-});
-
-/// `moltbot_gateway_rate_limit_store_errors_total`: rate-limit checks that
-/// could not reach the shared buckets in Redis and used this gateway's
-/// own buckets instead.
-#[allow(clippy::expect_used)]
-pub static RATE_LIMIT_STORE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register(
-        IntCounter::new(
-            "moltbot_gateway_rate_limit_store_errors_total",
-            "Rate-limit checks that fell back to process-local buckets",
         )
         .expect("valid metric"),
     )
@@ -130,6 +103,24 @@ pub static TURN_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
             )
             .buckets(metrics::LATENCY_BUCKETS_SECONDS.to_vec()),
             &["route"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `moltbot_gateway_upstream_attempts_total{upstream, call, outcome}`: every
+/// attempt of every upstream call a turn makes (`context`/`history`,
+/// `generation`/`count_tokens`, …), by outcome (`ok` or the gRPC code in
+/// snake case), counted by the call policy (`gateway/src/turn/policy.rs`).
+#[allow(clippy::expect_used)]
+pub static UPSTREAM_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "moltbot_gateway_upstream_attempts_total",
+                "Upstream call attempts by upstream, call and outcome",
+            ),
+            &["upstream", "call", "outcome"],
         )
         .expect("valid metric"),
     )

@@ -1,4 +1,4 @@
-//! One owner for the end of a turn: [`run`] drains a started generation,
+//! Stage 7, one owner for the end of a turn: [`run`] drains a started generation,
 //! hands its text to an [`Output`] (a JSON answer that buffers, or an SSE
 //! stream that writes as it goes), and settles everything a turn settles in
 //! one place, whatever the output: the session write, the caller's token
@@ -10,18 +10,22 @@
 //! `outcome="error"`, including a stream that ended without its summary), or
 //! cancelled because the client went away (`outcome="cancelled"`).
 
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
-use moltbot_proto::generation::v1::{
-    FinishReason, GenerationSummary, TokenLogprob, ToolCall, generate_response,
+use futures::StreamExt;
+use moltbot_proto::{
+    context::v1 as ctx,
+    generation::v1::{FinishReason, GenerationSummary, TokenLogprob, ToolCall, generate_response},
 };
 
-use super::{Pipeline, Prepared, generate::Started, metrics};
-use crate::{
-    ApiError,
-    edge::ratelimit::{RateLimiter, Reservation},
-    openai::Usage,
+use super::{
+    Engine, Prepared, Usage,
+    generate::Started,
+    metrics,
+    policy::{self, Budget},
+    ports::{Broke, Reserved},
 };
+use crate::ApiError;
 
 /// Generations started again after the connection to their replica broke
 /// before anything reached the client, per turn.
@@ -166,7 +170,7 @@ fn usage_of(summary: &GenerationSummary) -> Usage {
     }
 }
 
-fn count(prepared: &Prepared, outcome: &str) {
+pub(super) fn count(prepared: &Prepared, outcome: &str) {
     metrics::TURNS
         .with_label_values(&[prepared.route.as_str(), outcome])
         .inc();
@@ -186,39 +190,6 @@ fn record_done(prepared: &Prepared, usage: &Usage) {
         .observe(prepared.arrived.elapsed().as_secs_f64());
 }
 
-/// Begins a prepared turn: reserves the prompt and the whole completion
-/// budget against the caller's tokens-per-minute (settled with what the
-/// turn used, in [`run`]), starts generation and records the time to its
-/// first event. Errors with [`ApiError::RateLimited`] or as
-/// [`Pipeline::start`].
-pub async fn begin(
-    pipeline: &Pipeline,
-    prepared: &mut Prepared,
-    limiter: &Arc<RateLimiter>,
-) -> Result<(Reservation, Started), ApiError> {
-    let budget = prepared
-        .request
-        .sampling
-        .as_ref()
-        .map_or(0, |s| s.max_tokens);
-    let reservation = limiter.reserve(prepared.prompt_tokens, budget).await?;
-    let started = start(pipeline, prepared).await?;
-    metrics::TTFT
-        .with_label_values(&[prepared.route.as_str()])
-        .observe(prepared.arrived.elapsed().as_secs_f64());
-    Ok((reservation, started))
-}
-
-/// Starts generation for `prepared`; a turn that cannot start is counted as
-/// an error. Errors as [`Pipeline::start`].
-pub async fn start(pipeline: &Pipeline, prepared: &mut Prepared) -> Result<Started, ApiError> {
-    let started = pipeline.start(prepared).await;
-    if started.is_err() {
-        count(prepared, "error");
-    }
-    started
-}
-
 /// One generation read to its summary.
 struct Drain {
     model: String,
@@ -231,16 +202,16 @@ struct Drain {
 /// What draining one generation came to.
 enum Drained {
     Summary(Box<Drain>),
-    Broke(tonic::Status),
+    Broke(Broke),
     Gone(Gone),
 }
 
 /// Reads one generation to its summary, passing each delta to `out`.
-async fn drain<O: Output>(started: Started, reservation: &mut Reservation, out: &mut O) -> Drained {
+async fn drain<O: Output>(started: Started, reserved: &mut dyn Reserved, out: &mut O) -> Drained {
     let Started {
         model,
         first,
-        mut stream,
+        mut events,
     } = started;
     let mut text = String::new();
     let mut calls = Vec::new();
@@ -249,7 +220,7 @@ async fn drain<O: Output>(started: Started, reservation: &mut Reservation, out: 
     loop {
         match event.and_then(|e| e.event) {
             Some(generate_response::Event::Delta(d)) => {
-                reservation.saw_completion(1);
+                reserved.saw_completion(1);
                 text.push_str(&d.text);
                 logprobs.extend(d.logprobs.iter().cloned());
                 if let Err(gone) = out.delta(&model, d.text, d.logprobs).await {
@@ -274,14 +245,17 @@ async fn drain<O: Output>(started: Started, reservation: &mut Reservation, out: 
             }
             None => {}
         }
-        event = match stream.message().await {
-            Ok(Some(e)) => Some(e),
-            Ok(None) => {
-                return Drained::Broke(tonic::Status::unavailable(
-                    "the generation stream ended without a summary",
-                ));
+        event = match events.next().await {
+            Some(Ok(e)) => Some(e),
+            None => {
+                return Drained::Broke(Broke {
+                    status: tonic::Status::unavailable(
+                        "the generation stream ended without a summary",
+                    ),
+                    transport: false,
+                });
             }
-            Err(status) => return Drained::Broke(status),
+            Some(Err(broke)) => return Drained::Broke(broke),
         };
     }
 }
@@ -290,34 +264,56 @@ async fn drain<O: Output>(started: Started, reservation: &mut Reservation, out: 
 /// client, the restart budget and the deadline allow it, and the connection
 /// to the replica broke (a transport error: the status carries its source).
 /// A status the service itself sent (a stalled provider, say) fails the turn.
-fn may_restart<O: Output>(
-    out: &O,
-    prepared: &Prepared,
-    restarts: u32,
-    status: &tonic::Status,
-) -> bool {
+fn may_restart<O: Output>(out: &O, prepared: &Prepared, restarts: u32, broke: &Broke) -> bool {
     !out.sent_any()
         && restarts < MAX_RESTARTS
-        && std::error::Error::source(status).is_some()
-        && super::generate::restartable(status.code())
-        && std::time::Instant::now() < prepared.deadline
+        && broke.transport
+        && policy::disposition(broke.status.code(), false) == policy::Disposition::Retry
+        && !prepared.budget.spent()
+}
+
+/// Appends the request's messages and the answer to the session in one
+/// idempotent call (key: the turn id), under the call policy within the
+/// enrichment timeout (the answer exists: the write gets its own budget,
+/// not what is left of the turn's). A failure does not fail the answered
+/// turn: `context_write` is added to `degraded`.
+async fn write_session(engine: &Engine, prepared: &mut Prepared, answer: ctx::Turn) {
+    if !prepared.store {
+        return;
+    }
+    let mut turns = std::mem::take(&mut prepared.new_turns);
+    turns.push(answer);
+    let sessions = &engine.ports.sessions;
+    let budget = Budget::new(engine.settings.enrichment_timeout);
+    let (tenant, session, key) = (&prepared.tenant, &prepared.ext.session_id, &prepared.id);
+    let written = policy::call("context", "append", budget, |left| {
+        sessions.append(tenant, session, &turns, key, left)
+    })
+    .await;
+    if let Err(status) = written {
+        tracing::warn!(code = ?status.code(), error = %status.message(), "context write failed");
+        metrics::DEGRADED
+            .with_label_values(&["context_write"])
+            .inc();
+        prepared.ext.degraded.push("context_write".to_owned());
+    }
 }
 
 /// Runs a started turn to its end (see the module doc): drains `started`
 /// into `out`, starts it again on another replica when its connection broke
 /// before anything reached the client, and settles the session, the
-/// `reservation` and the metrics.
-pub async fn run<O: Output>(
-    pipeline: &Pipeline,
+/// reservation and the metrics.
+pub(super) async fn run<O: Output>(
+    engine: &Engine,
     prepared: &mut Prepared,
-    mut reservation: Reservation,
+    mut reserved: Box<dyn Reserved>,
     started: Started,
     out: &mut O,
 ) -> Ended {
     let mut started = started;
     let mut restarts = 0;
     loop {
-        match drain(started, &mut reservation, out).await {
+        match drain(started, reserved.as_mut(), out).await {
             Drained::Summary(drained) => {
                 let Drain {
                     model,
@@ -327,14 +323,21 @@ pub async fn run<O: Output>(
                     summary,
                 } = *drained;
                 let usage = usage_of(&summary);
-                pipeline
-                    .finish(
-                        prepared,
-                        &stored_text(&text, &tool_calls),
-                        usage.completion_tokens,
-                    )
-                    .await;
-                reservation.settle(usage.total_tokens);
+                // Stored with its count only when the prompt's tokenizer
+                // counted it (see `Prepared::counted_by`).
+                let token_count = if prepared.counted_by.as_deref() == Some(model.as_str()) {
+                    usage.completion_tokens
+                } else {
+                    0
+                };
+                let answer = ctx::Turn {
+                    role: ctx::Role::Assistant as i32,
+                    content: stored_text(&text, &tool_calls),
+                    token_count,
+                    created_at: None,
+                };
+                write_session(engine, prepared, answer).await;
+                reserved.settle(usage.total_tokens);
                 record_done(prepared, &usage);
                 return Ended::Answered(Answer {
                     model,
@@ -350,15 +353,18 @@ pub async fn run<O: Output>(
                 count(prepared, "cancelled");
                 return Ended::Cancelled;
             }
-            Drained::Broke(status) if may_restart(out, prepared, restarts, &status) => {
+            Drained::Broke(broke) if may_restart(out, prepared, restarts, &broke) => {
                 restarts += 1;
-                tracing::warn!(code = ?status.code(), error = %status.message(), restarts, "generation broke before anything was sent; starting it again");
-                started = match start(pipeline, prepared).await {
+                tracing::warn!(code = ?broke.status.code(), error = %broke.status.message(), restarts, "generation broke before anything was sent; starting it again");
+                started = match super::generate::start(&engine.ports, prepared).await {
                     Ok(s) => s,
-                    Err(e) => return Ended::Failed(e),
+                    Err(e) => {
+                        count(prepared, "error");
+                        return Ended::Failed(e);
+                    }
                 };
             }
-            Drained::Broke(status) => {
+            Drained::Broke(Broke { status, .. }) => {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "generation broke mid-answer");
                 count(prepared, "error");
                 return Ended::Failed(ApiError::Upstream {
@@ -370,15 +376,10 @@ pub async fn run<O: Output>(
     }
 }
 
-/// [`run`] into a [`Buffered`] output, for answers sent whole: the answer,
-/// or the error that ended the turn.
-pub async fn run_buffered(
-    pipeline: &Pipeline,
-    prepared: &mut Prepared,
-    reservation: Reservation,
-    started: Started,
-) -> Result<Answer, ApiError> {
-    match run(pipeline, prepared, reservation, started, &mut Buffered).await {
+/// [`Ended`] as a result, for answers sent whole: the answer, or the error
+/// that ended the turn.
+pub fn into_result(ended: Ended) -> Result<Answer, ApiError> {
+    match ended {
         Ended::Answered(a) => Ok(a),
         Ended::Failed(e) => Err(e),
         // A buffered output never reports the client gone; a client that

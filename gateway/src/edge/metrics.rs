@@ -1,0 +1,35 @@
+//! The edge's Prometheus metrics (registered in the process registry served
+//! at `/metrics`).
+
+use std::sync::LazyLock;
+
+use prometheus::IntCounter;
+
+use crate::turn::metrics::register;
+
+/// `moltbot_gateway_shed_requests_total`: requests answered 503 because
+/// the gateway was at its in-flight limit (`MOLTBOT_MAX_IN_FLIGHT`).
+#[allow(clippy::expect_used)]
+pub static SHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "moltbot_gateway_shed_requests_total",
+            "Requests shed at the in-flight limit",
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `moltbot_gateway_rate_limit_store_errors_total`: rate-limit checks that
+/// could not reach the shared buckets in Redis and used this gateway's
+/// own buckets instead.
+#[allow(clippy::expect_used)]
+pub static RATE_LIMIT_STORE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "moltbot_gateway_rate_limit_store_errors_total",
+            "Rate-limit checks that fell back to process-local buckets",
+        )
+        .expect("valid metric"),
+    )
+});

@@ -1,0 +1,335 @@
+//! The turn engine (docs/architecture.md, "The request path"): one chat turn
+//! from a neutral [`TurnRequest`] to its end, whatever protocol it came in.
+//!
+//! The stages, in order (each a function of this folder):
+//!
+//! 1. **route candidates** for the request model ([`Engine::start`]);
+//! 2. **context and enrichments**, concurrently: the session's history
+//!    ([`ports::Sessions`]), the intent ([`ports::Understanding`], when a
+//!    route of the model uses it) and the provisional route's passages
+//!    ([`ports::Retrieval`]) — `prepare.rs`;
+//! 3. **route** on model and intent, the route's client-turn policy;
+//! 4. **prompt** within the model's context window, counted by the first
+//!    candidate that can (`prompt.rs`; stored history counts are reused);
+//! 5. **charge**: the prompt and the completion budget reserved against the
+//!    caller's tokens per minute ([`ports::Charge`]);
+//! 6. **generate** across the route's candidates (`generate.rs`);
+//! 7. **run**: drain the generation into an [`Output`], restart it once it
+//!    broke before anything was sent, then settle — the session written
+//!    exactly once, the charge settled, the metrics recorded (`run.rs`).
+//!
+//! Every upstream call goes through the one call policy ([`policy`]): one
+//! deadline budget per turn, one table of retryable codes, one walk over
+//! the candidates. Enrichments are optional (a failure or a missed deadline
+//! is named in `moltbot.degraded`); context and generation are required.
+//! The engine knows nothing of HTTP or OpenAI: protocol adapters
+//! (`gateway/src/adapters/`) build the request and format the [`Output`].
+
+mod enrich;
+mod generate;
+pub mod metrics;
+pub mod policy;
+pub mod ports;
+mod prepare;
+pub mod prompt;
+pub mod report;
+mod request;
+mod run;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use moltbot_proto::{
+    context::v1 as ctx,
+    generation::v1::{GenerateRequest, ModelInfo},
+};
+use rand::Rng;
+use tokio::time::Instant;
+
+pub use generate::Started;
+pub use ports::{Charge, Reserved};
+pub use report::{Attempt, Extension, IntentInfo, Source, Usage};
+pub use request::{Sampling, TurnRequest};
+pub use run::{Answer, Buffered, Ended, Finish, Gone, Output, into_result, stored_text};
+
+use crate::{
+    ApiError,
+    routing::{
+        Route, Router,
+        config::{Candidate, RetryPolicy},
+    },
+};
+
+/// How long the generation service's model list is reused, for resolving
+/// request models no route names.
+const MODEL_LIST_TTL: Duration = Duration::from_secs(30);
+
+/// The engine's upstreams, one trait object each.
+#[derive(Clone)]
+pub struct Ports {
+    /// Conversation memory.
+    pub sessions: Arc<dyn ports::Sessions>,
+    /// Intent classification (an enrichment).
+    pub understanding: Arc<dyn ports::Understanding>,
+    /// Knowledge search (an enrichment).
+    pub retrieval: Arc<dyn ports::Retrieval>,
+    /// Token counting and generation.
+    pub generation: Arc<dyn ports::Generation>,
+}
+
+/// Settings of [`Engine::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Most time each enrichment and the history load may take; also the
+    /// budget of the session write after the answer.
+    pub enrichment_timeout: Duration,
+    /// Default (and largest) deadline of a whole turn.
+    pub request_timeout: Duration,
+}
+
+/// The turn engine: the routes and the upstreams.
+pub struct Engine {
+    ports: Ports,
+    router: Router,
+    settings: Settings,
+    models: Mutex<Option<(Instant, Vec<ModelInfo>)>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("router", &self.router)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A turn up to its generation: everything the run settles with.
+#[derive(Debug)]
+pub struct Prepared {
+    /// `chatcmpl-…`, also the idempotency key of the session write.
+    pub id: String,
+    /// The caller's tenant: the session is read and written under it.
+    pub tenant: String,
+    /// Tokens of the assembled prompt.
+    pub prompt_tokens: u32,
+    /// Unix seconds.
+    pub created: u64,
+    /// Route name.
+    pub route: String,
+    /// Models to try, in order.
+    pub chain: Vec<String>,
+    /// Retry policy of the route.
+    pub retry: RetryPolicy,
+    /// The generation request (model filled per attempt).
+    pub request: GenerateRequest,
+    /// The request's messages as they will be stored.
+    pub new_turns: Vec<ctx::Turn>,
+    /// The response extension so far.
+    pub ext: Extension,
+    /// The turn's deadline.
+    pub budget: policy::Budget,
+    /// When the request arrived.
+    pub arrived: Instant,
+    /// Whether the turn is written to the session.
+    pub store: bool,
+    /// The model whose tokenizer counted the prompt: an answer of that model
+    /// is stored with its token count, any other without (counted again
+    /// when a later prompt needs it).
+    pub counted_by: Option<String>,
+}
+
+/// A turn whose generation has started: run it into an [`Output`] with
+/// [`Turn::run`]. Dropping it cancels the generation and charges what was
+/// used.
+pub struct Turn {
+    engine: Arc<Engine>,
+    prepared: Prepared,
+    reserved: Box<dyn Reserved>,
+    started: Started,
+}
+
+impl std::fmt::Debug for Turn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turn")
+            .field("prepared", &self.prepared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Turn {
+    /// What the turn was prepared with (id, session, route, …).
+    pub fn prepared(&self) -> &Prepared {
+        &self.prepared
+    }
+
+    /// Runs the turn to its end into `out` (docs of `run.rs`). Returns how it
+    /// ended and the response extension.
+    pub async fn run<O: Output>(self, out: &mut O) -> (Ended, Extension) {
+        let Self {
+            engine,
+            mut prepared,
+            reserved,
+            started,
+        } = self;
+        let ended = run::run(&engine, &mut prepared, reserved, started, out).await;
+        (ended, prepared.ext)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random lower-case hex id with a prefix.
+pub fn new_id(prefix: &str) -> String {
+    let bytes: [u8; 12] = rand::rng().random();
+    let mut out = String::with_capacity(prefix.len() + 24);
+    out.push_str(prefix);
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+impl Engine {
+    /// An engine over `ports` with `router`.
+    pub fn new(ports: Ports, router: Router, settings: Settings) -> Self {
+        Self {
+            ports,
+            router,
+            settings,
+            models: Mutex::new(None),
+        }
+    }
+
+    /// Default (and largest) deadline of one request.
+    pub fn request_timeout(&self) -> Duration {
+        self.settings.request_timeout
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Runs stages 1 to 6 (see the module doc) for `req` on behalf of
+    /// `tenant`, charging `charge`: the turn, once its generation produced
+    /// its first event.
+    ///
+    /// Errors: 400 for a route policy the request breaks, 404 for an unknown
+    /// model, 422 for a prompt longer than the context window, 429 from
+    /// `charge`, 503/504 when context or every candidate failed or the
+    /// deadline ran out. A turn that fails here has written nothing.
+    pub async fn start(
+        self: &Arc<Self>,
+        req: TurnRequest,
+        tenant: &str,
+        charge: &dyn Charge,
+    ) -> Result<Turn, ApiError> {
+        let arrived = Instant::now();
+        let timeout = req.timeout.map_or(self.settings.request_timeout, |t| {
+            t.min(self.settings.request_timeout)
+        });
+        let budget = policy::Budget::new(timeout);
+        let routes = self.routes_for(&req.model, budget).await?;
+        let mut prepared = self.prepare(req, tenant, &routes, budget, arrived).await?;
+        let budget_tokens = prepared
+            .request
+            .sampling
+            .as_ref()
+            .map_or(0, |s| s.max_tokens);
+        let reserved = charge
+            .reserve(prepared.prompt_tokens, budget_tokens)
+            .await?;
+        let started = match generate::start(&self.ports, &mut prepared).await {
+            Ok(s) => s,
+            Err(e) => {
+                run::count(&prepared, "error");
+                return Err(e);
+            }
+        };
+        metrics::TTFT
+            .with_label_values(&[prepared.route.as_str()])
+            .observe(prepared.arrived.elapsed().as_secs_f64());
+        Ok(Turn {
+            engine: self.clone(),
+            prepared,
+            reserved,
+            started,
+        })
+    }
+
+    /// The generation service's models, cached for [`MODEL_LIST_TTL`].
+    /// Errors with [`ApiError::Upstream`] when generation is unreachable.
+    pub async fn served_models(&self) -> Result<Vec<ModelInfo>, ApiError> {
+        self.served_models_within(policy::Budget::new(self.settings.enrichment_timeout))
+            .await
+    }
+
+    async fn served_models_within(
+        &self,
+        budget: policy::Budget,
+    ) -> Result<Vec<ModelInfo>, ApiError> {
+        if let Ok(cache) = self.models.lock()
+            && let Some((at, models)) = cache.as_ref()
+            && at.elapsed() < MODEL_LIST_TTL
+        {
+            return Ok(models.clone());
+        }
+        let budget = budget.capped(self.settings.enrichment_timeout);
+        let generation = &self.ports.generation;
+        let models = policy::call("generation", "list_models", budget, |left| {
+            generation.list_models(left)
+        })
+        .await
+        .map_err(|status| ApiError::Upstream {
+            service: "generation",
+            status,
+        })?;
+        if let Ok(mut cache) = self.models.lock() {
+            *cache = Some((Instant::now(), models.clone()));
+        }
+        Ok(models)
+    }
+
+    /// The routes a request model may take; a model no route names but the
+    /// generation service serves gets a direct route of its own.
+    async fn routes_for(
+        &self,
+        model: &str,
+        budget: policy::Budget,
+    ) -> Result<Vec<Route>, ApiError> {
+        let routes: Vec<Route> = self.router.for_model(model).into_iter().cloned().collect();
+        if !routes.is_empty() {
+            return Ok(routes);
+        }
+        let served = self.served_models_within(budget).await?;
+        if served.iter().any(|m| m.name == model) {
+            return Ok(vec![Route {
+                name: model.to_owned(),
+                matches: Default::default(),
+                system_prompt: None,
+                understanding: true,
+                retrieval: None,
+                candidates: vec![Candidate {
+                    model: model.to_owned(),
+                    weight: 1,
+                }],
+                fallbacks: Vec::new(),
+                retry: RetryPolicy::default(),
+                default_max_tokens: 256,
+                client_turns: Default::default(),
+            }]);
+        }
+        Err(ApiError::ModelNotFound(model.to_owned()))
+    }
+}
