@@ -4,7 +4,8 @@
 //! offers `tools` and its last message is not a tool result, a call to the
 //! first tool with `{"city": "Paris"}`, its arguments in two fragments as
 //! OpenAI streams them. `GET /v1/models` answers 200. The last request body
-//! is kept for assertions. Fakes are for third-party HTTP providers only.
+//! is kept for assertions; `fail_with` makes it a provider that is down.
+//! Fakes are for third-party HTTP providers only.
 
 use std::{
     sync::{
@@ -34,6 +35,9 @@ pub struct Provider {
     pub calls: Arc<AtomicU32>,
     /// The last chat request's body.
     pub last_body: Arc<std::sync::Mutex<serde_json::Value>>,
+    /// Answer every chat request with this status and no body (a provider
+    /// that is down: 503, 529, …).
+    pub fail_with: Option<StatusCode>,
 }
 
 impl Provider {
@@ -56,6 +60,9 @@ impl Provider {
                 };
                 if !allowed {
                     return (StatusCode::UNAUTHORIZED, HeaderMap::new(), String::new());
+                }
+                if let Some(status) = this.fail_with {
+                    return (status, HeaderMap::new(), String::new());
                 }
                 let mut body = String::new();
                 let tool = request["tools"][0]["function"]["name"].as_str();

@@ -1,8 +1,9 @@
-//! Failover end to end: the local model is made to fail (fault injection in
-//! the generation service), so the route falls back to a remote
-//! OpenAI-compatible provider — a local fake, reached through a credential
-//! leased from the auth-rotation service — and `moltbot.attempts` records
-//! every attempt.
+//! Failover end to end: the route's candidate is a remote provider that is
+//! down (a fake answering 503), so after its retries the route falls back
+//! to another OpenAI-compatible provider — a local fake, reached through a
+//! credential leased from the auth-rotation service — and
+//! `moltbot.attempts` records every attempt. The turn engine's own failover
+//! rules are tested in process (`gateway/src/turn/tests/`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
@@ -31,6 +32,12 @@ async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
         key: Some(FAKE_KEY),
         calls: calls.clone(),
         last_body: last_body.clone(),
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let down_url = fake::Provider {
+        fail_with: Some(axum::http::StatusCode::SERVICE_UNAVAILABLE),
         ..Default::default()
     }
     .start()
@@ -67,17 +74,31 @@ async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
     add.metadata_mut()
         .insert("authorization", "Bearer admin".parse().unwrap());
     admin.add_credential(add).await.unwrap();
+    admin
+        .upsert_provider(with_token(UpsertProviderRequest {
+            name: "down".into(),
+            kind: ProviderKind::Openai as i32,
+            base_url: down_url,
+            models: vec!["gpt-down".into()],
+            health_check_interval_seconds: 30,
+        }))
+        .await
+        .unwrap();
+    let mut add = tonic::Request::new(AddCredentialRequest {
+        provider: "down".into(),
+        secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
+            primary: "sk-down".into(),
+            secondary: String::new(),
+        })),
+    });
+    add.metadata_mut()
+        .insert("authorization", "Bearer admin".parse().unwrap());
+    admin.add_credential(add).await.unwrap();
 
     let context = ServiceProcess::start("moltbot-context", &[]);
     let generation = ServiceProcess::start(
         "moltbot-generation",
-        &[
-            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
-            (
-                "MOLTBOT_FAULT_UNAVAILABLE_MODELS",
-                "qwen2.5-coder-0.5b-instruct".to_owned(),
-            ),
-        ],
+        &[("MOLTBOT_AUTH_URL", auth.grpc_url())],
     );
     let config = std::env::temp_dir().join(format!("moltbot-failover-{}.yaml", std::process::id()));
     std::fs::write(
@@ -86,7 +107,7 @@ async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
 routes:
   - name: default
     match: { models: [default] }
-    candidates: [{ model: qwen2.5-coder-0.5b-instruct }]
+    candidates: [{ model: down/gpt-down }]
     fallbacks: [fake/gpt-fake]
     retry: { max_attempts: 2, initial_backoff_ms: 50 }
 "#,
@@ -135,14 +156,8 @@ routes:
     assert_eq!(
         summary,
         vec![
-            (
-                "qwen2.5-coder-0.5b-instruct".to_owned(),
-                "unavailable".to_owned()
-            ),
-            (
-                "qwen2.5-coder-0.5b-instruct".to_owned(),
-                "unavailable".to_owned()
-            ),
+            ("down/gpt-down".to_owned(), "unavailable".to_owned()),
+            ("down/gpt-down".to_owned(), "unavailable".to_owned()),
             ("fake/gpt-fake".to_owned(), "ok".to_owned()),
         ],
         "{body}"

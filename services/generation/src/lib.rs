@@ -120,10 +120,6 @@ pub struct Args {
     /// Credentials tried per remote request when they answer 401/403/429.
     #[arg(long, env = "MOLTBOT_REMOTE_MAX_CREDENTIALS", default_value_t = 3)]
     pub remote_max_credentials: usize,
-    /// Fault injection for failover drills: models (comma-separated) whose
-    /// Generate answers UNAVAILABLE. Token counting still works.
-    #[arg(long, env = "MOLTBOT_FAULT_UNAVAILABLE_MODELS", value_delimiter = ',')]
-    pub fault_unavailable_models: Vec<String>,
 }
 
 impl Args {
@@ -208,7 +204,7 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             max_credentials: args.remote_max_credentials.max(1),
         },
     };
-    let api = GenerationApi::with_remote(remote, args.fault_unavailable_models.clone());
+    let api = GenerationApi::with_remote(remote);
     let service = GrpcService::new(GenerationServiceServer::new(api.clone()));
     let ready = async move {
         // A thread of its own that ends with the loading, not a tokio

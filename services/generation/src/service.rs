@@ -47,7 +47,6 @@ pub struct GenerationApi {
     models: Arc<OnceLock<Models>>,
     remote: Option<Arc<RemoteConfig>>,
     remotes: Arc<Mutex<BTreeMap<String, Arc<dyn Backend>>>>,
-    faulty: Arc<Vec<String>>,
 }
 
 /// How remote models (`<provider>/<model>`) are reached.
@@ -77,12 +76,10 @@ impl GenerationApi {
             .ok_or_else(|| Status::unavailable("models are still loading"))
     }
 
-    /// Serves local models and, through `remote`, `<provider>/<model>` names;
-    /// `faulty` models answer UNAVAILABLE to Generate (failover drills).
-    pub fn with_remote(remote: RemoteConfig, faulty: Vec<String>) -> Self {
+    /// Serves local models and, through `remote`, `<provider>/<model>` names.
+    pub fn with_remote(remote: RemoteConfig) -> Self {
         Self {
             remote: Some(Arc::new(remote)),
-            faulty: Arc::new(faulty),
             ..Self::default()
         }
     }
@@ -336,12 +333,6 @@ impl GenerationService for GenerationApi {
         let tools = tool_request(&r)?;
         let logprobs = logprobs(r.sampling.as_ref())?;
         let card = backend.card();
-        if self.faulty.contains(&card.name) {
-            return Err(Status::unavailable(format!(
-                "model {} is made to fail (MOLTBOT_FAULT_UNAVAILABLE_MODELS)",
-                card.name
-            )));
-        }
         let rx = backend
             .generate(GenerateInput {
                 messages,

@@ -11,7 +11,8 @@
 //!    context, understanding, retrieval → generation → auth-rotation lease →
 //!    provider), at a fixed concurrency. Overhead = the difference of the
 //!    latency percentiles. Run with enrichments on (understanding and
-//!    retrieval serving) and off (not running: the turn goes on degraded).
+//!    retrieval serving) and off (configured off: the route has
+//!    `understanding: false` and no retrieval, so neither is called).
 //!
 //! Usage (release build; models prepared as for `make test`):
 //! `target/release/moltbot-mesh-bench 2>/dev/null` (the services' logs go to
@@ -326,10 +327,20 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
         ("http://127.0.0.1:9".into(), "http://127.0.0.1:9".into())
     };
     wait_all(&[&generation, &context]).await;
-    let config = write_config(
-        if enrichments { "on" } else { "off" },
-        "routes:\n  - name: default\n    match: { models: [default] }\n    retrieval: { collection: docs, top_k: 1 }\n    candidates: [{ model: fake/gpt-fake }]\n",
-    );
+    // Off is configured off (a route without understanding or retrieval:
+    // the pure-gateway case), not services stopped: stopped services
+    // would measure retries against them, not the feature.
+    let config = if enrichments {
+        write_config(
+            "on",
+            "routes:\n  - name: default\n    match: { models: [default] }\n    retrieval: { collection: docs, top_k: 1 }\n    candidates: [{ model: fake/gpt-fake }]\n",
+        )
+    } else {
+        write_config(
+            "off",
+            "routes:\n  - name: default\n    match: { models: [default] }\n    understanding: false\n    candidates: [{ model: fake/gpt-fake }]\n",
+        )
+    };
     let gateway = ServiceProcess::start(
         "moltbot-gateway",
         &[
