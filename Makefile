@@ -2,6 +2,7 @@
 #
 #   make up     build (release) and run the whole mesh on this machine
 #   make test   install what the tests need, then run every test
+#   make test-fast  the in-process tests only (no stores, models or network)
 #   make lint   rustfmt, clippy -D warnings, buf lint/format/breaking
 #
 # Large artifacts live where these variables say; the defaults sit inside the
@@ -38,7 +39,7 @@ BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 # A stamp per pinned version, so a new pin reinstalls.
 OPENAI_NODE := $(TOOLS_DIR)/.installed-$(subst @,-,$(OPENAI_NODE_PKG))
 
-.PHONY: node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: test-fast node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -133,6 +134,14 @@ test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools
 	  MOLTBOT_DTYPE=f32 MOLTBOT_NODE_PATH=$(TOOLS_DIR)/node_modules \
 	  HELM=$(VENV)/bin/helm KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate \
 	  $(CARGO) test --workspace --no-fail-fast
+
+## The in-process tests: every crate's unit tests (`--lib`), among them the
+## gateway's turn engine over fakes of its ports with paused time
+## (gateway/src/turn/tests/) and the generation scheduler over a fake model
+## (services/generation/src/engine/tests.rs). No store, model or network;
+## libtorch comes from the virtualenv as for every build.
+test-fast: ml-venv
+	$(CARGO) test --workspace --lib
 
 ## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
 ## Generation runs against llama.cpp through llama-cpp-python, pinned here and

@@ -39,7 +39,12 @@
 //! [`GenerationError::QueueFull`] rather than letting it grow. A failed step
 //! (say out of memory) fails the sequences in it and the loop goes on serving.
 
+mod forward;
 mod sequence;
+#[cfg(test)]
+mod tests;
+
+pub use forward::ForwardPass;
 
 use std::{
     sync::{
@@ -54,9 +59,8 @@ use tokio::sync::mpsc;
 use self::sequence::Sequence;
 use crate::{
     GenerationError,
-    kv::{BlockManager, BlockTable, KvPool},
+    kv::{BlockManager, BlockTable},
     metrics::metrics,
-    model::Decoder,
     sampling::{Sampler, SamplingConfig},
     text::ChatTokenizer,
 };
@@ -196,11 +200,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the scheduler thread of `decoder`, named `model` in metrics.
-    /// Errors when the OS cannot start a thread.
-    pub fn start(
+    /// Starts the scheduler thread of `decoder` (the model's forward pass:
+    /// [`crate::model::Decoder`] in production, a fake in the scheduler's
+    /// tests), named `model` in metrics. Errors when the KV cache holds no
+    /// block or the OS cannot start a thread.
+    pub fn start<M: ForwardPass>(
         model: &str,
-        decoder: Decoder,
+        decoder: M,
         tokenizer: ChatTokenizer,
         config: EngineConfig,
     ) -> Result<Self, GenerationError> {
@@ -291,11 +297,11 @@ impl Engine {
     }
 }
 
-struct Scheduler {
+struct Scheduler<M: ForwardPass> {
     model: String,
-    decoder: Decoder,
+    decoder: M,
     /// The KV cache's memory.
-    pool: KvPool,
+    pool: M::Pool,
     /// Which blocks of `pool` are free, held or cached.
     blocks: BlockManager,
     tokenizer: ChatTokenizer,
@@ -309,7 +315,7 @@ struct Scheduler {
     reserved: usize,
 }
 
-impl Scheduler {
+impl<M: ForwardPass> Scheduler<M> {
     fn run(&mut self) {
         tracing::info!(model = %self.model, "scheduler started");
         loop {
@@ -481,15 +487,17 @@ impl Scheduler {
     fn prefill_one(&mut self, i: usize, n: usize) -> Result<Option<Vec<f32>>, GenerationError> {
         let started = Instant::now();
         let seq = &mut self.running[i];
+        // Only the chunk that completes the prompt needs its logits.
+        let last = n >= seq.prefill_left();
         let (table, tokens) = seq.table_mut();
         let start = table.len();
         let slots = table.reserve(&mut self.blocks, n)?;
-        let logits = self.decoder.forward(
+        let logits = self.decoder.prefill(
             &tokens[start..start + n],
             start,
             &mut self.pool,
             slots,
-            false,
+            last,
         )?;
         table.commit(&mut self.blocks, n, tokens);
         let m = metrics();
@@ -502,7 +510,7 @@ impl Scheduler {
         if seq.prefill_left() > 0 {
             return Ok(None);
         }
-        Ok(to_rows(&logits, 1)?.pop())
+        Ok(logits)
     }
 
     /// One batched decode step over every sequence past its prompt.
@@ -531,9 +539,7 @@ impl Scheduler {
                     .iter()
                     .map(|&i| self.running[i].table().slots())
                     .collect();
-                self.decoder
-                    .decode_paged(&tokens, &mut self.pool, &slots)
-                    .and_then(|l| to_rows(&l, tokens.len()))
+                self.decoder.decode(&tokens, &mut self.pool, &slots)
             }
         };
         m.batch_size
@@ -607,17 +613,6 @@ fn advance(model: &str, tokenizer: &ChatTokenizer, seq: &mut Sequence, token: u3
             true
         }
     }
-}
-
-/// Copies `[rows, vocab]` f32 logits to host vectors.
-fn to_rows(logits: &tch::Tensor, rows: usize) -> Result<Vec<Vec<f32>>, GenerationError> {
-    let flat = logits
-        .f_to_device(tch::Device::Cpu)?
-        .f_contiguous()?
-        .f_view([-1])?;
-    let flat: Vec<f32> = Vec::<f32>::try_from(&flat)?;
-    let vocab = flat.len() / rows.max(1);
-    Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect())
 }
 
 /// A copy of a step's error for each failed sequence.

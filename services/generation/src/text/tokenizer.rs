@@ -75,6 +75,19 @@ impl ChatTokenizer {
         let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| load_err(format!("tokenizer.json: {e}")))?;
         let template = read_template(dir).map_err(load_err)?;
+        Self::from_parts(tokenizer, template, eos_ids, dir.join("tokenizer.json")).map_err(load_err)
+    }
+
+    /// A chat tokenizer from a loaded `tokenizer`, a Jinja chat `template`
+    /// and the `eos_ids`; `path` is the `tokenizer.json` the token table is
+    /// read from ([`Self::token_table`]). Errors with the reason the
+    /// template does not compile.
+    pub fn from_parts(
+        tokenizer: tokenizers::Tokenizer,
+        template: String,
+        eos_ids: Vec<u32>,
+        path: std::path::PathBuf,
+    ) -> Result<Self, String> {
         let mut env = Environment::new();
         env.add_function(
             "raise_exception",
@@ -86,7 +99,7 @@ impl ChatTokenizer {
             },
         );
         env.add_template_owned(TEMPLATE, template)
-            .map_err(|e| load_err(format!("chat template: {e}")))?;
+            .map_err(|e| format!("chat template: {e}"))?;
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
         Ok(Self {
@@ -94,7 +107,7 @@ impl ChatTokenizer {
             plain: Arc::new(plain),
             env: Arc::new(env),
             eos_ids,
-            path: Arc::new(dir.join("tokenizer.json")),
+            path: Arc::new(path),
             bytes: Arc::new(std::sync::OnceLock::new()),
         })
     }
