@@ -98,6 +98,9 @@ pub struct Engine {
     router: Router,
     settings: Settings,
     models: Mutex<Option<(Instant, Vec<ModelInfo>)>>,
+    /// Models that answered UNIMPLEMENTED to `CountTokens` (remote ones),
+    /// and when.
+    uncountable: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -208,6 +211,7 @@ impl Engine {
             router,
             settings,
             models: Mutex::new(None),
+            uncountable: Mutex::new(std::collections::HashMap::new()),
         }
     }
 

@@ -55,6 +55,25 @@ pub fn client_turns(
 }
 
 impl Engine {
+    /// Whether `model` answered UNIMPLEMENTED to counting within
+    /// `MODEL_LIST_TTL`.
+    fn known_uncountable(&self, model: &str) -> bool {
+        self.uncountable
+            .lock()
+            .ok()
+            .and_then(|m| m.get(model).copied())
+            .is_some_and(|at| at.elapsed() < super::MODEL_LIST_TTL)
+    }
+
+    /// Remembers the models that answered UNIMPLEMENTED to counting.
+    fn learn_uncountable(&self, attempts: &[super::Attempt]) {
+        if let Ok(mut m) = self.uncountable.lock() {
+            for a in attempts.iter().filter(|a| a.outcome == "unimplemented") {
+                m.insert(a.model.clone(), Instant::now());
+            }
+        }
+    }
+
     /// The session's history within `budget` (capped by the enrichment
     /// timeout). A session's first turn has none (NOT_FOUND).
     async fn history(
@@ -165,17 +184,27 @@ impl Engine {
             new: req.messages.clone(),
         };
         let wanted = req.sampling.max_tokens.unwrap_or(route.default_max_tokens);
+        // Models known not to count (remote ones) are not asked again
+        // within MODEL_LIST_TTL: a relayed turn saves that round trip.
+        let countable: Vec<String> = chain
+            .iter()
+            .filter(|m| !self.known_uncountable(m))
+            .cloned()
+            .collect();
+        let mut counting = Vec::new();
         let assembled = prompt::assemble_on_chain(
             ports.generation.as_ref(),
-            &chain,
+            &countable,
             &route.retry,
             parts,
             &history,
             wanted,
             budget,
+            &mut counting,
         )
-        .await
-        .map_err(|e| match e {
+        .await;
+        self.learn_uncountable(&counting);
+        let assembled = assembled.map_err(|e| match e {
             prompt::ChainError::Api(e) => e,
             prompt::ChainError::NoneServes => ApiError::ModelNotFound(req.model.clone()),
         })?;
@@ -215,7 +244,9 @@ impl Engine {
             tool_choice: req.tool_choice,
             parallel_tool_calls: req.parallel_tool_calls,
         };
-        tracing::info!(
+        // Per turn, so debug: the request's own span and metrics carry
+        // what an operator watches.
+        tracing::debug!(
             route = %route.name,
             session = %moltbot_runtime::telemetry::redact::session_id(tenant, &session_id),
             end_user = req.end_user.as_deref().map(|u| moltbot_runtime::telemetry::redact::end_user(tenant, u)),

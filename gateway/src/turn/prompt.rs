@@ -12,7 +12,7 @@ use moltbot_proto::{
 };
 
 use super::{
-    Source,
+    Attempt, Source,
     policy::{self, Budget, WalkError},
     ports::Generation,
 };
@@ -128,8 +128,13 @@ pub enum ChainError {
 /// next). When only remote models are on the chain (every one UNIMPLEMENTED)
 /// the prompt is [`uncounted`].
 ///
+/// Every counting attempt is appended to `attempts` (the engine learns from
+/// them which models cannot count). An empty `chain` (every candidate known
+/// not to count) gives the [`uncounted`] prompt at once.
+///
 /// Errors: [`ChainError::NoneServes`] when no candidate is served; else as
 /// [`assemble`].
+#[allow(clippy::too_many_arguments)]
 pub async fn assemble_on_chain(
     generation: &dyn Generation,
     chain: &[String],
@@ -138,16 +143,20 @@ pub async fn assemble_on_chain(
     history: &[ctx::Turn],
     max_tokens: u32,
     budget: Budget,
+    attempts: &mut Vec<Attempt>,
 ) -> Result<Assembled, ChainError> {
+    if chain.is_empty() {
+        return Ok(uncounted(parts, history, max_tokens));
+    }
     let (head, texts, recount) = count_request(&parts, history);
-    let mut attempts = Vec::new();
+    let before = attempts.len();
     let counted = policy::walk(
         "generation",
         "count_tokens",
         chain,
         retry,
         budget,
-        &mut attempts,
+        attempts,
         |model, left| {
             generation.count_tokens(
                 CountTokensRequest {
@@ -168,6 +177,7 @@ pub async fn assemble_on_chain(
             status,
         })),
         Err(WalkError::Exhausted { deadline }) => {
+            let attempts = &attempts[before..];
             let only = |outcome: &str| {
                 !attempts.is_empty() && attempts.iter().all(|a| a.outcome == outcome)
             };

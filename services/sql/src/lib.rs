@@ -141,6 +141,45 @@ pub async fn open_postgres(
     Ok(Pool::Postgres(pool))
 }
 
+/// A second pool on the same database for ephemeral coordination rows
+/// (leases, event logs): rows whose loss in a crash costs a retry, not
+/// data. Commits on it do not wait for the disk: SQLite in WAL mode with
+/// `synchronous = NORMAL` (the WAL is synced at checkpoints only; the
+/// database stays consistent), PostgreSQL with `synchronous_commit = off`
+/// (a crash may lose the last few hundred milliseconds of such commits,
+/// never corrupts: PostgreSQL manual, "Asynchronous Commit"). Durable rows
+/// (configuration, secrets) stay on the original pool, which keeps
+/// `synchronous = FULL` / synchronous commits.
+///
+/// Errors with [`OpenError::Unavailable`] when the connection fails.
+pub async fn ephemeral(pool: &Pool, max_connections: u32) -> Result<Pool, OpenError> {
+    match pool {
+        Pool::Sqlite(p) => {
+            let options = (*p.connect_options())
+                .clone()
+                .synchronous(SqliteSynchronous::Normal);
+            SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .connect_with(options)
+                .await
+                .map(Pool::Sqlite)
+                .map_err(|e| OpenError::Unavailable(format!("cannot open SQLite: {e}")))
+        }
+        Pool::Postgres(p) => {
+            let options = (*p.connect_options())
+                .clone()
+                .options([("synchronous_commit", "off")]);
+            PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await
+                .map(Pool::Postgres)
+                .map_err(|e| OpenError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))
+        }
+    }
+}
+
 /// Whether a sqlx error means the store is unreachable (as opposed to a
 /// statement that failed).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {

@@ -245,8 +245,10 @@ pub struct FakeGeneration {
     pub scripts: Mutex<HashMap<String, VecDeque<Gen>>>,
     /// Model of each generate call, in order.
     pub generate_calls: Mutex<Vec<String>>,
-    /// Texts of each count call.
+    /// Texts of each count call that counted.
     pub counted_texts: Mutex<Vec<Vec<String>>>,
+    /// Count calls, answered or not.
+    pub count_calls: AtomicUsize,
     /// Set when a started stream is dropped before it ended.
     pub dropped_early: Arc<AtomicBool>,
 }
@@ -271,6 +273,7 @@ impl FakeGeneration {
             ),
             generate_calls: Mutex::new(Vec::new()),
             counted_texts: Mutex::new(Vec::new()),
+            count_calls: AtomicUsize::new(0),
             dropped_early: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -349,6 +352,7 @@ impl Generation for FakeGeneration {
         request: CountTokensRequest,
         _timeout: Duration,
     ) -> Call<'_, CountTokensResponse> {
+        self.count_calls.fetch_add(1, Ordering::SeqCst);
         let words = |t: &str| t.split_whitespace().count() as u32;
         let result = match self.counting.get(&request.model) {
             Some(Count::Words(context_length)) => {

@@ -569,3 +569,17 @@ async fn a_chain_no_one_serves_is_404_and_a_remote_only_chain_counts_for_itself(
     // first needs them.
     assert!(mesh.sessions.writes()[0].iter().all(|t| t.token_count == 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_cannot_count_is_not_asked_again() {
+    let generation = FakeGeneration::new(&[
+        ("local", Count::Remote, vec![Gen::answer("One.")]),
+        ("backup", Count::Remote, vec![Gen::answer("x")]),
+    ]);
+    let mesh = Mesh::new(generation);
+    for _ in 0..3 {
+        mesh.ask(user("Hi")).await.0.unwrap();
+    }
+    // Both models were asked to count on the first turn only.
+    assert_eq!(mesh.generation.count_calls.load(Ordering::SeqCst), 2);
+}

@@ -445,14 +445,26 @@ impl Registry {
             persist_invalid = applied.invalidated;
             let response = applied.response;
             let after = status_of(p, now);
-            tracing::info!(
-                provider = %lease.provider,
-                model = %lease.model,
-                credential_id = %lease.credential_id,
-                outcome = ?outcome,
-                http_status,
-                "outcome reported"
-            );
+            // Per request: a success is routine (debug); anything else
+            // changes what the next lease gets, and is logged.
+            if outcome == Outcome::Ok {
+                tracing::debug!(
+                    provider = %lease.provider,
+                    model = %lease.model,
+                    credential_id = %lease.credential_id,
+                    http_status,
+                    "outcome reported"
+                );
+            } else {
+                tracing::info!(
+                    provider = %lease.provider,
+                    model = %lease.model,
+                    credential_id = %lease.credential_id,
+                    outcome = ?outcome,
+                    http_status,
+                    "outcome reported"
+                );
+            }
             (response, (before != after).then_some(after))
         };
         if let Some(id) = persist_invalid {

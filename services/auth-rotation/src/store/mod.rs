@@ -54,7 +54,13 @@ pub struct CredentialRow {
 
 /// The store.
 pub struct Store {
+    /// Providers and credentials: durable commits.
     pool: Pool,
+    /// Leases and the event log ([`shared`]): commits that do not wait for
+    /// the disk ([`moltbot_sql::ephemeral`]). Three of them per proxied
+    /// request (lease, report, outcome event): with durable commits they
+    /// were most of a remote turn's CPU and the store's throughput limit.
+    shared: Pool,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -79,7 +85,8 @@ impl Store {
         let pool = moltbot_sql::open_sqlite(path, 1, &SQLITE_MIGRATOR)
             .await
             .map_err(open_error)?;
-        Ok(Self { pool })
+        let shared = moltbot_sql::ephemeral(&pool, 1).await.map_err(open_error)?;
+        Ok(Self { pool, shared })
     }
 
     /// Connects to PostgreSQL, creates [`PG_SCHEMA`] and migrates it.
@@ -87,7 +94,8 @@ impl Store {
         let pool = moltbot_sql::open_postgres(url, schema, 8, &PG_MIGRATOR)
             .await
             .map_err(open_error)?;
-        Ok(Self { pool })
+        let shared = moltbot_sql::ephemeral(&pool, 8).await.map_err(open_error)?;
+        Ok(Self { pool, shared })
     }
 
     /// Inserts or updates a provider.

@@ -1,7 +1,8 @@
 //! What replicas of auth-rotation share through the store (migration
 //! 0002): leases, so that a report reaches whichever replica takes it, and
 //! the event log of outcomes and configuration changes that every replica
-//! applies (crate::registry::follow).
+//! applies (crate::registry::follow). These rows go through the store's
+//! ephemeral pool: their commits do not wait for the disk.
 
 use moltbot_sql::on_pool;
 use sqlx::Row;
@@ -59,12 +60,12 @@ pub struct EventRow {
 
 impl Store {
     fn is_postgres(&self) -> bool {
-        matches!(self.pool, moltbot_sql::Pool::Postgres(_))
+        matches!(self.shared, moltbot_sql::Pool::Postgres(_))
     }
 
     /// Stores a lease.
     pub async fn insert_lease(&self, l: &LeaseRow) -> Result<(), AuthError> {
-        on_pool!(&self.pool, pool => {
+        on_pool!(&self.shared, pool => {
             sqlx::query(
                 "INSERT INTO leases (id, provider, model, credential_id, expires_at_ms) VALUES ($1, $2, $3, $4, $5)",
             )
@@ -82,7 +83,7 @@ impl Store {
     /// Removes and returns the lease `id` if it exists and has not expired:
     /// of two replicas taking the same report, one gets it.
     pub async fn take_lease(&self, id: &str) -> Result<Option<LeaseRow>, AuthError> {
-        on_pool!(&self.pool, pool => {
+        on_pool!(&self.shared, pool => {
             let row = sqlx::query(
                 "DELETE FROM leases WHERE id = $1 \
                  RETURNING id, provider, model, credential_id, expires_at_ms",
@@ -105,7 +106,7 @@ impl Store {
     /// Appends an event (its `seq` is assigned here; `at_ms` is now).
     pub async fn append_event(&self, e: &EventRow) -> Result<(), AuthError> {
         let postgres = self.is_postgres();
-        on_pool!(&self.pool, pool => {
+        on_pool!(&self.shared, pool => {
             let mut tx = pool.begin().await?;
             if postgres {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -134,7 +135,7 @@ impl Store {
 
     /// The newest event's `seq` (0 for none).
     pub async fn last_event(&self) -> Result<i64, AuthError> {
-        on_pool!(&self.pool, pool => {
+        on_pool!(&self.shared, pool => {
             let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM events")
                 .fetch_one(pool)
                 .await?;
@@ -144,7 +145,7 @@ impl Store {
 
     /// Up to 500 events after `seq`, oldest first.
     pub async fn events_after(&self, seq: i64) -> Result<Vec<EventRow>, AuthError> {
-        on_pool!(&self.pool, pool => {
+        on_pool!(&self.shared, pool => {
             let rows = sqlx::query(
                 "SELECT seq, origin, kind, provider, model, credential_id, outcome, retry_after_ms, at_ms \
                  FROM events WHERE seq > $1 ORDER BY seq LIMIT 500",
@@ -172,7 +173,7 @@ impl Store {
 
     /// Deletes expired leases and events older than `before_ms`.
     pub async fn prune_shared(&self, before_ms: i64) -> Result<(), AuthError> {
-        on_pool!(&self.pool, pool => {
+        on_pool!(&self.shared, pool => {
             sqlx::query("DELETE FROM leases WHERE expires_at_ms < $1")
                 .bind(now_ms())
                 .execute(pool)
