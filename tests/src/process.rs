@@ -195,6 +195,12 @@ impl ServiceProcess {
         )
     }
 
+    /// CPU time (user + system) the process has used so far, from
+    /// `/proc/<pid>/stat` (Linux); zero where that cannot be read.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
     /// Sends SIGTERM.
     pub fn signal_term(&self) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)
@@ -264,4 +270,26 @@ impl Drop for ServiceProcess {
         }
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
+}
+
+/// User + system CPU time from a `/proc/<pid>/stat` file (fields 14 and 15,
+/// in clock ticks of 10 ms: `sysconf(_SC_CLK_TCK)` is 100 on Linux);
+/// zero where it cannot be read.
+pub fn cpu_time_of(stat_path: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the name: field 3 is index 0, so utime (14) is 11, stime (15) 12.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }

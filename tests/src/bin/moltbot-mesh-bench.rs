@@ -256,8 +256,12 @@ fn admin<T>(message: T) -> tonic::Request<T> {
     grpc::with_bearer(message, "bench-admin")
 }
 
-/// Direct calls to the provider, then the same through the mesh.
-async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, Run) {
+/// CPU time each process spent during a run, by process name.
+type CpuSpent = Vec<(&'static str, Duration)>;
+
+/// Direct calls to the provider, then the same through the mesh; with the
+/// CPU each process of the mesh spent during the mesh run.
+async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, Run, CpuSpent) {
     let auth = ServiceProcess::start(
         "moltbot-auth-rotation",
         &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
@@ -385,13 +389,35 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
     for i in 0..20 {
         chat(&http, &url, format!("warm-up {i}"), 16).await;
     }
+    let mut processes: Vec<(&'static str, &ServiceProcess)> = vec![
+        ("gateway", &gateway),
+        ("context", &context),
+        ("generation", &generation),
+        ("auth-rotation", &auth),
+    ];
+    if let [understanding, retrieval] = enrichers.as_slice() {
+        processes.push(("understanding", understanding));
+        processes.push(("retrieval", retrieval));
+    }
+    let before: Vec<Duration> = processes.iter().map(|(_, p)| p.cpu_time()).collect();
+    let bench_before = moltbot_e2e::process::cpu_time_of("/proc/self/stat");
     let mesh = load(n, c, move |i| {
         let (http, url) = (http.clone(), url.clone());
         async move { chat(&http, &url, format!("Say hello ({i})."), 16).await }
     })
     .await;
+    let mut spent: CpuSpent = processes
+        .iter()
+        .zip(before)
+        .map(|((name, p), b)| (*name, p.cpu_time().saturating_sub(b)))
+        .collect();
+    spent.push((
+        "load generator + fake provider",
+        moltbot_e2e::process::cpu_time_of("/proc/self/stat").saturating_sub(bench_before),
+    ));
+    drop(processes);
     drop(enrichers);
-    (direct, mesh)
+    (direct, mesh, spent)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -437,8 +463,10 @@ async fn main() {
         );
         println!("| path | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | failed |");
         println!("|---|---|---|---|---|---|---|");
+        let mut cpu = Vec::new();
         for enrichments in [false, true] {
-            let (direct, mesh) = overhead_run(&args, &provider, enrichments).await;
+            let (direct, mesh, spent) = overhead_run(&args, &provider, enrichments).await;
+            cpu.push((enrichments, mesh.latencies.len(), spent));
             let label = if enrichments { "on" } else { "off" };
             println!(
                 "| direct to the provider | {:.0} | {} | {} | — | — | {} |",
@@ -459,6 +487,37 @@ async fn main() {
                     .percentile(99.0)
                     .saturating_sub(direct.percentile(99.0))),
                 mesh.failed
+            );
+        }
+        println!(
+            "\n## Where the CPU goes: ms of CPU per mesh request, by process (from /proc, same runs)\n"
+        );
+        println!("| process | enrichments off | enrichments on |");
+        println!("|---|---|---|");
+        let per_request = |run: usize, name: &str| {
+            cpu.get(run)
+                .and_then(|(_, n, spent)| {
+                    spent
+                        .iter()
+                        .find(|(p, _)| *p == name)
+                        .map(|(_, d)| d.as_secs_f64() * 1000.0 / (*n).max(1) as f64)
+                })
+                .map_or("—".to_owned(), |ms| format!("{ms:.3}"))
+        };
+        let names: Vec<&str> = cpu
+            .iter()
+            .flat_map(|(_, _, spent)| spent.iter().map(|(p, _)| *p))
+            .fold(Vec::new(), |mut acc, p| {
+                if !acc.contains(&p) {
+                    acc.push(p);
+                }
+                acc
+            });
+        for name in names {
+            println!(
+                "| {name} | {} | {} |",
+                per_request(0, name),
+                per_request(1, name)
             );
         }
     }
