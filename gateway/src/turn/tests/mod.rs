@@ -62,6 +62,17 @@ impl Mesh {
         )
     }
 
+    /// The default mesh with these sessions and this generation.
+    fn with_sessions(sessions: FakeSessions, generation: FakeGeneration) -> Self {
+        Self::with(
+            sessions,
+            FakeUnderstanding::in_scope(),
+            FakeRetrieval::one_passage(),
+            generation,
+            ROUTES,
+        )
+    }
+
     fn with(
         sessions: FakeSessions,
         understanding: FakeUnderstanding,
@@ -122,6 +133,22 @@ fn user(text: &str) -> TurnRequest {
     }
 }
 
+/// `local` breaks after one delta with `status` (from the transport or
+/// not), then answers `then`.
+fn local_breaking(status: tonic::Status, transport: bool, then: &str) -> FakeGeneration {
+    FakeGeneration::new(&[(
+        "local",
+        Count::Words(4096),
+        vec![
+            Gen::BreakAfter {
+                words: vec!["Half ".into()],
+                broke: Broke { status, transport },
+            },
+            Gen::answer(then),
+        ],
+    )])
+}
+
 fn unavailable() -> tonic::Status {
     tonic::Status::unavailable("connection refused")
 }
@@ -155,13 +182,7 @@ async fn a_transient_unavailable_on_history_is_retried() {
         history: Script::always(Step::ok(Vec::new())).then(Step::err(unavailable())),
         ..sessions
     };
-    let mesh = Mesh::with(
-        sessions,
-        FakeUnderstanding::in_scope(),
-        FakeRetrieval::one_passage(),
-        FakeGeneration::local("Hello."),
-        ROUTES,
-    );
+    let mesh = Mesh::with_sessions(sessions, FakeGeneration::local("Hello."));
     let (answer, _) = mesh.ask(user("Hi")).await;
     assert_eq!(answer.unwrap().text, "Hello.");
     assert_eq!(mesh.sessions.history.count(), 2);
@@ -173,13 +194,7 @@ async fn history_that_stays_down_fails_the_turn_with_503_and_writes_nothing() {
         history: Script::always(Step::err(unavailable())),
         ..FakeSessions::new(Vec::new())
     };
-    let mesh = Mesh::with(
-        sessions,
-        FakeUnderstanding::in_scope(),
-        FakeRetrieval::one_passage(),
-        FakeGeneration::local("Hello."),
-        ROUTES,
-    );
+    let mesh = Mesh::with_sessions(sessions, FakeGeneration::local("Hello."));
     let (answer, _) = mesh.ask(user("Hi")).await;
     let err = answer.unwrap_err();
     assert_eq!(err.parts().0, axum::http::StatusCode::SERVICE_UNAVAILABLE);
@@ -249,22 +264,11 @@ async fn a_request_error_fails_at_once_without_trying_other_candidates() {
 
 #[tokio::test(start_paused = true)]
 async fn a_broken_non_streamed_generation_is_restarted_once() {
-    let broke = Broke {
-        status: tonic::Status::unknown("h2 protocol error: connection reset"),
-        transport: true,
-    };
-    let generation = FakeGeneration::new(&[(
-        "local",
-        Count::Words(4096),
-        vec![
-            Gen::BreakAfter {
-                words: vec!["Half ".into()],
-                broke,
-            },
-            Gen::answer("The whole answer."),
-        ],
-    )]);
-    let mesh = Mesh::new(generation);
+    let mesh = Mesh::new(local_breaking(
+        tonic::Status::unknown("h2 protocol error: connection reset"),
+        true,
+        "The whole answer.",
+    ));
     let (answer, _) = mesh.ask(user("Hi")).await;
     assert_eq!(answer.unwrap().text, "The whole answer.");
     assert_eq!(mesh.generation.calls(), ["local", "local"]);
@@ -275,22 +279,11 @@ async fn a_broken_non_streamed_generation_is_restarted_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_status_the_service_sent_mid_answer_is_not_restarted() {
-    let broke = Broke {
-        status: tonic::Status::unavailable("provider stalled"),
-        transport: false,
-    };
-    let generation = FakeGeneration::new(&[(
-        "local",
-        Count::Words(4096),
-        vec![
-            Gen::BreakAfter {
-                words: vec!["Half ".into()],
-                broke,
-            },
-            Gen::answer("never"),
-        ],
-    )]);
-    let mesh = Mesh::new(generation);
+    let mesh = Mesh::new(local_breaking(
+        tonic::Status::unavailable("provider stalled"),
+        false,
+        "never",
+    ));
     let (answer, _) = mesh.ask(user("Hi")).await;
     assert!(answer.unwrap_err().to_string().contains("provider stalled"));
     assert_eq!(mesh.generation.calls(), ["local"]);
@@ -361,13 +354,7 @@ async fn the_turn_deadline_is_honoured_across_stages() {
         ..FakeSessions::new(Vec::new())
     };
     let generation = FakeGeneration::new(&[("local", Count::Words(4096), vec![Gen::Hang])]);
-    let mesh = Mesh::with(
-        sessions,
-        FakeUnderstanding::in_scope(),
-        FakeRetrieval::one_passage(),
-        generation,
-        ROUTES,
-    );
+    let mesh = Mesh::with_sessions(sessions, generation);
     let mut req = user("Hi");
     req.timeout = Some(Duration::from_secs(1));
     let began = Instant::now();
@@ -429,13 +416,7 @@ async fn a_session_write_retried_after_a_lost_answer_is_stored_once() {
         .lock()
         .unwrap()
         .push_back(unavailable());
-    let mesh = Mesh::with(
-        sessions,
-        FakeUnderstanding::in_scope(),
-        FakeRetrieval::one_passage(),
-        FakeGeneration::local("Once."),
-        ROUTES,
-    );
+    let mesh = Mesh::with_sessions(sessions, FakeGeneration::local("Once."));
     let (answer, ext) = mesh.ask(user("Hi")).await;
     assert_eq!(answer.unwrap().text, "Once.");
     assert!(ext.unwrap().degraded.is_empty());
@@ -453,13 +434,7 @@ async fn a_session_write_that_fails_is_named_without_failing_the_answer() {
             .unwrap()
             .push_back(unavailable());
     }
-    let mesh = Mesh::with(
-        sessions,
-        FakeUnderstanding::in_scope(),
-        FakeRetrieval::one_passage(),
-        FakeGeneration::local("Answered."),
-        ROUTES,
-    );
+    let mesh = Mesh::with_sessions(sessions, FakeGeneration::local("Answered."));
     let (answer, ext) = mesh.ask(user("Hi")).await;
     assert_eq!(answer.unwrap().text, "Answered.");
     assert_eq!(ext.unwrap().degraded, ["context_write"]);
@@ -477,13 +452,7 @@ async fn stored_history_counts_are_reused_not_recounted() {
         turn(ctx::Role::User, "counted before", 2),
         turn(ctx::Role::Assistant, "from a remote model", 0),
     ];
-    let mesh = Mesh::with(
-        FakeSessions::new(history),
-        FakeUnderstanding::in_scope(),
-        FakeRetrieval::one_passage(),
-        FakeGeneration::local("Yes."),
-        ROUTES,
-    );
+    let mesh = Mesh::with_sessions(FakeSessions::new(history), FakeGeneration::local("Yes."));
     let (answer, _) = mesh.ask(user("And now?")).await;
     answer.unwrap();
     let counted = mesh.generation.counted_texts.lock().unwrap().clone();
