@@ -17,14 +17,16 @@ use std::path::PathBuf;
 
 /// Where the libtorch shared objects live, as `torch-sys` would find them;
 /// `None` when nothing says (then the link itself fails in `torch-sys`).
+///
+/// The build script reruns only when what decides the answer changes:
+/// `LIBTORCH_LIB`, `LIBTORCH`, `LIBTORCH_USE_PYTORCH`, `VIRTUAL_ENV` (whose
+/// `bin/python` is asked, whatever `PATH` says) and the resolved directory
+/// itself (`cargo:rerun-if-changed`, so a reinstalled wheel is noticed).
+/// `PATH` counts only without a virtualenv, where `python3` is looked up
+/// in it: a longer `PATH` in another terminal no longer recompiles every
+/// libtorch crate.
 fn libtorch_lib_dir() -> Option<PathBuf> {
-    for name in [
-        "LIBTORCH_LIB",
-        "LIBTORCH",
-        "LIBTORCH_USE_PYTORCH",
-        "VIRTUAL_ENV",
-        "PATH",
-    ] {
+    for name in ["LIBTORCH_LIB", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "VIRTUAL_ENV"] {
         println!("cargo:rerun-if-env-changed={name}");
     }
     if let Some(lib) = std::env::var_os("LIBTORCH_LIB") {
@@ -34,10 +36,12 @@ fn libtorch_lib_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(root).join("lib"));
     }
     std::env::var_os("LIBTORCH_USE_PYTORCH")?;
-    let python = if std::env::var_os("VIRTUAL_ENV").is_some() {
-        "python"
-    } else {
-        "python3"
+    let python = match std::env::var_os("VIRTUAL_ENV") {
+        Some(venv) => PathBuf::from(venv).join("bin").join("python"),
+        None => {
+            println!("cargo:rerun-if-env-changed=PATH");
+            PathBuf::from("python3")
+        }
     };
     let output = std::process::Command::new(python)
         .arg("-c")
@@ -47,8 +51,9 @@ fn libtorch_lib_dir() -> Option<PathBuf> {
     if !output.status.success() {
         return None;
     }
-    let dir = String::from_utf8(output.stdout).ok()?;
-    Some(PathBuf::from(dir.trim()))
+    let dir = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+    println!("cargo:rerun-if-changed={}", dir.display());
+    Some(dir)
 }
 
 /// Prints the `cargo:rustc-link-arg` lines that give every target of the
