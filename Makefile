@@ -39,7 +39,7 @@ BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 # A stamp per pinned version, so a new pin reinstalls.
 OPENAI_NODE := $(TOOLS_DIR)/.installed-$(subst @,-,$(OPENAI_NODE_PKG))
 
-.PHONY: test-fast node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: test-fast build-services-release node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -83,7 +83,7 @@ intent-head: build models
 	bash scripts/train-intent-head.sh $(CARGO_TARGET_DIR)/debug/moltbot-understanding \
 	  $(MODELS_DIR)/intent-head $(MODELS_DIR)/all-minilm-l6-v2
 
-intent-head-release: build-release models
+intent-head-release: build-services-release models
 	bash scripts/train-intent-head.sh $(CARGO_TARGET_DIR)/release/moltbot-understanding \
 	  $(MODELS_DIR)/intent-head $(MODELS_DIR)/all-minilm-l6-v2
 
@@ -114,13 +114,20 @@ build: ml-venv
 build-release: ml-venv
 	$(CARGO) build --release --workspace --bins
 
+## Only what `moltbot up` runs: the CLI and the six services (no benchmark
+## binaries, each linked with thin LTO, on a new user's first build).
+SERVICE_BINS := moltbot moltbot-gateway moltbot-context moltbot-generation \
+  moltbot-understanding moltbot-retrieval moltbot-auth-rotation
+build-services-release: ml-venv
+	$(CARGO) build --release $(addprefix --bin ,$(SERVICE_BINS))
+
 ## The whole mesh on this machine (Ctrl-C stops it cleanly). Chat is served
 ## as soon as generation, context and retrieval are ready; a missing intent
 ## head is trained in the background meanwhile (see `moltbot up --help`).
-up: build-release models
+up: build-services-release models
 	$(CARGO_TARGET_DIR)/release/moltbot up
 
-doctor: build-release
+doctor: build-services-release
 	$(CARGO_TARGET_DIR)/release/moltbot doctor
 
 ## Every test: unit, integration and end-to-end (real processes, real sockets,
