@@ -26,7 +26,12 @@ use std::path::PathBuf;
 /// in it: a longer `PATH` in another terminal no longer recompiles every
 /// libtorch crate.
 fn libtorch_lib_dir() -> Option<PathBuf> {
-    for name in ["LIBTORCH_LIB", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "VIRTUAL_ENV"] {
+    for name in [
+        "LIBTORCH_LIB",
+        "LIBTORCH",
+        "LIBTORCH_USE_PYTORCH",
+        "VIRTUAL_ENV",
+    ] {
         println!("cargo:rerun-if-env-changed={name}");
     }
     if let Some(lib) = std::env::var_os("LIBTORCH_LIB") {

@@ -56,6 +56,7 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         sse_write_idle: std::time::Duration::from_millis(args.sse_write_idle_ms),
         max_body_bytes: args.max_body_bytes,
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        last_readiness: Arc::new(std::sync::Mutex::new(None)),
     };
     let draining = state.draining.clone();
     let app = http::router(state);

@@ -29,13 +29,25 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    if !ready {
-        let missing: Vec<&str> = upstreams
-            .iter()
-            .filter(|u| u.required && !u.serving())
-            .map(|u| u.name)
-            .collect();
-        tracing::warn!(?missing, "not ready");
+    let missing: Vec<&str> = upstreams
+        .iter()
+        .filter(|u| u.required && !u.serving())
+        .map(|u| u.name)
+        .collect();
+    // Logged once per change of state, not once per poll: a loader polls
+    // every half second while generation loads.
+    let state_now = missing.join(",");
+    let changed = state
+        .last_readiness
+        .lock()
+        .map(|mut last| last.replace(state_now.clone()).as_deref() != Some(state_now.as_str()))
+        .unwrap_or(true);
+    if changed {
+        if ready {
+            tracing::info!("ready");
+        } else {
+            tracing::warn!(?missing, "not ready");
+        }
     }
     let status = if ready { "ready" } else { "not_ready" };
     (

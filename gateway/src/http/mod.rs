@@ -47,6 +47,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Set on SIGTERM: `/readyz` answers 503 `draining` from then on.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The required upstreams `/readyz` last found missing (comma-joined;
+    /// empty when ready), so each change is logged once.
+    pub last_readiness: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 pub use embeddings::EMBEDDING_MODEL;
