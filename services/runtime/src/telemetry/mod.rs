@@ -65,7 +65,14 @@ pub fn init(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     use opentelemetry::trace::TracerProvider as _;
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("moltbot"));
+    // INFO and above only: MoltBot's spans are info spans, and an
+    // unfiltered layer enables every callsite of the process — h2's,
+    // hyper's and tonic's trace events included — which then cost their
+    // formatting and a span event each, on every request (profiled with
+    // `moltbot-mesh-bench`, BENCHMARKS.md "Gateway overhead").
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("moltbot"))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let log_layer = match args.log_format {
         LogFormat::Json => JsonLogLayer::new(std::io::stdout).boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
