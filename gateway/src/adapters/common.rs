@@ -16,7 +16,9 @@ pub struct Incoming {
     pub role: String,
     /// Its text.
     pub text: String,
-    /// An assistant message's function calls.
+    /// An assistant message's function calls. The adapter refuses calls on
+    /// any other role while reading its wire format (chat: `calls_of`;
+    /// Responses builds them only on assistant messages).
     pub tool_calls: Vec<gen_pb::ToolCall>,
     /// A tool result's call id.
     pub tool_call_id: Option<String>,
@@ -38,7 +40,7 @@ fn invalid<T>(message: String) -> Result<T, ApiError> {
 }
 
 /// Validates `items` (named `field[i]` in errors): known roles, a non-empty
-/// text on user messages, calls only on assistant messages, a call id on
+/// text on user messages, a call id on
 /// (and only on) tool results, and a last message from the user or a tool.
 pub fn conversation(items: Vec<Incoming>, field: &str) -> Result<Conversation, ApiError> {
     if items.is_empty() {
@@ -65,11 +67,6 @@ pub fn conversation(items: Vec<Incoming>, field: &str) -> Result<Conversation, A
                 return invalid(format!("{field}[{i}].content is empty"));
             }
             c.last_user.clone_from(&item.text);
-        }
-        if !item.tool_calls.is_empty() && role != gen_pb::Role::Assistant {
-            return invalid(format!(
-                "{field}[{i}].tool_calls is only allowed on an `assistant` message"
-            ));
         }
         let tool_call_id = match (role, item.tool_call_id) {
             (gen_pb::Role::Tool, Some(id)) if !id.is_empty() => id,
