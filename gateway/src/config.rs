@@ -57,9 +57,15 @@ pub struct Args {
     pub auth_url: String,
     /// Routing and API-key configuration (YAML). Unset: the embedded default,
     /// one `default` route to the local model with the `docs` collection and
-    /// anonymous access on loopback.
+    /// anonymous access on loopback. The file is reloaded in place when its
+    /// content changes and on SIGHUP (gateway/src/reload/mod.rs); check a
+    /// file before applying it with `moltbot config check FILE`.
     #[arg(long, env = "MOLTBOT_GATEWAY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// How often the configuration file is checked for changes, in
+    /// milliseconds.
+    #[arg(long, env = "MOLTBOT_CONFIG_POLL_MS", default_value_t = 2_000)]
+    pub config_poll_ms: u64,
     /// Redis holding the API keys' rate-limit buckets, shared by every
     /// gateway replica (`redis://…`, `rediss://…` for TLS). Unset: each
     /// gateway keeps its own buckets (one gateway only).

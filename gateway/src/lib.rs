@@ -15,7 +15,9 @@
 //! - [`edge`]: API keys, tenants, rate limits, admission;
 //! - [`turn`]: the turn engine, its ports and its call policy;
 //! - [`upstream`]: the gRPC clients implementing the ports;
-//! - [`routing`], [`openai`]: configuration and wire types.
+//! - [`routing`], [`openai`]: configuration and wire types;
+//! - [`reload`]: the configuration file reloaded in place (on change and
+//!   SIGHUP).
 //!
 //! [`serve`] is the composition root (`compose.rs`).
 
@@ -26,6 +28,7 @@ pub mod edge;
 mod error;
 pub mod http;
 pub mod openai;
+pub mod reload;
 pub mod routing;
 pub mod turn;
 pub mod upstream;

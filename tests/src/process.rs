@@ -207,6 +207,12 @@ impl ServiceProcess {
             .expect("send SIGTERM");
     }
 
+    /// Sends SIGHUP (a configuration reload, for the gateway).
+    pub fn signal_hangup(&self) {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGHUP)
+            .expect("send SIGHUP");
+    }
+
     /// Sends SIGKILL (a crash: nothing drains). The process is reaped on
     /// drop.
     pub fn kill(&self) {

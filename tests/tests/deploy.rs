@@ -318,6 +318,9 @@ fn helm_chart_renders_validates_and_matches_the_pinned_names() {
     // not schema-validated.
     let monitored = render(&["--set", "serviceMonitor.enabled=true"]);
     assert_eq!(monitored.matches("kind: ServiceMonitor").count(), 6);
+    // With them the alerting rules (their content: tests/tests/alerts.rs).
+    assert_eq!(monitored.matches("kind: PrometheusRule").count(), 1);
+    assert!(!default.contains("kind: PrometheusRule"));
 
     let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&default)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())

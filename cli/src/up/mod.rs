@@ -6,13 +6,19 @@
 //! intent head is trained in the background ([`training`]) while turns
 //! answer with `degraded: ["understanding"]`, and understanding serves the
 //! head once it is written. Children that exit are restarted with backoff
-//! ([`supervisor`]). Each step prints its elapsed time.
+//! ([`supervisor`]). Each step prints its elapsed time; the terminal shows
+//! only state changes and progress ([`console`]), the services' JSON logs
+//! go to `<log-dir>/<component>.log`, and the run state to
+//! `<log-dir>/up.json` for `moltbot status` ([`state`]).
 
+mod console;
+pub mod state;
 mod supervisor;
 mod training;
 
 use std::time::{Duration, Instant};
 
+use console::{Tone, say};
 use moltbot_runtime::ports;
 use supervisor::Supervised;
 use training::{TrainSpec, human};
@@ -57,6 +63,16 @@ pub struct UpArgs {
     /// and of the dev-mode secrets.
     #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
     pub data_dir: std::path::PathBuf,
+    /// The gateway's configuration file (routes, API keys, tenants,
+    /// limits; deploy/gateway.yaml is an example): reloaded in place when
+    /// it changes or on SIGHUP to the gateway. Unset: the embedded default
+    /// (one `default` route to the local model).
+    #[arg(long, env = "MOLTBOT_GATEWAY_CONFIG")]
+    pub gateway_config: Option<std::path::PathBuf>,
+    /// Directory of the services' log files (`<component>.log`, JSON lines;
+    /// read them with `moltbot logs`) and of the run state `up.json`.
+    #[arg(long, env = "MOLTBOT_LOG_DIR", default_value = "var/log")]
+    pub log_dir: std::path::PathBuf,
     /// Files or directories ingested into the `docs` collection when it is
     /// empty.
     #[arg(
@@ -81,7 +97,11 @@ async fn ensure_docs(docs: &[std::path::PathBuf]) -> Result<(), CliError> {
     }
     let present: Vec<std::path::PathBuf> = docs.iter().filter(|p| p.exists()).cloned().collect();
     let (documents, chunks) = crate::kb::ingest(&url, "docs", &present).await?;
-    eprintln!("up: ingested {documents} documents ({chunks} chunks) into the `docs` collection");
+    say(
+        Tone::Info,
+        "docs",
+        format!("ingested {documents} documents ({chunks} chunks) into the `docs` collection"),
+    );
     Ok(())
 }
 
@@ -91,28 +111,41 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let started = Instant::now();
     if !crate::models::prepared(&args.models_dir).contains(&crate::models::DEFAULT_MODEL.to_owned())
     {
-        eprintln!("up: [models] the generation model is not prepared yet; preparing it");
+        say(
+            Tone::Info,
+            "models",
+            "the generation model is not prepared yet; preparing it",
+        );
         let step = Instant::now();
         crate::models::prepare(&args.models_dir, &args.python).await?;
-        eprintln!(
-            "up: [models] prepared in {}",
-            human(step.elapsed().as_secs_f64())
+        say(
+            Tone::Good,
+            "models",
+            format!("prepared in {}", human(step.elapsed().as_secs_f64())),
         );
     }
     let (master_key, made) =
         crate::devkeys::dev_secret("MOLTBOT_MASTER_KEY", &args.data_dir, "master.key")?;
     if let Some(path) = made {
-        eprintln!(
-            "up: dev mode: generated MOLTBOT_MASTER_KEY in {} (it encrypts provider keys; keep it, or set your own)",
-            path.display()
+        say(
+            Tone::Info,
+            "dev mode",
+            format!(
+                "generated MOLTBOT_MASTER_KEY in {} (it encrypts provider keys; keep it, or set your own)",
+                path.display()
+            ),
         );
     }
     let (admin_token, made) =
         crate::devkeys::dev_secret("MOLTBOT_ADMIN_TOKEN", &args.data_dir, "admin.token")?;
     if let Some(path) = made {
-        eprintln!(
-            "up: dev mode: generated MOLTBOT_ADMIN_TOKEN in {} (used by `moltbot keys`)",
-            path.display()
+        say(
+            Tone::Info,
+            "dev mode",
+            format!(
+                "generated MOLTBOT_ADMIN_TOKEN in {} (used by `moltbot keys`)",
+                path.display()
+            ),
         );
     }
     let head_dir = args
@@ -125,12 +158,16 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         .and_then(|ca| ca.write(&pki))
         .map_err(|e| CliError::Setup(e.to_string()))?;
     crate::mesh::install_tls(&args.data_dir)?;
-    eprintln!(
-        "up: mutual TLS: certificates for every component and the operator in {} (new CA each start)",
-        pki.display()
+    say(
+        Tone::Info,
+        "mTLS",
+        format!(
+            "certificates for every component and the operator in {} (new CA each start)",
+            pki.display()
+        ),
     );
     let https = |spec: &moltbot_runtime::grpc::ServiceSpec| format!("https://{}", spec.grpc_addr);
-    eprintln!("up: [services] starting");
+    std::fs::create_dir_all(&args.log_dir)?;
     let mut children = Vec::new();
     for spec in ports::ALL {
         let principal = spec.binary.trim_start_matches("moltbot-");
@@ -150,7 +187,12 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
             "generation" => env.push(("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION))),
             _ => {}
         }
-        children.push(Supervised::start(spec.binary, &args.models_dir, &env)?);
+        children.push(Supervised::start(
+            spec.binary,
+            &args.models_dir,
+            &args.log_dir,
+            &env,
+        )?);
     }
     let mut gateway_env = tls_env(&pki, "gateway");
     gateway_env.extend([
@@ -160,27 +202,55 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         ("MOLTBOT_CONTEXT_URL", https(&ports::CONTEXT)),
         ("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION)),
     ]);
+    if let Some(file) = &args.gateway_config {
+        // Checked here as the gateway will, so a bad file stops `up` with
+        // the reason instead of a gateway in a restart loop.
+        moltbot_gateway::reload::check(file, ports::GATEWAY_HTTP)
+            .map_err(|e| CliError::Setup(e.to_string()))?;
+        gateway_env.push(("MOLTBOT_GATEWAY_CONFIG", file.display().to_string()));
+    }
     children.push(Supervised::start(
         "moltbot-gateway",
         &args.models_dir,
+        &args.log_dir,
         &gateway_env,
     )?);
+    say(
+        Tone::Info,
+        "services",
+        format!(
+            "started {}; their logs: {}/<component>.log (`moltbot logs -f`)",
+            children
+                .iter()
+                .map(|c| supervisor::component(c.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            args.log_dir.display()
+        ),
+    );
     // The intent head, trained beside the serving mesh when it is missing.
     let training = (args.train_intent_head && !training::present(&head_dir)).then(|| {
-        eprintln!(
-            "up: [intent head] none in {}; training it in the background (about 13 minutes on one thread); chat is served meanwhile without intents",
-            head_dir.display()
+        say(
+            Tone::Info,
+            "intent head",
+            format!(
+                "none in {}; training it in the background (about 13 minutes on one thread); chat is served meanwhile without intents",
+                head_dir.display()
+            ),
         );
         tokio::spawn(training::train(TrainSpec {
             head_dir: head_dir.clone(),
             data_dir: args.intent_data_dir.clone(),
             encoder_dir: args.models_dir.join(crate::models::ENCODER),
+            log: args.log_dir.join("intent-head-training.log"),
         }))
     });
     let result = supervise(&mut children, &args, started, training).await;
+    say(Tone::Info, "", "stopping");
     for c in children.iter_mut().rev() {
         c.stop().await;
     }
+    let _ = std::fs::remove_file(state::path(&args.log_dir));
     result
 }
 
@@ -221,6 +291,32 @@ async fn readyz(client: &reqwest::Client, url: &str) -> (bool, Vec<String>, bool
     (ready, missing, intents)
 }
 
+/// Writes the run state for `moltbot status` when it changed since `last`.
+fn record_state(
+    children: &[Supervised],
+    args: &UpArgs,
+    started_unix: u64,
+    last: &mut Option<state::RunState>,
+) {
+    let now = state::RunState {
+        pid: std::process::id(),
+        started_unix,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        components: children.iter().map(Supervised::snapshot).collect(),
+    };
+    if last.as_ref() == Some(&now) {
+        return;
+    }
+    if let Err(e) = state::write(&args.log_dir, &now) {
+        say(
+            Tone::Warn,
+            "",
+            format!("cannot write the run state for `moltbot status`: {e}"),
+        );
+    }
+    *last = Some(now);
+}
+
 async fn supervise(
     children: &mut [Supervised],
     args: &UpArgs,
@@ -230,24 +326,37 @@ async fn supervise(
     let url = format!("http://{}", ports::GATEWAY_HTTP);
     let deadline = started + Duration::from_secs(args.ready_timeout_s);
     let client = reqwest::Client::new();
+    let started_unix = state::now_unix();
+    let mut recorded = None;
     let (mut announced, mut intents_announced, mut was_ready) = (false, false, false);
-    let mut last_wait_line = Instant::now();
+    let mut last_missing: Vec<String> = Vec::new();
     let stop = moltbot_runtime::shutdown::signal();
     tokio::pin!(stop);
     loop {
         for c in children.iter_mut() {
             c.poll();
         }
+        record_state(children, args, started_unix, &mut recorded);
         if let Some(job) = training.as_mut().filter(|j| j.is_finished()) {
             match job.await {
-                Ok(Ok(())) => eprintln!(
-                    "up: [intent head] trained in {}; understanding loads it now",
-                    human(started.elapsed().as_secs_f64())
+                Ok(Ok(())) => say(
+                    Tone::Good,
+                    "intent head",
+                    format!(
+                        "trained in {}; understanding loads it now",
+                        human(started.elapsed().as_secs_f64())
+                    ),
                 ),
-                Ok(Err(e)) => eprintln!(
-                    "up: [intent head] training failed ({e}); chat goes on without intents"
+                Ok(Err(e)) => say(
+                    Tone::Warn,
+                    "intent head",
+                    format!("training failed ({e}); chat goes on without intents"),
                 ),
-                Err(e) => eprintln!("up: [intent head] training task failed: {e}"),
+                Err(e) => say(
+                    Tone::Warn,
+                    "intent head",
+                    format!("training task failed: {e}"),
+                ),
             }
             training = None;
         }
@@ -255,37 +364,59 @@ async fn supervise(
         let first = ready && !announced;
         if first {
             announced = true;
-            eprintln!(
-                "up: [ready] chat is served {} after start",
-                human(started.elapsed().as_secs_f64())
+            say(
+                Tone::Good,
+                "ready",
+                format!(
+                    "chat is served {} after start",
+                    human(started.elapsed().as_secs_f64())
+                ),
             );
             if let Err(e) = ensure_docs(&args.docs).await {
-                eprintln!(
-                    "up: the `docs` knowledge base is not ingested ({e}); answers go without it"
+                say(
+                    Tone::Warn,
+                    "docs",
+                    format!(
+                        "the `docs` knowledge base is not ingested ({e}); answers go without it"
+                    ),
                 );
             }
             eprintln!(
-                "\nMoltBot is up at {url}\n\n  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"default\", \"session_id\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is MoltBot?\"}}]}}'\n\n  curl {url}/readyz    curl {url}/metrics\nPress Ctrl-C to stop.\n"
+                "\nMoltBot is up at {url}\n\n  curl {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"default\", \"session_id\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is MoltBot?\"}}]}}'\n\n  moltbot chat    moltbot status    moltbot logs -f\n  curl {url}/readyz    curl {url}/metrics\nPress Ctrl-C to stop.\n"
             );
-        } else if !announced && last_wait_line.elapsed() >= Duration::from_secs(10) {
-            last_wait_line = Instant::now();
-            eprintln!(
-                "up: [services] waiting for {} ({} elapsed)",
-                missing.join(", "),
-                human(started.elapsed().as_secs_f64())
+        } else if !announced && missing != last_missing {
+            // Progress while starting: one line each time the set of
+            // components still loading changes, not one per poll.
+            say(
+                Tone::Info,
+                "services",
+                format!(
+                    "waiting for {} ({} elapsed)",
+                    missing.join(", "),
+                    human(started.elapsed().as_secs_f64())
+                ),
             );
         }
         if !first && announced && was_ready && !ready {
-            eprintln!("up: not ready: waiting for {}", missing.join(", "));
+            say(
+                Tone::Warn,
+                "",
+                format!("not ready: waiting for {}", missing.join(", ")),
+            );
         } else if !first && announced && !was_ready && ready {
-            eprintln!("up: ready again");
+            say(Tone::Good, "", "ready again");
         }
         was_ready = ready;
+        last_missing = missing;
         if intents && !intents_announced && announced {
             intents_announced = true;
-            eprintln!(
-                "up: [intents] served {} after start",
-                human(started.elapsed().as_secs_f64())
+            say(
+                Tone::Good,
+                "intents",
+                format!(
+                    "served {} after start",
+                    human(started.elapsed().as_secs_f64())
+                ),
             );
         }
         if !announced && Instant::now() > deadline {

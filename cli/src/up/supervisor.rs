@@ -6,6 +6,11 @@
 //! compose `restart: on-failure` service or a kubelet's CrashLoopBackOff
 //! (10 s doubling to 5 min there; shorter here, for one machine). While it
 //! is down the gateway's `/readyz` lists it as UNREACHABLE.
+//!
+//! Each child's stdout and stderr (its JSON log lines) are appended to
+//! `<log-dir>/<component>.log`, not to the terminal: `moltbot logs` reads
+//! them, and `moltbot up` itself prints only state changes
+//! ([`super::console`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -16,6 +21,10 @@ use std::{
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::process::{Child, Command};
 
+use super::{
+    console::{Tone, say},
+    state::{self, Component},
+};
 use crate::{CliError, bin_dir};
 
 /// Restart delays: `initial` doubling to `max`, back to `initial` after a
@@ -67,19 +76,24 @@ pub struct Supervised {
     path: PathBuf,
     models_dir: PathBuf,
     env: Vec<(&'static str, String)>,
+    log: PathBuf,
     child: Option<Child>,
     started: Instant,
+    started_unix: u64,
+    last_exit: Option<String>,
     restart_at: Option<Instant>,
     restarts: u32,
     backoff: Backoff,
 }
 
 impl Supervised {
-    /// Starts `name` (a binary next to `moltbot`) with `env`. Errors when
-    /// the binary is missing or cannot be started.
+    /// Starts `name` (a binary next to `moltbot`) with `env`, its output
+    /// appended to `<log_dir>/<component>.log`. Errors when the binary is
+    /// missing or cannot be started, or the log file cannot be opened.
     pub fn start(
         name: &'static str,
         models_dir: &Path,
+        log_dir: &Path,
         env: &[(&'static str, String)],
     ) -> Result<Self, CliError> {
         let dir = bin_dir()?;
@@ -92,8 +106,11 @@ impl Supervised {
             path,
             models_dir: models_dir.to_path_buf(),
             env: env.to_vec(),
+            log: log_dir.join(format!("{}.log", component(name))),
             child: None,
             started: Instant::now(),
+            started_unix: state::now_unix(),
+            last_exit: None,
             restart_at: None,
             restarts: 0,
             backoff: Backoff::standard(),
@@ -103,7 +120,12 @@ impl Supervised {
     }
 
     fn spawn(&mut self) -> Result<(), CliError> {
-        // Children inherit stdout/stderr: their log lines interleave on ours.
+        let spawn_err = |e| CliError::Spawn(self.name.to_owned(), e);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(spawn_err)?;
         let mut command = Command::new(&self.path);
         command.env("MOLTBOT_MODELS_DIR", &self.models_dir);
         // Secrets reach only the children they are given to below, not
@@ -116,16 +138,14 @@ impl Supervised {
         }
         let child = command
             .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(spawn_err)?)
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| CliError::Spawn(self.name.to_owned(), e))?;
-        eprintln!(
-            "up: started {} (pid {})",
-            self.name,
-            child.id().unwrap_or_default()
-        );
+            .map_err(spawn_err)?;
         self.child = Some(child);
         self.started = Instant::now();
+        self.started_unix = state::now_unix();
         self.restart_at = None;
         Ok(())
     }
@@ -141,18 +161,27 @@ impl Supervised {
                     let ran = self.started.elapsed();
                     let delay = self.backoff.after_exit(ran);
                     self.restarts += 1;
-                    eprintln!(
-                        "up: {} exited unexpectedly with {status} after {:.1} s; restarting in {} s (restart {})",
-                        self.name,
-                        ran.as_secs_f64(),
-                        delay.as_secs(),
-                        self.restarts
+                    say(
+                        Tone::Bad,
+                        component(self.name),
+                        format!(
+                            "exited with {status} after {:.1} s; restarting in {} s (restart {}); its log: {}",
+                            ran.as_secs_f64(),
+                            delay.as_secs(),
+                            self.restarts,
+                            self.log.display()
+                        ),
                     );
+                    self.last_exit = Some(status.to_string());
                     self.child = None;
                     self.restart_at = Some(Instant::now() + delay);
                 }
                 Err(e) => {
-                    eprintln!("up: cannot check {}: {e}", self.name);
+                    say(
+                        Tone::Warn,
+                        component(self.name),
+                        format!("cannot check: {e}"),
+                    );
                     return;
                 }
             }
@@ -161,7 +190,11 @@ impl Supervised {
             && let Err(e) = self.spawn()
         {
             let delay = self.backoff.after_exit(Duration::ZERO);
-            eprintln!("up: {e}; trying again in {} s", delay.as_secs());
+            say(
+                Tone::Bad,
+                component(self.name),
+                format!("{e}; trying again in {} s", delay.as_secs()),
+            );
             self.restart_at = Some(Instant::now() + delay);
         }
     }
@@ -176,15 +209,42 @@ impl Supervised {
         }
         match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
             Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("{} exited with {status}", self.name),
-            Ok(Err(e)) => eprintln!("{}: {e}", self.name),
+            Ok(Ok(status)) => say(
+                Tone::Warn,
+                component(self.name),
+                format!("stopped with {status}"),
+            ),
+            Ok(Err(e)) => say(Tone::Warn, component(self.name), e.to_string()),
             Err(_) => {
-                eprintln!("{} did not stop within 15 s; killing it", self.name);
+                say(
+                    Tone::Warn,
+                    component(self.name),
+                    "did not stop within 15 s; killing it",
+                );
                 let _ = child.kill().await;
             }
         }
         self.child = None;
     }
+}
+
+impl Supervised {
+    /// What `moltbot status` shows of this child.
+    pub fn snapshot(&self) -> Component {
+        Component {
+            name: component(self.name).to_owned(),
+            pid: self.child.as_ref().and_then(Child::id),
+            started_unix: self.started_unix,
+            restarts: self.restarts,
+            last_exit: self.last_exit.clone(),
+            log: self.log.clone(),
+        }
+    }
+}
+
+/// The component of a binary: `moltbot-generation` → `generation`.
+pub fn component(binary: &str) -> &str {
+    binary.trim_start_matches("moltbot-")
 }
 
 #[cfg(test)]

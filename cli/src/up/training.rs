@@ -27,6 +27,9 @@ pub struct TrainSpec {
     pub head_dir: PathBuf,
     /// CLINC150 data directory (`data_full_train_val.json`, `domains.json`).
     pub data_dir: PathBuf,
+    /// The trainer's log file: its stdout and any JSON log line it writes
+    /// to stderr go here, not to the terminal.
+    pub log: PathBuf,
     /// The base sentence encoder.
     pub encoder_dir: PathBuf,
 }
@@ -163,13 +166,25 @@ pub async fn train(spec: TrainSpec) -> Result<(), CliError> {
         .spawn()
         .map_err(|e| CliError::Spawn("moltbot-understanding train".to_owned(), e))?;
     let mut view = View::new();
+    let log = std::sync::Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)?,
+    );
+    let to_log = |line: &str| {
+        use std::io::Write as _;
+        if let Ok(mut f) = log.lock() {
+            let _ = writeln!(f, "{line}");
+        }
+    };
     let stderr = child.stderr.take();
     let stdout = child.stdout.take();
     let relay_stdout = async {
         if let Some(out) = stdout {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("up: intent head: {line}");
+                to_log(&line);
             }
         }
     };
@@ -184,6 +199,7 @@ pub async fn train(spec: TrainSpec) -> Result<(), CliError> {
                 match progress {
                     Some(p) if p.done => view.say(&format!("{} done", p.step)),
                     Some(p) => view.show(&p),
+                    None if line.starts_with('{') => to_log(&line),
                     None => view.say(line.trim_start_matches("train: ")),
                 }
             }

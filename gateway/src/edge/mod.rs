@@ -46,6 +46,9 @@ fn concurrency(limits: &crate::routing::config::Limits) -> Arc<tokio::sync::Sema
 pub struct KeyRing {
     by_hash: HashMap<[u8; 32], Caller>,
     anonymous: Option<Caller>,
+    /// Each caller's limits as configured, by key hash (`None`: anonymous),
+    /// so that [`KeyRing::rebuild`] can tell an unchanged key.
+    limits: HashMap<Option<[u8; 32]>, crate::routing::config::Limits>,
 }
 
 fn decode_hex(hex: &str) -> Option<[u8; 32]> {
@@ -73,6 +76,47 @@ impl KeyRing {
         anonymous_tenant: &str,
         shared: Option<Arc<ratelimit::shared::SharedBuckets>>,
     ) -> Result<Self, GatewayError> {
+        Self::build(config, http_addr, anonymous_tenant, shared, None)
+    }
+
+    /// The ring of a reloaded `config` ([`crate::reload`]): as
+    /// [`KeyRing::new`], except that a caller whose key hash, tenant and
+    /// limits are unchanged keeps this ring's rate-limit buckets and
+    /// concurrency permits (a reload neither refills nor empties them).
+    /// Errors as [`KeyRing::new`].
+    pub fn rebuild(
+        &self,
+        config: &GatewayConfig,
+        http_addr: SocketAddr,
+        anonymous_tenant: &str,
+        shared: Option<Arc<ratelimit::shared::SharedBuckets>>,
+    ) -> Result<Self, GatewayError> {
+        Self::build(config, http_addr, anonymous_tenant, shared, Some(self))
+    }
+
+    /// The previous ring's caller under `hash` when it is unchanged.
+    fn kept(
+        previous: Option<&Self>,
+        hash: Option<[u8; 32]>,
+        tenant: &str,
+        limits: &crate::routing::config::Limits,
+    ) -> Option<Caller> {
+        let previous = previous?;
+        let caller = match hash {
+            Some(h) => previous.by_hash.get(&h)?,
+            None => previous.anonymous.as_ref()?,
+        };
+        (previous.limits.get(&hash) == Some(limits) && &*caller.tenant == tenant)
+            .then(|| caller.clone())
+    }
+
+    fn build(
+        config: &GatewayConfig,
+        http_addr: SocketAddr,
+        anonymous_tenant: &str,
+        shared: Option<Arc<ratelimit::shared::SharedBuckets>>,
+        previous: Option<&Self>,
+    ) -> Result<Self, GatewayError> {
         let limiter = |limits: &crate::routing::config::Limits, name: &str| {
             Arc::new(match &shared {
                 Some(buckets) => RateLimiter::shared(limits, name, buckets.clone()),
@@ -80,6 +124,7 @@ impl KeyRing {
             })
         };
         let mut by_hash = HashMap::new();
+        let mut limits = HashMap::new();
         for k in &config.api_keys {
             let hash = decode_hex(&k.sha256).ok_or_else(|| {
                 GatewayError::Config(moltbot_runtime::RuntimeError::Config(format!(
@@ -87,22 +132,33 @@ impl KeyRing {
                     k.name
                 )))
             })?;
-            by_hash.insert(
-                hash,
-                Caller {
+            let tenant = k.tenant.as_deref().unwrap_or(k.name.as_str());
+            let caller = match Self::kept(previous, Some(hash), tenant, &k.limits) {
+                Some(kept) => Caller {
                     name: Arc::from(k.name.as_str()),
-                    tenant: Arc::from(k.tenant.as_deref().unwrap_or(k.name.as_str())),
+                    ..kept
+                },
+                None => Caller {
+                    name: Arc::from(k.name.as_str()),
+                    tenant: Arc::from(tenant),
                     limiter: limiter(&k.limits, &k.name),
                     concurrency: concurrency(&k.limits),
                 },
-            );
+            };
+            by_hash.insert(hash, caller);
+            limits.insert(Some(hash), k.limits);
         }
         let loopback = http_addr.ip().is_loopback();
-        let anonymous = (config.allow_anonymous && loopback).then(|| Caller {
-            name: Arc::from("anonymous"),
-            tenant: Arc::from(anonymous_tenant),
-            limiter: limiter(&config.anonymous_limits, "anonymous"),
-            concurrency: concurrency(&config.anonymous_limits),
+        let anonymous = (config.allow_anonymous && loopback).then(|| {
+            limits.insert(None, config.anonymous_limits);
+            Self::kept(previous, None, anonymous_tenant, &config.anonymous_limits).unwrap_or_else(
+                || Caller {
+                    name: Arc::from("anonymous"),
+                    tenant: Arc::from(anonymous_tenant),
+                    limiter: limiter(&config.anonymous_limits, "anonymous"),
+                    concurrency: concurrency(&config.anonymous_limits),
+                },
+            )
         });
         if anonymous.is_none() && by_hash.is_empty() {
             return Err(GatewayError::Config(moltbot_runtime::RuntimeError::Config(
@@ -112,7 +168,11 @@ impl KeyRing {
                 ),
             )));
         }
-        Ok(Self { by_hash, anonymous })
+        Ok(Self {
+            by_hash,
+            anonymous,
+            limits,
+        })
     }
 
     /// The caller of a request with this `Authorization` header value.
@@ -158,7 +218,7 @@ impl KeyRing {
 /// until the response body ends), and stores the [`Caller`] in the
 /// request's extensions.
 pub async fn authenticate(
-    State(keys): State<Arc<KeyRing>>,
+    State(keys): State<Arc<crate::reload::Live<KeyRing>>>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -166,7 +226,9 @@ pub async fn authenticate(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match keys.identify(authorization) {
+    // The ring in force now; a reload during the request does not change
+    // the caller it identified.
+    let caller = match keys.get().identify(authorization) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
@@ -234,8 +296,9 @@ mod tests {
         let c = config(
             "api_keys: [{name: app, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, max_concurrent_requests: 1}]",
         );
-        let ring =
-            Arc::new(KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local", None).unwrap());
+        let ring = Arc::new(crate::reload::Live::new(
+            KeyRing::new(&c, "127.0.0.1:0".parse().unwrap(), "local", None).unwrap(),
+        ));
         let app = axum::Router::new()
             .route("/x", axum::routing::get(|| async { "ok" }))
             .route_layer(axum::middleware::from_fn_with_state(ring, authenticate));
@@ -254,5 +317,48 @@ mod tests {
         drop(first);
         let third = app.clone().oneshot(request()).await.unwrap();
         assert_eq!(third.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_keeps_the_state_of_unchanged_keys_only() {
+        // sha256("test") and sha256("other")
+        let test = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let other = "d9298a10d1b0735837dc4bd85dac641b0f3cef27a47e5d53a54f2f3f5b2fcffa";
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let before = config(&format!(
+            "api_keys: [{{name: a, tenant: t, sha256: {test}, max_concurrent_requests: 1}}, {{name: b, sha256: {other}, max_concurrent_requests: 1}}]"
+        ));
+        let ring = KeyRing::new(&before, addr, "local", None).unwrap();
+        let held_a = ring
+            .identify(Some("Bearer test"))
+            .unwrap()
+            .concurrency
+            .try_acquire_owned()
+            .unwrap();
+        let held_b = ring
+            .identify(Some("Bearer other"))
+            .unwrap()
+            .concurrency
+            .try_acquire_owned()
+            .unwrap();
+        // `a` unchanged (renamed only; same tenant and limits), `b` gets
+        // another limit.
+        let after = config(&format!(
+            "api_keys: [{{name: a2, tenant: t, sha256: {test}, max_concurrent_requests: 1}}, {{name: b, sha256: {other}, max_concurrent_requests: 2}}]"
+        ));
+        let next = ring.rebuild(&after, addr, "local", None).unwrap();
+        let a = next.identify(Some("Bearer test")).unwrap();
+        assert_eq!(&*a.name, "a2");
+        assert!(
+            a.concurrency.try_acquire_owned().is_err(),
+            "a's permit is still held"
+        );
+        let b = next.identify(Some("Bearer other")).unwrap();
+        assert_eq!(b.concurrency.available_permits(), 2, "b starts afresh");
+        drop((held_a, held_b));
+        // A key removed by the reload is refused.
+        let fewer = config(&format!("api_keys: [{{name: b, sha256: {other}}}]"));
+        let last = next.rebuild(&fewer, addr, "local", None).unwrap();
+        assert!(last.identify(Some("Bearer test")).is_err());
     }
 }

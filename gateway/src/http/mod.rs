@@ -36,7 +36,8 @@ pub struct AppState {
     /// The turn engine.
     pub engine: Arc<Engine>,
     /// Client keys and their limits.
-    pub keys: Arc<edge::KeyRing>,
+    /// The API keys in force (swapped by a configuration reload).
+    pub keys: Arc<crate::reload::Live<edge::KeyRing>>,
     /// Deadline of each upstream health check behind `/readyz`.
     pub readiness_timeout: Duration,
     /// Global in-flight limit and body-read deadline.

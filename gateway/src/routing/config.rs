@@ -195,7 +195,7 @@ fn default_max_tokens() -> u32 {
 }
 
 /// Rate limits; unset means unlimited.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Requests per minute.

@@ -95,7 +95,9 @@ pub struct Settings {
 /// The turn engine: the routes and the upstreams.
 pub struct Engine {
     ports: Ports,
-    router: Router,
+    /// The routes in force; a reload swaps them ([`crate::reload`]) while
+    /// every started turn keeps the routes it cloned.
+    router: crate::reload::Live<Router>,
     settings: Settings,
     models: Mutex<Option<(Instant, Vec<ModelInfo>)>>,
     /// Models that answered UNIMPLEMENTED to `CountTokens` (remote ones),
@@ -208,7 +210,7 @@ impl Engine {
     pub fn new(ports: Ports, router: Router, settings: Settings) -> Self {
         Self {
             ports,
-            router,
+            router: crate::reload::Live::new(router),
             settings,
             models: Mutex::new(None),
             uncountable: Mutex::new(std::collections::HashMap::new()),
@@ -220,9 +222,15 @@ impl Engine {
         self.settings.request_timeout
     }
 
-    /// The router.
-    pub fn router(&self) -> &Router {
-        &self.router
+    /// The routes in force now.
+    pub fn router(&self) -> Arc<Router> {
+        self.router.get()
+    }
+
+    /// Replaces the routes (a configuration reload): turns that started
+    /// keep theirs, the next turn takes these.
+    pub fn set_router(&self, router: Router) {
+        self.router.set(router);
     }
 
     /// Runs stages 1 to 6 (see the module doc) for `req` on behalf of
@@ -312,7 +320,13 @@ impl Engine {
         model: &str,
         budget: policy::Budget,
     ) -> Result<Vec<Route>, ApiError> {
-        let routes: Vec<Route> = self.router.for_model(model).into_iter().cloned().collect();
+        let routes: Vec<Route> = self
+            .router
+            .get()
+            .for_model(model)
+            .into_iter()
+            .cloned()
+            .collect();
         if !routes.is_empty() {
             return Ok(routes);
         }

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// Sequences in the running batch, by model.
     pub active_sequences: IntGaugeVec,
+    /// The batch's capacity in sequences (`max_batch_size`), by model: the
+    /// denominator of the "concurrent sessions over 80 % of capacity" alert
+    /// (deploy/prometheus/alerts.yml).
+    pub max_sequences: IntGaugeVec,
     /// Finished requests by model and reason (`stop`, `length`,
     /// `cancelled`, `error`).
     pub requests: IntCounterVec,
@@ -105,6 +109,14 @@ pub fn metrics() -> &'static Metrics {
                 &["model"],
             )
             .expect("valid metric"),
+            max_sequences: IntGaugeVec::new(
+                Opts::new(
+                    "generation_max_sequences",
+                    "Most sequences the running batch holds (max_batch_size)",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
             kv_cache_blocks: IntGaugeVec::new(
                 Opts::new(
                     "generation_kv_cache_blocks",
@@ -126,6 +138,7 @@ pub fn metrics() -> &'static Metrics {
         let _ = r.register(Box::new(m.step_seconds.clone()));
         let _ = r.register(Box::new(m.queue_depth.clone()));
         let _ = r.register(Box::new(m.active_sequences.clone()));
+        let _ = r.register(Box::new(m.max_sequences.clone()));
         let _ = r.register(Box::new(m.requests.clone()));
         let _ = r.register(Box::new(m.prefix_cache_hit_tokens.clone()));
         let _ = r.register(Box::new(m.prefix_cache_lookup_tokens.clone()));

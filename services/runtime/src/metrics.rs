@@ -70,6 +70,40 @@ pub fn server_rpc() -> &'static RpcMetrics {
     })
 }
 
+/// Registers `moltbot_build_info{service, version} 1` (the Prometheus
+/// build-info convention: join on it to label any series with the
+/// version; `moltbot status` reads the version from it) and
+/// `moltbot_process_start_time_seconds` (Unix seconds; uptime is `time() -
+/// it`). Called once per process by [`crate::telemetry::init`]; a second
+/// call is a no-op.
+pub fn register_build_info(service: &str) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "moltbot_build_info",
+                "Always 1; labelled with the component and its version",
+            ),
+            &["service", "version"],
+        );
+        let started = prometheus::Gauge::new(
+            "moltbot_process_start_time_seconds",
+            "When this process started, in Unix seconds",
+        );
+        if let (Ok(info), Ok(started)) = (info, started) {
+            info.with_label_values(&[service, env!("CARGO_PKG_VERSION")])
+                .set(1);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            started.set(now);
+            let _ = registry().register(Box::new(info));
+            let _ = registry().register(Box::new(started));
+        }
+    });
+}
+
 /// Renders [`registry`] in the Prometheus text format: (content type, body).
 pub fn render() -> (String, String) {
     let encoder = TextEncoder::new();

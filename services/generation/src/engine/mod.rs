@@ -342,6 +342,9 @@ impl<M: ForwardPass> Scheduler<M> {
         m.active_sequences
             .with_label_values(&[&self.model])
             .set(self.running.len() as i64);
+        m.max_sequences
+            .with_label_values(&[&self.model])
+            .set(self.config.max_batch_size as i64);
         m.queue_depth
             .with_label_values(&[&self.model])
             .set(self.load.queued.load(Ordering::SeqCst) as i64);

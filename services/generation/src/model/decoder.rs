@@ -20,7 +20,12 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{KvCache, Linear, ModelConfig, Precision, rope::Rope, weights::Weights};
+use super::{
+    KvCache, Linear, ModelConfig, Precision,
+    quantized::{self, Int4Cache},
+    rope::Rope,
+    weights::Weights,
+};
 use crate::{
     GenerationError,
     kv::{KvPool, Slots},
@@ -68,7 +73,20 @@ impl Decoder {
         precision: Precision,
     ) -> Result<Self, GenerationError> {
         let kind = precision.kind;
-        let linear = |w: Tensor| -> Result<Linear, GenerationError> { Ok(precision.linear(w)?) };
+        // Int4 codes come from the quantised-weight cache when it has them
+        // (seconds), and are fitted and cached otherwise (minutes).
+        let mut int4 = match quantized::int4_group(precision.weights) {
+            Some(group) => Some(Int4Cache::open(dir, group)?),
+            None => None,
+        };
+        let mut linear = |name: String,
+                          dense: &mut dyn FnMut() -> Result<Tensor, GenerationError>|
+         -> Result<Linear, GenerationError> {
+            match int4.as_mut() {
+                Some(cache) => cache.linear(&name, dense),
+                None => Ok(precision.linear(dense()?)?),
+            }
+        };
         let load_err = |reason: String| GenerationError::Load {
             path: dir.display().to_string(),
             reason,
@@ -78,14 +96,13 @@ impl Decoder {
         let config: ModelConfig =
             serde_json::from_str(&raw).map_err(|e| load_err(format!("config.json: {e}")))?;
         config.validate().map_err(load_err)?;
+        let read = std::time::Instant::now();
         let mut w = Weights::load(dir, device, kind)?;
+        tracing::debug!(seconds = read.elapsed().as_secs_f64(), "checkpoint read");
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}.");
             let attn = |n: &str| format!("{p}self_attn.{n}");
-            let q = w.take(&attn("q_proj.weight"))?;
-            let k = w.take(&attn("k_proj.weight"))?;
-            let v = w.take(&attn("v_proj.weight"))?;
             let qkv_bias = match (
                 w.take_optional(&attn("q_proj.bias"))?,
                 w.take_optional(&attn("k_proj.bias"))?,
@@ -94,17 +111,42 @@ impl Decoder {
                 (Some(qb), Some(kb), Some(vb)) => Some(Tensor::f_cat(&[qb, kb, vb], 0)?),
                 _ => None,
             };
-            let gate = w.take(&format!("{p}mlp.gate_proj.weight"))?;
-            let up = w.take(&format!("{p}mlp.up_proj.weight"))?;
+            // Each projection's dense weight is built only when the
+            // quantised-weight cache does not have it; on a hit the source
+            // tensors are dropped unread.
+            let qkv = linear(p.clone() + "self_attn.qkv", &mut || {
+                let q = w.take(&attn("q_proj.weight"))?;
+                let k = w.take(&attn("k_proj.weight"))?;
+                let v = w.take(&attn("v_proj.weight"))?;
+                Ok(Tensor::f_cat(&[q, k, v], 0)?)
+            })?;
+            let o_proj = linear(attn("o_proj"), &mut || w.take(&attn("o_proj.weight")))?;
+            let gate_up = linear(format!("{p}mlp.gate_up"), &mut || {
+                let gate = w.take(&format!("{p}mlp.gate_proj.weight"))?;
+                let up = w.take(&format!("{p}mlp.up_proj.weight"))?;
+                Ok(Tensor::f_cat(&[gate, up], 0)?)
+            })?;
+            let down = linear(format!("{p}mlp.down_proj"), &mut || {
+                w.take(&format!("{p}mlp.down_proj.weight"))
+            })?;
+            for name in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                w.discard(&attn(&format!("{name}.weight")));
+            }
+            for name in ["gate_proj", "up_proj", "down_proj"] {
+                w.discard(&format!("{p}mlp.{name}.weight"));
+            }
             layers.push(Layer {
                 input_norm: w.take(&format!("{p}input_layernorm.weight"))?,
-                qkv: linear(Tensor::f_cat(&[q, k, v], 0)?)?,
+                qkv,
                 qkv_bias,
-                o_proj: linear(w.take(&attn("o_proj.weight"))?)?,
+                o_proj,
                 post_norm: w.take(&format!("{p}post_attention_layernorm.weight"))?,
-                gate_up: linear(Tensor::f_cat(&[gate, up], 0)?)?,
-                down: linear(w.take(&format!("{p}mlp.down_proj.weight"))?)?,
+                gate_up,
+                down,
             });
+        }
+        if let Some(cache) = int4 {
+            cache.finish();
         }
         let embed = w.take("model.embed_tokens.weight")?;
         let lm_head = precision.head(match w.take_optional("lm_head.weight")? {

@@ -81,34 +81,33 @@ impl Linear {
     /// [`tch::TchError::Shape`] when `in` is not a multiple of `group` or
     /// `group` is not 32, 64 or 128 (what the kernel accepts).
     pub fn quantize_int4(w: &Tensor, group: i64) -> Result<Self, tch::TchError> {
-        let (out, inner) = match w.size().as_slice() {
-            [o, i] => (*o, *i),
-            other => {
+        let (codes, scales_zeros) = int4_codes(w, group)?;
+        Self::from_int4_codes(&codes, scales_zeros)
+    }
+
+    /// An int4 projection from its 4-bit codes `[out, in]` (uint8, each in
+    /// `0..=15`) and `[in/group, out, 2]` bf16 scales and zeros, as
+    /// [`int4_codes`] returns them (and the quantised-weight cache,
+    /// [`super::quantized`], stores them). Packing is a cheap reshuffle;
+    /// the expensive part of quantising is the fit. Errors with
+    /// [`tch::TchError::Shape`] when the shapes disagree.
+    pub fn from_int4_codes(codes: &Tensor, scales_zeros: Tensor) -> Result<Self, tch::TchError> {
+        let (out, inner, groups) = match (codes.size().as_slice(), scales_zeros.size().as_slice()) {
+            ([o, i], [g, o2, 2]) if o == o2 && *g > 0 && i % g == 0 => (*o, *i, *g),
+            (c, s) => {
                 return Err(tch::TchError::Shape(format!(
-                    "int4: weight of shape {other:?} is not 2-D"
+                    "int4: codes {c:?} and scales/zeros {s:?} do not fit together"
                 )));
             }
         };
-        if ![32, 64, 128].contains(&group) || inner % group != 0 {
-            return Err(tch::TchError::Shape(format!(
-                "int4: {inner} input features are not a multiple of group {group} (32, 64 or 128)"
-            )));
-        }
-        let groups = inner / group;
-        let wg = w.f_to_kind(Kind::Float)?.f_reshape([out, groups, group])?;
-        let (q, scales, zeros) = fit_int4(&wg)?;
-        let q = q
+        let packed = codes
             .f_to_kind(Kind::Int)?
-            .f_reshape([out, inner])?
-            .f_contiguous()?;
-        let packed = q.f_internal_convert_weight_to_int4pack_for_cpu(2)?;
-        let scales_zeros = Tensor::f_cat(&[scales, zeros], 2)?
-            .f_transpose(0, 1)?
-            .f_contiguous()?;
+            .f_contiguous()?
+            .f_internal_convert_weight_to_int4pack_for_cpu(2)?;
         Ok(Self::Int4 {
             packed,
             scales_zeros,
-            group,
+            group: inner / groups,
             out,
         })
     }
@@ -179,6 +178,39 @@ impl Linear {
             }
         }
     }
+}
+
+/// Quantises a dense `[out, in]` weight to 4-bit codes in groups of `group`
+/// input features: (codes `[out, in]` uint8 in `0..=15`, scales and zeros
+/// `[in/group, out, 2]` bf16), the inputs of [`Linear::from_int4_codes`].
+/// Errors with [`tch::TchError::Shape`] when `w` is not 2-D, `in` is not a
+/// multiple of `group` or `group` is not 32, 64 or 128 (what the kernel
+/// accepts).
+pub fn int4_codes(w: &Tensor, group: i64) -> Result<(Tensor, Tensor), tch::TchError> {
+    let (out, inner) = match w.size().as_slice() {
+        [o, i] => (*o, *i),
+        other => {
+            return Err(tch::TchError::Shape(format!(
+                "int4: weight of shape {other:?} is not 2-D"
+            )));
+        }
+    };
+    if ![32, 64, 128].contains(&group) || inner % group != 0 {
+        return Err(tch::TchError::Shape(format!(
+            "int4: {inner} input features are not a multiple of group {group} (32, 64 or 128)"
+        )));
+    }
+    let groups = inner / group;
+    let wg = w.f_to_kind(Kind::Float)?.f_reshape([out, groups, group])?;
+    let (q, scales, zeros) = fit_int4(&wg)?;
+    let codes = q
+        .f_to_kind(Kind::Uint8)?
+        .f_reshape([out, inner])?
+        .f_contiguous()?;
+    let scales_zeros = Tensor::f_cat(&[scales, zeros], 2)?
+        .f_transpose(0, 1)?
+        .f_contiguous()?;
+    Ok((codes, scales_zeros))
 }
 
 /// Clipping ranges tried per group by [`fit_int4`]: (fraction of the group's

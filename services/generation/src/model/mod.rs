@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod decoder;
 pub mod linear;
+pub mod quantized;
 mod rope;
 pub mod weights;
 

@@ -69,6 +69,12 @@ impl Weights {
             .f_contiguous()?)
     }
 
+    /// Drops `name` if present (a source weight whose quantised form came
+    /// from the cache), so the load's peak memory does not hold it.
+    pub fn discard(&mut self, name: &str) {
+        self.tensors.remove(name);
+    }
+
     /// Takes `name` if present.
     pub fn take_optional(&mut self, name: &str) -> Result<Option<Tensor>, GenerationError> {
         if self.contains(name) {

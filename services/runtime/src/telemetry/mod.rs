@@ -61,6 +61,7 @@ pub fn init(
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| default_service_name.to_owned());
     let provider = otel::provider(args.otlp_endpoint.as_deref(), &service_name)?;
+    crate::metrics::register_build_info(&service_name);
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
