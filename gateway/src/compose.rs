@@ -13,6 +13,7 @@ use crate::{Args, GatewayError, Upstreams, edge, http, reload, routing, turn};
 /// Errors: [`GatewayError::Config`] for invalid flags, [`GatewayError::Bind`]
 /// when the address is taken, [`GatewayError::Io`] when serving fails.
 pub async fn serve(args: Args) -> Result<(), GatewayError> {
+    edge::metrics::register_all();
     let config = match &args.config {
         Some(path) => routing::GatewayConfig::load(path)?,
         None => routing::GatewayConfig::default(),

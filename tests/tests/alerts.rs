@@ -78,19 +78,38 @@ fn rules(doc: &Yaml) -> Vec<(String, String)> {
 }
 
 /// The metric names a PromQL expression reads: identifiers with the
-/// prefixes MoltBot's metrics have (and `up`), outside quoted label values.
+/// prefixes MoltBot's metrics have (and `up`), outside label matchers
+/// (`{…}`) and outside the label lists of `by`, `without`, `on` and
+/// `ignoring`.
 fn metric_names(expr: &str) -> BTreeSet<String> {
-    let mut unquoted = String::new();
+    let mut kept = String::new();
+    let mut braces = 0usize;
     let mut quoted = false;
     for c in expr.chars() {
-        if c == '"' {
-            quoted = !quoted;
-        } else if !quoted {
-            unquoted.push(c);
+        match c {
+            '"' => quoted = !quoted,
+            '{' if !quoted => braces += 1,
+            '}' if !quoted => braces = braces.saturating_sub(1),
+            _ if quoted || braces > 0 => {}
+            _ => kept.push(c),
         }
     }
-    unquoted
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+    // Drop `by (…)` and friends: label names, not metrics.
+    let mut text = kept;
+    for keyword in ["by", "without", "on", "ignoring"] {
+        while let Some(at) = find_word(&text, keyword) {
+            let rest = &text[at + keyword.len()..];
+            let open = rest.find('(');
+            let close = rest.find(')');
+            match (open, close) {
+                (Some(o), Some(c)) if rest[..o].trim().is_empty() && o < c => {
+                    text = format!("{} {}", &text[..at], &rest[c + 1..]);
+                }
+                _ => break,
+            }
+        }
+    }
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
         .filter(|t| {
             ["moltbot_", "generation_", "http_", "grpc_"]
                 .iter()
@@ -99,6 +118,27 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         })
         .map(str::to_owned)
         .collect()
+}
+
+/// Where `word` stands alone in `text`.
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    text.match_indices(word).map(|(i, _)| i).find(|&i| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
+}
+
+#[test]
+fn metric_names_skip_labels() {
+    let names = metric_names(
+        r#"histogram_quantile(0.99, sum by (le, grpc_service, grpc_method) (rate(grpc_server_handling_seconds_bucket{grpc_code="OK"}[5m]))) and on (model) up"#,
+    );
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["grpc_server_handling_seconds_bucket", "up"]
+    );
 }
 
 /// Every query of every dashboard panel: (panel title, expression).

@@ -164,6 +164,7 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
     let mut child = Command::new(binary("moltbot"))
         .arg("up")
         .env("MOLTBOT_DATA_DIR", work.join("data"))
+        .env("MOLTBOT_LOG_DIR", work.join("log"))
         .env("MOLTBOT_INTENT_HEAD_DIR", &head)
         .env("MOLTBOT_UP_TRAIN_INTENT_HEAD", "false")
         .env("MOLTBOT_DOCS", "Cargo.toml")
@@ -233,14 +234,50 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
 
     // 3. SIGKILL the context service: /readyz fails, then the supervisor
     // restarts it and turns answer again within 10 s.
-    let pid: i32 = log()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("up: started moltbot-context (pid ")
-                .and_then(|rest| rest.strip_suffix(')'))
-                .and_then(|p| p.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no context pid in the log:\n{}", log()));
+    // The services' JSON logs go to their files, not to the terminal, and
+    // `moltbot status` / `moltbot logs` read them and the run state.
+    assert!(
+        !log().lines().any(|l| l.trim_start().starts_with('{')),
+        "a JSON log line reached the terminal:\n{}",
+        log()
+    );
+    let cli = |args: &[&str]| {
+        let out = Command::new(binary("moltbot"))
+            .args(args)
+            .env("MOLTBOT_LOG_DIR", work.join("log"))
+            .env("MOLTBOT_DATA_DIR", work.join("data"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "moltbot {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status = cli(&["status"]);
+    eprintln!("{status}");
+    for component in ["gateway", "generation", "context", "understanding"] {
+        let row = status
+            .lines()
+            .find(|l| l.starts_with(component))
+            .unwrap_or_else(|| panic!("no {component} row:\n{status}"));
+        assert!(
+            row.contains("SERVING") && row.contains(env!("CARGO_PKG_VERSION")),
+            "{row}"
+        );
+    }
+    assert!(status.contains("qwen2.5-coder-0.5b-instruct"), "{status}");
+    let context_log = cli(&["logs", "context", "-n", "3"]);
+    assert!(
+        !context_log.is_empty() && context_log.lines().all(|l| !l.starts_with('{')),
+        "{context_log}"
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("log/up.json")).unwrap()).unwrap();
+    let pid = run["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "context")
+        .and_then(|c| c["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no context pid in up.json: {run}")) as i32;
     nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     let mut saw_not_ready = false;
@@ -264,7 +301,7 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
     );
     let text = log();
     assert!(
-        text.contains("moltbot-context exited unexpectedly with signal: 9 (SIGKILL)"),
+        text.contains("[context] exited with signal: 9 (SIGKILL)"),
         "{text}"
     );
     assert!(text.contains("restarting in 1 s (restart 1)"), "{text}");

@@ -33,3 +33,12 @@ pub static RATE_LIMIT_STORE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
         .expect("valid metric"),
     )
 });
+
+/// Registers the edge's counters at start-up, so that they are exported at 0
+/// before their first event: a counter that appears only at its first
+/// increment has no earlier sample, and `rate()` — what the alerts on it
+/// compute (deploy/prometheus/alerts.yml) — misses that first event.
+pub fn register_all() {
+    LazyLock::force(&SHED);
+    LazyLock::force(&RATE_LIMIT_STORE_ERRORS);
+}
