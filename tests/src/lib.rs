@@ -11,6 +11,7 @@ pub mod fake;
 pub mod grpc;
 pub mod metrics;
 pub mod process;
+pub mod providers;
 pub mod stores;
 pub mod tls;
 

@@ -21,11 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_e2e::{fake, grpc, process::ServiceProcess};
-use moltbot_proto::auth::v1::{
-    AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest, add_credential_request,
-    auth_rotation_service_client::AuthRotationServiceClient,
-};
+use moltbot_e2e::{fake, grpc, process::ServiceProcess, providers};
 use serde_json::{Value, json};
 use serde_yaml_ng::Value as Yaml;
 
@@ -413,33 +409,15 @@ async fn a_real_prometheus_scrapes_the_mesh_and_an_alert_fires() {
         "moltbot-auth-rotation",
         &[("MOLTBOT_ADMIN_TOKEN", "admin".to_owned())],
     );
-    let mut admin = AuthRotationServiceClient::new(grpc::connect(&auth.grpc_url()).await);
-    fn with_token<T>(msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", "Bearer admin".parse().unwrap());
-        r
-    }
-    admin
-        .upsert_provider(with_token(UpsertProviderRequest {
-            name: "fake".into(),
-            kind: ProviderKind::Openai as i32,
-            base_url: provider,
-            models: vec!["gpt-fake".into()],
-            health_check_interval_seconds: 30,
-        }))
-        .await
-        .unwrap();
-    admin
-        .add_credential(with_token(AddCredentialRequest {
-            provider: "fake".into(),
-            secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
-                primary: "sk-alerts".into(),
-                secondary: String::new(),
-            })),
-        }))
-        .await
-        .unwrap();
+    providers::register_openai(
+        &auth.grpc_url(),
+        "admin",
+        "fake",
+        provider,
+        &["gpt-fake"],
+        "sk-alerts",
+    )
+    .await;
     let context = ServiceProcess::start(
         "moltbot-context",
         &[("MOLTBOT_CONTEXT_STORE", "memory".to_owned())],

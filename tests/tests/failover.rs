@@ -15,11 +15,7 @@ use std::{
     time::Duration,
 };
 
-use moltbot_e2e::{fake, grpc, process::ServiceProcess};
-use moltbot_proto::auth::v1::{
-    AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest, add_credential_request,
-    auth_rotation_service_client::AuthRotationServiceClient,
-};
+use moltbot_e2e::{fake, grpc, process::ServiceProcess, providers};
 use serde_json::{Value, json};
 
 const FAKE_KEY: &str = "sk-fake-provider-key";
@@ -46,54 +42,24 @@ async fn local_model_fails_and_the_route_falls_back_to_a_remote_provider() {
         "moltbot-auth-rotation",
         &[("MOLTBOT_ADMIN_TOKEN", "admin".to_owned())],
     );
-    let channel = grpc::connect(&auth.grpc_url()).await;
-    let mut admin = AuthRotationServiceClient::new(channel);
-    let with_token = |msg| {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", "Bearer admin".parse().unwrap());
-        r
-    };
-    admin
-        .upsert_provider(with_token(UpsertProviderRequest {
-            name: "fake".into(),
-            kind: ProviderKind::Openai as i32,
-            base_url: fake_url,
-            models: vec!["gpt-fake".into()],
-            health_check_interval_seconds: 30,
-        }))
-        .await
-        .unwrap();
-    let mut add = tonic::Request::new(AddCredentialRequest {
-        provider: "fake".into(),
-        secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
-            primary: FAKE_KEY.into(),
-            secondary: String::new(),
-        })),
-    });
-    add.metadata_mut()
-        .insert("authorization", "Bearer admin".parse().unwrap());
-    admin.add_credential(add).await.unwrap();
-    admin
-        .upsert_provider(with_token(UpsertProviderRequest {
-            name: "down".into(),
-            kind: ProviderKind::Openai as i32,
-            base_url: down_url,
-            models: vec!["gpt-down".into()],
-            health_check_interval_seconds: 30,
-        }))
-        .await
-        .unwrap();
-    let mut add = tonic::Request::new(AddCredentialRequest {
-        provider: "down".into(),
-        secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
-            primary: "sk-down".into(),
-            secondary: String::new(),
-        })),
-    });
-    add.metadata_mut()
-        .insert("authorization", "Bearer admin".parse().unwrap());
-    admin.add_credential(add).await.unwrap();
+    providers::register_openai(
+        &auth.grpc_url(),
+        "admin",
+        "fake",
+        fake_url,
+        &["gpt-fake"],
+        FAKE_KEY,
+    )
+    .await;
+    providers::register_openai(
+        &auth.grpc_url(),
+        "admin",
+        "down",
+        down_url,
+        &["gpt-down"],
+        "sk-down",
+    )
+    .await;
 
     let context = ServiceProcess::start("moltbot-context", &[]);
     let generation = ServiceProcess::start(
