@@ -136,6 +136,13 @@ fn read_from(path: &Path, offset: u64) -> std::io::Result<(Vec<String>, u64)> {
     Ok((lines, offset + complete as u64))
 }
 
+/// The complete lines of the last [`TAIL_BYTES`] of `path`, and the offset
+/// after them (where following goes on).
+pub fn tail(path: &Path) -> std::io::Result<(Vec<String>, u64)> {
+    let len = std::fs::metadata(path)?.len();
+    read_from(path, len.saturating_sub(TAIL_BYTES))
+}
+
 /// Prints the last lines of the chosen logs, then follows them with `-f`.
 /// Errors with [`CliError::Setup`] for a missing log directory or component.
 pub async fn run(args: LogsArgs) -> Result<(), CliError> {
@@ -150,8 +157,7 @@ pub async fn run(args: LogsArgs) -> Result<(), CliError> {
     let mut offsets = BTreeMap::new();
     let mut first: Vec<(String, String, String)> = Vec::new();
     for (component, path) in &files {
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let (lines, end) = read_from(path, len.saturating_sub(TAIL_BYTES))?;
+        let (lines, end) = tail(path)?;
         let skip = lines.len().saturating_sub(args.lines);
         first.extend(
             lines

@@ -66,14 +66,9 @@ pub fn build_version(metrics: &str) -> Option<String> {
 
 /// The message of the newest `error` record of a log file's last MiB.
 fn last_error(path: &std::path::Path) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(1 << 20))).ok()?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).ok()?;
-    String::from_utf8_lossy(&buf)
-        .lines()
+    let (lines, _) = crate::logs::tail(path).ok()?;
+    lines
+        .iter()
         .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["level"] == "error")

@@ -28,7 +28,6 @@ use std::{
     time::Duration,
 };
 
-use moltbot_runtime::metrics;
 use prometheus::{Gauge, IntCounterVec, IntGauge, Opts};
 use sha2::{Digest, Sha256};
 
@@ -36,7 +35,7 @@ use crate::{
     GatewayError,
     edge::{KeyRing, ratelimit::shared::SharedBuckets},
     routing::{GatewayConfig, Router},
-    turn::Engine,
+    turn::{Engine, metrics::register},
 };
 pub use live::Live;
 
@@ -44,16 +43,16 @@ pub use live::Live;
 /// `error`.
 #[allow(clippy::expect_used)] // static, valid names: construction cannot fail
 static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        Opts::new(
-            "moltbot_gateway_config_reloads_total",
-            "Configuration reloads by outcome (ok, error)",
-        ),
-        &["outcome"],
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "moltbot_gateway_config_reloads_total",
+                "Configuration reloads by outcome (ok, error)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
     )
-    .expect("valid metric");
-    let _ = metrics::registry().register(Box::new(c.clone()));
-    c
 });
 
 /// `moltbot_gateway_config_last_reload_successful`: 1 when the file in place
@@ -61,25 +60,25 @@ static RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// Prometheus uses for its own configuration).
 #[allow(clippy::expect_used)]
 static LAST_OK: LazyLock<IntGauge> = LazyLock::new(|| {
-    let g = IntGauge::new(
-        "moltbot_gateway_config_last_reload_successful",
-        "Whether the last configuration reload succeeded (1) or kept the previous configuration (0)",
+    register(
+        IntGauge::new(
+            "moltbot_gateway_config_last_reload_successful",
+            "Whether the last configuration reload succeeded (1) or kept the previous configuration (0)",
+        )
+        .expect("valid metric"),
     )
-    .expect("valid metric");
-    let _ = metrics::registry().register(Box::new(g.clone()));
-    g
 });
 
 /// `moltbot_gateway_config_last_reload_success_timestamp_seconds`.
 #[allow(clippy::expect_used)]
 static LAST_OK_AT: LazyLock<Gauge> = LazyLock::new(|| {
-    let g = Gauge::new(
-        "moltbot_gateway_config_last_reload_success_timestamp_seconds",
-        "When the served configuration was loaded, in Unix seconds",
+    register(
+        Gauge::new(
+            "moltbot_gateway_config_last_reload_success_timestamp_seconds",
+            "When the served configuration was loaded, in Unix seconds",
+        )
+        .expect("valid metric"),
     )
-    .expect("valid metric");
-    let _ = metrics::registry().register(Box::new(g.clone()));
-    g
 });
 
 fn now_unix() -> f64 {
@@ -108,12 +107,17 @@ pub struct Summary {
 pub fn check(path: &Path, http_addr: SocketAddr) -> Result<(GatewayConfig, Summary), GatewayError> {
     let config = GatewayConfig::load(path)?;
     KeyRing::new(&config, http_addr, "check", None)?;
-    let summary = Summary {
+    let summary = summary(&config, http_addr);
+    Ok((config, summary))
+}
+
+/// What `config` holds, for a gateway on `http_addr`.
+fn summary(config: &GatewayConfig, http_addr: SocketAddr) -> Summary {
+    Summary {
         routes: config.routes.iter().map(|r| r.name.clone()).collect(),
         api_keys: config.api_keys.len(),
         anonymous: config.allow_anonymous && http_addr.ip().is_loopback(),
-    };
-    Ok((config, summary))
+    }
 }
 
 /// Watches the configuration file and swaps reloaded routes and keys into
@@ -216,7 +220,10 @@ impl Reloader {
     }
 
     fn swap(&self) -> Result<Summary, GatewayError> {
-        let (config, summary) = check(&self.path, self.http_addr)?;
+        // The checks of [`check`]: the file validates, and building the
+        // ring checks the keys (once, on the ring that is served).
+        let config = GatewayConfig::load(&self.path)?;
+        let summary = summary(&config, self.http_addr);
         let keys =
             self.keys
                 .get()
