@@ -15,6 +15,7 @@
 //! - `moltbot intents train|eval|reload` trains, scores and serves intent
 //!   heads on your own data.
 
+mod cache;
 mod chat;
 mod config;
 mod devkeys;
@@ -63,6 +64,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Intent heads on your own data: train, evaluate, serve.
     Intents(intents::IntentsArgs),
+    /// The gateway's response cache: `purge` entries.
+    Cache(cache::CacheArgs),
 }
 
 /// Errors of the CLI.
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
             Command::Kb(args) => kb::run(args).await,
             Command::Keys(args) => keys::run(args).await,
             Command::Intents(args) => intents::run(args).await,
+            Command::Cache(args) => cache::run(args).await,
         }
     });
     match result {

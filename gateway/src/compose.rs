@@ -36,14 +36,23 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
     moltbot_runtime::grpc::tls::install_client(&args.tls)?;
     moltbot_runtime::grpc::balance::install(&args.balance)?;
     let upstreams = Arc::new(Upstreams::connect(&args)?);
-    let engine = Arc::new(turn::Engine::new(
-        upstreams.ports(),
-        routing::Router::new(config.routes),
-        turn::Settings {
-            enrichment_timeout: std::time::Duration::from_millis(args.enrichment_timeout_ms),
-            request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
-        },
-    ));
+    let cache = Arc::new(crate::cache::ResponseCache::new(&crate::cache::Settings {
+        memory_bytes: args.cache_memory_bytes,
+        redis_url: args.redis_url.clone().filter(|u| !u.is_empty()),
+        redis_timeout: std::time::Duration::from_millis(args.cache_redis_timeout_ms),
+    })?);
+    cache.follow_purges();
+    let engine = Arc::new(
+        turn::Engine::new(
+            upstreams.ports(),
+            routing::Router::new(config.routes),
+            turn::Settings {
+                enrichment_timeout: std::time::Duration::from_millis(args.enrichment_timeout_ms),
+                request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
+            },
+        )
+        .with_cache(cache),
+    );
     // The configuration file is watched and reloaded in place (on change
     // and SIGHUP); the embedded default has no file to watch.
     if let Some(path) = &args.config {
@@ -73,6 +82,11 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         max_body_bytes: args.max_body_bytes,
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         last_readiness: Arc::new(std::sync::Mutex::new(None)),
+        admin_token: args
+            .admin_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(Arc::from),
     };
     let draining = state.draining.clone();
     let app = http::router(state);

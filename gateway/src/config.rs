@@ -81,6 +81,20 @@ pub struct Args {
         action = clap::ArgAction::Set
     )]
     pub replicated: bool,
+    /// Bound of the response cache's in-process tier, in bytes of entries
+    /// (least recently used evicted first). Redis (`REDIS_URL`), when set,
+    /// is the shared tier behind it.
+    #[arg(long, env = "MOLTBOT_CACHE_MEMORY_BYTES", default_value_t = 64 << 20)]
+    pub cache_memory_bytes: u64,
+    /// Most time one response-cache Redis command may take before the
+    /// memory tier answers alone, in milliseconds.
+    #[arg(long, env = "MOLTBOT_CACHE_REDIS_TIMEOUT_MS", default_value_t = 100)]
+    pub cache_redis_timeout_ms: u64,
+    /// Operator token of the gateway's admin endpoints (`POST
+    /// /admin/cache/purge`), sent as `Authorization: Bearer`. Unset: the
+    /// admin endpoints answer 403.
+    #[arg(long, env = "MOLTBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Deadline of a whole chat turn when the client gives none
     /// (`x-request-timeout-ms` header), in milliseconds.
     #[arg(long, env = "MOLTBOT_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]

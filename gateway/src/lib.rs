@@ -14,6 +14,7 @@
 //! - [`adapters`]: wire formats validated into a neutral turn request;
 //! - [`edge`]: API keys, tenants, rate limits, admission;
 //! - [`turn`]: the turn engine, its ports and its call policy;
+//! - [`cache`]: the response cache the turn engine looks answers up in;
 //! - [`upstream`]: the gRPC clients implementing the ports;
 //! - [`routing`], [`openai`]: configuration and wire types;
 //! - [`reload`]: the configuration file reloaded in place (on change and
@@ -22,6 +23,7 @@
 //! [`serve`] is the composition root (`compose.rs`).
 
 pub mod adapters;
+pub mod cache;
 mod compose;
 mod config;
 pub mod edge;

@@ -74,6 +74,47 @@ impl Drop for TlsRedis {
     }
 }
 
+/// A plaintext `redis-server` of its own on a free port, keeping nothing
+/// on disk: a test can stop it under a running mesh.
+pub struct OwnRedis {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl OwnRedis {
+    /// Starts it.
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--port")
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/ensure-stores.sh installs it)");
+        wait_port(port, "redis-server");
+        Self { child, port }
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills it (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A PostgreSQL cluster of its own (initdb) with `ssl=on` and a `pg_hba.conf`
 /// that admits TLS connections only (`hostssl`), run as the `postgres` user.
 pub struct TlsPostgres {

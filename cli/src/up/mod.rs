@@ -201,6 +201,8 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         ("MOLTBOT_RETRIEVAL_URL", https(&ports::RETRIEVAL)),
         ("MOLTBOT_CONTEXT_URL", https(&ports::CONTEXT)),
         ("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION)),
+        // The operator's `/admin/…` (`moltbot cache purge`).
+        ("MOLTBOT_ADMIN_TOKEN", admin_token.clone()),
     ]);
     if let Some(file) = &args.gateway_config {
         // Checked here as the gateway will, so a bad file stops `up` with

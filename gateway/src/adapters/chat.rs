@@ -242,6 +242,7 @@ pub fn turn_request(
         metadata: req.metadata.clone(),
         store: true,
         timeout,
+        cache_control: Default::default(),
     })
 }
 

@@ -192,6 +192,7 @@ pub fn turn_request(
         metadata: req.metadata.clone(),
         store: req.store.unwrap_or(true),
         timeout,
+        cache_control: Default::default(),
     })
 }
 

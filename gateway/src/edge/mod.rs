@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod metrics;
+pub mod operator;
 pub mod ratelimit;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};

@@ -41,27 +41,30 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = super::parse_body(body, state.max_body_bytes)?;
-    let turn_request = adapters::chat::turn_request(
+    let mut turn_request = adapters::chat::turn_request(
         &req,
         super::header_str(&headers, "x-session-id"),
         super::request_timeout(&headers),
     )?;
+    turn_request.cache_control = super::cache_control(&headers)?;
     let turn = state
         .engine
         .start(turn_request, &caller.tenant, &caller.limiter)
         .await?;
-    if req.stream {
+    let cache = super::cache_status(&turn);
+    let response = if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(stream(
+        stream(
             turn,
             StreamSettings {
                 write_idle: state.sse_write_idle,
                 include_usage,
             },
-        ))
+        )
     } else {
-        complete(turn).await
-    }
+        complete(turn).await?
+    };
+    Ok(super::with_cache_header(response, cache))
 }
 
 /// Whether the turn asked for token log probabilities.

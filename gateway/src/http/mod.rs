@@ -1,5 +1,6 @@
 //! The gateway's HTTP surface: routes, shared state and middleware.
 
+mod admin;
 mod chat;
 mod embeddings;
 mod health;
@@ -51,6 +52,9 @@ pub struct AppState {
     /// The required upstreams `/readyz` last found missing (comma-joined;
     /// empty when ready), so each change is logged once.
     pub last_readiness: Arc<std::sync::Mutex<Option<String>>>,
+    /// The operator token of `/admin/…` (`MOLTBOT_ADMIN_TOKEN`); `None`:
+    /// admin endpoints answer 403.
+    pub admin_token: Option<Arc<str>>,
 }
 
 pub use embeddings::EMBEDDING_MODEL;
@@ -69,6 +73,35 @@ fn request_timeout(headers: &axum::http::HeaderMap) -> Option<Duration> {
     header_str(headers, "x-request-timeout-ms")
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis)
+}
+
+/// The request's `Cache-Control` for the response cache. Errors with 400
+/// for a malformed `max-age`.
+fn cache_control(headers: &axum::http::HeaderMap) -> Result<crate::cache::CacheControl, ApiError> {
+    match header_str(headers, "cache-control") {
+        Some(v) => crate::cache::CacheControl::parse(&v),
+        None => Ok(Default::default()),
+    }
+}
+
+/// How the response cache took part in a started turn.
+fn cache_status(turn: &turn::Turn) -> crate::cache::Status {
+    turn.prepared()
+        .ext
+        .cache
+        .map_or(crate::cache::Status::Bypass, |c| c.status)
+}
+
+/// `response` with `x-moltbot-cache: hit | semantic-hit | miss | bypass`.
+fn with_cache_header(
+    mut response: axum::response::Response,
+    status: crate::cache::Status,
+) -> axum::response::Response {
+    response.headers_mut().insert(
+        "x-moltbot-cache",
+        axum::http::HeaderValue::from_static(status.as_str()),
+    );
+    response
 }
 
 /// Parses a JSON body. Errors: 413 over the limit, 400 for bad JSON or a
@@ -148,11 +181,20 @@ pub fn router(state: AppState) -> Router {
         // Bodies over the limit are refused while being read (413), before
         // any JSON parsing.
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
+    // The operator's endpoints: their own credential (the admin token), no
+    // API key and no per-key limits.
+    let admin = Router::new()
+        .route("/admin/cache/purge", post(admin::purge_cache))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.admin_token.clone(),
+            edge::operator::require_operator,
+        ));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(moltbot_runtime::metrics::handler))
         .merge(api)
+        .merge(admin)
         .fallback(not_found)
         .layer(
             ServiceBuilder::new()

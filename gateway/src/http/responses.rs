@@ -121,12 +121,15 @@ pub async fn responses(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ResponseRequest = super::parse_body(body, state.max_body_bytes)?;
-    let turn_request = adapters::responses::turn_request(&req, super::request_timeout(&headers))?;
+    let mut turn_request =
+        adapters::responses::turn_request(&req, super::request_timeout(&headers))?;
+    turn_request.cache_control = super::cache_control(&headers)?;
     let store = turn_request.store;
     let turn = state
         .engine
         .start(turn_request, &caller.tenant, &caller.limiter)
         .await?;
+    let cache = super::cache_status(&turn);
     let nonce = new_id("");
     let echo = Echo {
         id: if store {
@@ -139,15 +142,16 @@ pub async fn responses(
         store,
         req: Arc::new(req),
     };
-    if echo.req.stream {
-        Ok(stream(turn, echo, state.sse_write_idle))
+    let response = if echo.req.stream {
+        stream(turn, echo, state.sse_write_idle)
     } else {
         let (ended, ext) = turn.run(&mut turn::Buffered).await;
         let answer = turn::into_result(ended)?;
         let call_ids: Vec<String> = answer.tool_calls.iter().map(|_| new_id("fc_")).collect();
         let obj = echo.completed(&answer, &new_id("msg_"), &call_ids, ext);
-        Ok(Json(obj).into_response())
-    }
+        Json(obj).into_response()
+    };
+    Ok(super::with_cache_header(response, cache))
 }
 
 /// The Responses SSE [`turn::Output`]: `response.output_item.added` and

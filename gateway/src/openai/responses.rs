@@ -129,7 +129,8 @@ pub struct ResponseUsage {
     pub output_tokens: u32,
     /// Their sum.
     pub total_tokens: u32,
-    /// `{"cached_tokens": 0}`.
+    /// `{"cached_tokens": N}`: the whole prompt on an answer from the
+    /// response cache, else 0.
     pub input_tokens_details: Value,
     /// `{"reasoning_tokens": 0}`.
     pub output_tokens_details: Value,
@@ -141,7 +142,9 @@ impl From<Usage> for ResponseUsage {
             input_tokens: u.prompt_tokens,
             output_tokens: u.completion_tokens,
             total_tokens: u.total_tokens,
-            input_tokens_details: serde_json::json!({"cached_tokens": 0}),
+            input_tokens_details: serde_json::json!({
+                "cached_tokens": u.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+            }),
             output_tokens_details: serde_json::json!({"reasoning_tokens": 0}),
         }
     }

@@ -11,6 +11,7 @@
 //!     candidates: [{ model: qwen2.5-coder-0.5b-instruct, weight: 1 }]
 //!     fallbacks: [fake-openai/gpt-4o-mini]
 //!     retry: { max_attempts: 3, backoff_factor: 1.5, initial_backoff_ms: 100, jitter: 0.2 }
+//!     cache: { enabled: true, ttl_s: 3600, max_temperature: 0.0 }   # the response cache
 //! api_keys:
 //!   - { name: app, tenant: acme, sha256: "<hex of SHA-256(key)>", requests_per_minute: 60, tokens_per_minute: 20000 }
 //! allow_anonymous: true   # honoured only when the gateway listens on loopback
@@ -176,6 +177,45 @@ pub struct Route {
     /// user messages.
     #[serde(default)]
     pub client_turns: ClientTurns,
+    /// The response cache on this route (`gateway/src/cache/`).
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The response cache of one route.
+///
+/// ```yaml
+/// cache: { enabled: true, ttl_s: 3600, max_temperature: 0.0 }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Whether answers on this route are looked up and stored (default
+    /// true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How long an answer is served, in seconds (default 3600).
+    #[serde(default = "default_cache_ttl")]
+    pub ttl_s: u64,
+    /// Only requests whose `temperature` is at most this are cached
+    /// (default 0: greedy answers only). A request without `temperature`
+    /// counts as 1, OpenAI's default.
+    #[serde(default)]
+    pub max_temperature: f32,
+}
+
+fn default_cache_ttl() -> u64 {
+    3600
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_s: default_cache_ttl(),
+            max_temperature: 0.0,
+        }
+    }
 }
 
 /// Policy for client-supplied `assistant` messages.
@@ -261,6 +301,7 @@ impl Default for GatewayConfig {
                 retry: RetryPolicy::default(),
                 default_max_tokens: default_max_tokens(),
                 client_turns: ClientTurns::default(),
+                cache: CacheConfig::default(),
             }],
             api_keys: Vec::new(),
             allow_anonymous: true,
@@ -316,6 +357,12 @@ impl GatewayConfig {
             if on_intent && !r.understanding {
                 return Err(format!(
                     "route `{}` matches on domains or intents but has `understanding: false`; remove one of them",
+                    r.name
+                ));
+            }
+            if r.cache.ttl_s == 0 || !(0.0..=2.0).contains(&r.cache.max_temperature) {
+                return Err(format!(
+                    "route `{}`: cache.ttl_s must be ≥ 1 and cache.max_temperature in [0, 2]",
                     r.name
                 ));
             }

@@ -4,6 +4,9 @@
 //! The stages, in order (each a function of this folder):
 //!
 //! 1. **route candidates** for the request model ([`Engine::start`]);
+//!    1b. **response cache**: a cacheable request's key is derived from
+//!    its history and the routes' collection versions, and a hit is
+//!    replayed from here on as a started generation (`cache.rs`);
 //! 2. **context and enrichments**, concurrently: the session's history
 //!    ([`ports::Sessions`]), the intent ([`ports::Understanding`], when a
 //!    route of the model uses it) and the provisional route's passages
@@ -25,6 +28,7 @@
 //! The engine knows nothing of HTTP or OpenAI: protocol adapters
 //! (`gateway/src/adapters/`) build the request and format the [`Output`].
 
+mod cache;
 mod enrich;
 mod generate;
 pub mod metrics;
@@ -69,6 +73,10 @@ use crate::{
 /// request models no route names.
 const MODEL_LIST_TTL: Duration = Duration::from_secs(30);
 
+/// The memory tier of an engine built without [`Engine::with_cache`]:
+/// 64 MiB of entries.
+pub const DEFAULT_CACHE_MEMORY_BYTES: u64 = 64 << 20;
+
 /// The engine's upstreams, one trait object each.
 #[derive(Clone)]
 pub struct Ports {
@@ -103,6 +111,8 @@ pub struct Engine {
     /// Models that answered UNIMPLEMENTED to `CountTokens` (remote ones),
     /// and when.
     uncountable: Mutex<std::collections::HashMap<String, Instant>>,
+    /// The response cache (stage 1b).
+    cache: Arc<crate::cache::ResponseCache>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,6 +157,11 @@ pub struct Prepared {
     /// is stored with its token count, any other without (counted again
     /// when a later prompt needs it).
     pub counted_by: Option<String>,
+    /// Where the answer goes in the response cache, and for how long, if it
+    /// ends normally.
+    pub cache_write: Option<(crate::cache::Key, Duration)>,
+    /// The answer is replayed from the response cache.
+    pub from_cache: bool,
 }
 
 /// A turn whose generation has started: run it into an [`Output`] with
@@ -214,7 +229,21 @@ impl Engine {
             settings,
             models: Mutex::new(None),
             uncountable: Mutex::new(std::collections::HashMap::new()),
+            cache: Arc::new(crate::cache::ResponseCache::in_memory(
+                DEFAULT_CACHE_MEMORY_BYTES,
+            )),
         }
+    }
+
+    /// This engine with `cache` as its response cache.
+    pub fn with_cache(mut self, cache: Arc<crate::cache::ResponseCache>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// The response cache (for the operator's purge).
+    pub fn cache(&self) -> &Arc<crate::cache::ResponseCache> {
+        &self.cache
     }
 
     /// Default (and largest) deadline of one request.
@@ -243,7 +272,7 @@ impl Engine {
     /// deadline ran out. A turn that fails here has written nothing.
     pub async fn start(
         self: &Arc<Self>,
-        req: TurnRequest,
+        mut req: TurnRequest,
         tenant: &str,
         charge: &dyn Charge,
     ) -> Result<Turn, ApiError> {
@@ -253,7 +282,37 @@ impl Engine {
         });
         let budget = policy::Budget::new(timeout);
         let routes = self.routes_for(&req.model, budget).await?;
-        let mut prepared = self.prepare(req, tenant, &routes, budget, arrived).await?;
+        let session_id = req
+            .session_id
+            .get_or_insert_with(|| new_id("sess-"))
+            .clone();
+        let (history, cache_status, cache_write) = match self
+            .look_up(&req, tenant, &session_id, &routes, budget)
+            .await?
+        {
+            cache::Looked::Hit(entry) => {
+                let (prepared, started) =
+                    cache::replay(req, tenant, session_id, &routes, &entry, budget, arrived)?;
+                return Ok(Turn {
+                    engine: self.clone(),
+                    prepared,
+                    reserved: cache::free(),
+                    started,
+                });
+            }
+            cache::Looked::Miss {
+                history,
+                status,
+                store,
+            } => (Some(history), status, store),
+            cache::Looked::Bypass => (None, crate::cache::Status::Bypass, None),
+        };
+        crate::cache::record(cache_status, None);
+        let mut prepared = self
+            .prepare(req, tenant, &routes, budget, arrived, history)
+            .await?;
+        prepared.ext.cache = Some(crate::cache::CacheInfo::of(cache_status));
+        prepared.cache_write = cache_write;
         let budget_tokens = prepared
             .request
             .sampling
@@ -346,6 +405,7 @@ impl Engine {
                 retry: RetryPolicy::default(),
                 default_max_tokens: 256,
                 client_turns: Default::default(),
+                cache: Default::default(),
             }]);
         }
         Err(ApiError::ModelNotFound(model.to_owned()))

@@ -81,6 +81,14 @@ pub trait Retrieval: Send + Sync {
         text: &'a str,
         timeout: Duration,
     ) -> Call<'a, Vec<Source>>;
+
+    /// The content version of each of `collections` the service knows (a
+    /// write raises it): part of the response cache's key.
+    fn versions<'a>(
+        &'a self,
+        collections: &'a [String],
+        timeout: Duration,
+    ) -> Call<'a, std::collections::HashMap<String, u64>>;
 }
 
 /// Token counting and generation (the generation service).

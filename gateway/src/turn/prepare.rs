@@ -22,7 +22,7 @@ use crate::{
 pub const MAX_HISTORY_TURNS: u32 = 200;
 
 /// The session role of a generation role.
-fn ctx_role(role: gen_pb::Role) -> ctx::Role {
+pub(super) fn ctx_role(role: gen_pb::Role) -> ctx::Role {
     match role {
         gen_pb::Role::System => ctx::Role::System,
         gen_pb::Role::User | gen_pb::Role::Unspecified => ctx::Role::User,
@@ -76,7 +76,7 @@ impl Engine {
 
     /// The session's history within `budget` (capped by the enrichment
     /// timeout). A session's first turn has none (NOT_FOUND).
-    async fn history(
+    pub(super) async fn history(
         &self,
         tenant: &str,
         session_id: &str,
@@ -96,7 +96,9 @@ impl Engine {
         }
     }
 
-    /// Stages 2 to 4: a turn ready to generate.
+    /// Stages 2 to 4: a turn ready to generate. `history` is the session's
+    /// history when stage 1b read it already, else it is read here
+    /// concurrently with the enrichments.
     pub(super) async fn prepare(
         &self,
         req: TurnRequest,
@@ -104,6 +106,7 @@ impl Engine {
         routes: &[Route],
         budget: Budget,
         arrived: Instant,
+        history: Option<Vec<ctx::Turn>>,
     ) -> Result<Prepared, ApiError> {
         let refs: Vec<&Route> = routes.iter().collect();
         let session_id = req.session_id.clone().unwrap_or_else(|| new_id("sess-"));
@@ -112,7 +115,12 @@ impl Engine {
         let provisional = Router::provisional(&refs).and_then(|r| r.retrieval.clone());
         let ports = &self.ports;
         let (history, intent, provisional_sources) = tokio::join!(
-            self.history(tenant, &session_id, stage),
+            async {
+                match history {
+                    Some(h) => Ok(h),
+                    None => self.history(tenant, &session_id, stage).await,
+                }
+            },
             async {
                 if classify {
                     Some(
@@ -275,11 +283,14 @@ impl Engine {
                 attempts: Vec::new(),
                 degraded,
                 metadata: req.metadata,
+                cache: None,
             },
             budget,
             arrived,
             store: req.store,
             counted_by: assembled.counted_by,
+            cache_write: None,
+            from_cache: false,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! every API response ([`Extension`]) is this, serialised as is; the
 //! protocol adapters re-export these types (`gateway/src/openai/mod.rs`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Token usage.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -14,10 +14,22 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Their sum.
     pub total_tokens: u32,
+    /// OpenAI's `prompt_tokens_details`: on an answer from the response
+    /// cache, `cached_tokens` equals `prompt_tokens` (the counts are the
+    /// original generation's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from a cache.
+    pub cached_tokens: u32,
 }
 
 /// `moltbot.intent`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IntentInfo {
     /// Domain, e.g. `banking`.
     pub domain: String,
@@ -30,7 +42,7 @@ pub struct IntentInfo {
 }
 
 /// One of `moltbot.sources`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Source {
     /// `<collection>:<chunk id>`, as cited in the prompt.
     pub id: String,
@@ -73,4 +85,7 @@ pub struct Extension {
     /// The request's `metadata`, when it had any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// How the response cache took part (`status`, `age_s`, `similarity`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheInfo>,
 }

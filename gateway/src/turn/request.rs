@@ -62,4 +62,7 @@ pub struct TurnRequest {
     /// The client's deadline for the whole turn; bounded by the gateway's
     /// request timeout.
     pub timeout: Option<Duration>,
+    /// The request's `Cache-Control` (the response cache's read, write and
+    /// age).
+    pub cache_control: crate::cache::CacheControl,
 }

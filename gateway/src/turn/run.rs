@@ -167,6 +167,7 @@ fn usage_of(summary: &GenerationSummary) -> Usage {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
         total_tokens: u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details: None,
     }
 }
 
@@ -194,6 +195,8 @@ fn record_done(prepared: &Prepared, usage: &Usage) {
 struct Drain {
     model: String,
     text: String,
+    /// The text as its deltas came, when the answer may be cached.
+    pieces: Vec<String>,
     calls: Vec<ToolCall>,
     logprobs: Vec<TokenLogprob>,
     summary: GenerationSummary,
@@ -207,12 +210,18 @@ enum Drained {
 }
 
 /// Reads one generation to its summary, passing each delta to `out`.
-async fn drain<O: Output>(started: Started, reserved: &mut dyn Reserved, out: &mut O) -> Drained {
+async fn drain<O: Output>(
+    started: Started,
+    reserved: &mut dyn Reserved,
+    out: &mut O,
+    keep_pieces: bool,
+) -> Drained {
     let Started {
         model,
         first,
         mut events,
     } = started;
+    let mut pieces = Vec::new();
     let mut text = String::new();
     let mut calls = Vec::new();
     let mut logprobs = Vec::new();
@@ -222,6 +231,9 @@ async fn drain<O: Output>(started: Started, reserved: &mut dyn Reserved, out: &m
             Some(generate_response::Event::Delta(d)) => {
                 reserved.saw_completion(1);
                 text.push_str(&d.text);
+                if keep_pieces {
+                    pieces.push(d.text.clone());
+                }
                 logprobs.extend(d.logprobs.iter().cloned());
                 if let Err(gone) = out.delta(&model, d.text, d.logprobs).await {
                     return Drained::Gone(gone);
@@ -238,6 +250,7 @@ async fn drain<O: Output>(started: Started, reserved: &mut dyn Reserved, out: &m
                 return Drained::Summary(Box::new(Drain {
                     model,
                     text,
+                    pieces,
                     calls,
                     logprobs,
                     summary,
@@ -313,16 +326,24 @@ pub(super) async fn run<O: Output>(
     let mut started = started;
     let mut restarts = 0;
     loop {
-        match drain(started, reserved.as_mut(), out).await {
+        let keep_pieces = prepared.cache_write.is_some();
+        match drain(started, reserved.as_mut(), out, keep_pieces).await {
             Drained::Summary(drained) => {
                 let Drain {
                     model,
                     text,
+                    pieces,
                     calls: tool_calls,
                     logprobs,
                     summary,
                 } = *drained;
-                let usage = usage_of(&summary);
+                let mut usage = usage_of(&summary);
+                let finish = finish_of(&summary);
+                if prepared.from_cache {
+                    usage.prompt_tokens_details = Some(super::report::PromptTokensDetails {
+                        cached_tokens: usage.prompt_tokens,
+                    });
+                }
                 // Stored with its count only when the prompt's tokenizer
                 // counted it (see `Prepared::counted_by`).
                 let token_count = if prepared.counted_by.as_deref() == Some(model.as_str()) {
@@ -339,12 +360,32 @@ pub(super) async fn run<O: Output>(
                 write_session(engine, prepared, answer).await;
                 reserved.settle(usage.total_tokens);
                 record_done(prepared, &usage);
+                // Only an answer that ended normally, without calls, is
+                // replayable; the session write above does not depend on it.
+                if let Some((key, ttl)) = prepared.cache_write.take()
+                    && matches!(finish, Finish::Stop | Finish::Length)
+                    && tool_calls.is_empty()
+                {
+                    let entry = crate::cache::Entry {
+                        format: crate::cache::entry::FORMAT,
+                        model: model.clone(),
+                        route: prepared.route.clone(),
+                        deltas: pieces,
+                        finish: finish.as_str().to_owned(),
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                        intent: prepared.ext.intent.clone(),
+                        sources: prepared.ext.sources.clone(),
+                        created_ms: crate::cache::entry::now_ms(),
+                    };
+                    engine.cache.put(&key, entry, ttl).await;
+                }
                 return Ended::Answered(Answer {
                     model,
                     text,
                     tool_calls,
                     logprobs,
-                    finish: finish_of(&summary),
+                    finish,
                     usage,
                 });
             }

@@ -13,7 +13,8 @@ use moltbot_proto::{
         generation_service_client::GenerationServiceClient,
     },
     retrieval::v1::{
-        SearchRequest, retrieval_service_client::RetrievalServiceClient, search_request,
+        SearchRequest, VersionsRequest, retrieval_service_client::RetrievalServiceClient,
+        search_request,
     },
     understanding::v1::{
         ClassifyRequest, EmbedRequest, EmbedResponse,
@@ -170,6 +171,24 @@ impl Retrieval for RetrievalClient {
                     text: h.text,
                 })
                 .collect())
+        })
+    }
+
+    fn versions<'a>(
+        &'a self,
+        collections: &'a [String],
+        timeout: Duration,
+    ) -> Call<'a, std::collections::HashMap<String, u64>> {
+        let mut client = RetrievalServiceClient::new(self.0.clone());
+        let message = VersionsRequest {
+            collections: collections.to_vec(),
+        };
+        Box::pin(async move {
+            Ok(client
+                .versions(request(message, timeout))
+                .await?
+                .into_inner()
+                .versions)
         })
     }
 }

@@ -1,7 +1,9 @@
 //! The gateway's gRPC upstreams: their channels, their health (`/readyz`)
-//! and the typed clients that implement the turn engine's ports ([`grpc`]).
+//! and the typed clients that implement the turn engine's ports ([`grpc`]);
+//! and its one way to Redis ([`redis`]).
 
 pub mod grpc;
+pub mod redis;
 
 use std::time::Duration;
 

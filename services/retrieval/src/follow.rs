@@ -84,7 +84,7 @@ async fn apply(state: &State, change: &Change) -> Result<(), RetrievalError> {
             if state.collection(name).is_err()
                 && let Some(row) = state.store.collection_row(name).await?
             {
-                state.load_collection(row).await?;
+                state.load_collection(row, change.seq).await?;
                 tracing::info!(collection = %name, "followed: collection created");
             }
         }
@@ -143,6 +143,7 @@ async fn apply(state: &State, change: &Change) -> Result<(), RetrievalError> {
                 collection.dirty.store(true, Ordering::Release);
                 tracing::debug!(collection = %name, seq = change.seq, "followed a write");
             }
+            collection.applied(change.seq);
         }
         other => tracing::warn!(
             kind = other,

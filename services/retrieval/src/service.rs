@@ -10,8 +10,8 @@ use moltbot_proto::retrieval::v1::{
     ChunkingConfig, Collection as PbCollection, CreateCollectionRequest, CreateCollectionResponse,
     DeleteCollectionRequest, DeleteCollectionResponse, DeleteRequest, DeleteResponse, Hit,
     ListCollectionsRequest, ListCollectionsResponse, SearchRequest, SearchResponse, StatsRequest,
-    StatsResponse, UpsertRequest, UpsertResponse, retrieval_service_server::RetrievalService,
-    search_request::Query,
+    StatsResponse, UpsertRequest, UpsertResponse, VersionsRequest, VersionsResponse,
+    retrieval_service_server::RetrievalService, search_request::Query,
 };
 use tonic::{Request, Response, Status};
 
@@ -132,7 +132,7 @@ impl RetrievalService for RetrievalApi {
             overlap_tokens: chunking.overlap_tokens,
             created_at_ms: now_ms(),
         };
-        self.state.store.create_collection(&row).await?;
+        let seq = self.state.store.create_collection(&row).await?;
         snapshot::remove(&self.state.snapshot_dir, &row.name);
         let collection = Arc::new(Collection {
             row: row.clone(),
@@ -144,6 +144,7 @@ impl RetrievalService for RetrievalApi {
             writer: tokio::sync::Mutex::new(()),
             snapshot_at: std::sync::Mutex::new(None),
             dirty: Default::default(),
+            version: std::sync::atomic::AtomicI64::new(seq),
         });
         write(&self.state.collections)?.insert(r.name.clone(), collection.clone());
         tracing::info!(collection = %r.name, "collection created");
@@ -242,6 +243,8 @@ impl RetrievalService for RetrievalApi {
                     },
                 )?;
             }
+            drop(index);
+            collection.applied(replaced.seq);
             total_chunks += chunks.len() as u32;
         }
         collection.dirty.store(true, Ordering::Release);
@@ -258,15 +261,18 @@ impl RetrievalService for RetrievalApi {
         let r = request.into_inner();
         let collection = self.state.collection(&r.collection)?;
         let _writer = collection.writer.lock().await;
-        let (deleted_documents, keys) = self
+        let (deleted_documents, keys, seq) = self
             .state
             .store
             .delete_documents(&r.collection, &r.document_ids)
             .await?;
-        let mut index = write(&collection.index)?;
-        for key in &keys {
-            index.remove(*key)?;
+        {
+            let mut index = write(&collection.index)?;
+            for key in &keys {
+                index.remove(*key)?;
+            }
         }
+        collection.applied(seq);
         collection.dirty.store(true, Ordering::Release);
         Ok(Response::new(DeleteResponse {
             deleted_documents,
@@ -351,6 +357,22 @@ impl RetrievalService for RetrievalApi {
             })
             .collect();
         Ok(Response::new(SearchResponse { hits, exact }))
+    }
+
+    async fn versions(
+        &self,
+        request: Request<VersionsRequest>,
+    ) -> Result<Response<VersionsResponse>, Status> {
+        let names = request.into_inner().collections;
+        let all = read(&self.state.collections)?;
+        let versions = names
+            .into_iter()
+            .filter_map(|name| {
+                let version = all.get(&name)?.version.load(Ordering::Acquire);
+                Some((name, version.max(0) as u64))
+            })
+            .collect();
+        Ok(Response::new(VersionsResponse { versions }))
     }
 
     async fn stats(

@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -38,6 +38,18 @@ pub struct Collection {
     pub snapshot_at: Mutex<Option<SystemTime>>,
     /// Changed since the last snapshot.
     pub dirty: AtomicBool,
+    /// Content version (the `Versions` RPC): the change-log position of the
+    /// last write applied to the index, or the position read before the
+    /// collection was loaded. Raised under [`Collection::writer`] after the
+    /// index changed, so a version never names content the index lacks.
+    pub version: AtomicI64,
+}
+
+impl Collection {
+    /// Records that the index now holds the write at change-log `seq`.
+    pub fn applied(&self, seq: i64) {
+        self.version.fetch_max(seq, Ordering::AcqRel);
+    }
 }
 
 /// Everything the RPCs share.
@@ -87,16 +99,18 @@ impl State {
     pub async fn load_collections(&self) -> Result<i64, RetrievalError> {
         let from = self.store.last_change().await?;
         for row in self.store.collections().await? {
-            self.load_collection(row).await?;
+            self.load_collection(row, from).await?;
         }
         Ok(from)
     }
 
     /// Loads one collection's index (snapshot reconciled with the store)
-    /// and puts it in [`State::collections`].
+    /// and puts it in [`State::collections`], at content version `version`
+    /// (a change-log position read before the load).
     pub async fn load_collection(
         &self,
         row: CollectionRow,
+        version: i64,
     ) -> Result<Arc<Collection>, RetrievalError> {
         {
             let started = std::time::Instant::now();
@@ -169,6 +183,7 @@ impl State {
                 writer: tokio::sync::Mutex::new(()),
                 snapshot_at: Mutex::new(at),
                 dirty: AtomicBool::new(added > 0 || stale > 0),
+                version: AtomicI64::new(version),
             });
             self.collections
                 .write()

@@ -13,6 +13,9 @@
 //!    latency percentiles. Run with enrichments on (understanding and
 //!    retrieval serving) and off (configured off: the route has
 //!    `understanding: false` and no retrieval, so neither is called).
+//!    Every request is distinct, so the routes here have the response
+//!    cache off (`cache: { enabled: false }`): these rows measure relaying,
+//!    not lookups that always miss.
 //!
 //! Usage (release build; models prepared as for `make test`):
 //! `target/release/moltbot-mesh-bench 2>/dev/null` (the services' logs go to
@@ -208,7 +211,7 @@ async fn generation_run(args: &Args, replicas: usize) -> Run {
     wait_all(&generations.iter().collect::<Vec<_>>()).await;
     let config = write_config(
         "generation",
-        "routes:\n  - name: default\n    match: { models: [default] }\n    candidates: [{ model: qwen2.5-coder-0.5b-instruct }]\n",
+        "routes:\n  - name: default\n    match: { models: [default] }\n    candidates: [{ model: qwen2.5-coder-0.5b-instruct }]\n    cache: { enabled: false }\n",
     );
     let gateway = ServiceProcess::start(
         "moltbot-gateway",
@@ -337,12 +340,12 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
     let config = if enrichments {
         write_config(
             "on",
-            "routes:\n  - name: default\n    match: { models: [default] }\n    retrieval: { collection: docs, top_k: 1 }\n    candidates: [{ model: fake/gpt-fake }]\n",
+            "routes:\n  - name: default\n    match: { models: [default] }\n    retrieval: { collection: docs, top_k: 1 }\n    candidates: [{ model: fake/gpt-fake }]\n    cache: { enabled: false }\n",
         )
     } else {
         write_config(
             "off",
-            "routes:\n  - name: default\n    match: { models: [default] }\n    understanding: false\n    candidates: [{ model: fake/gpt-fake }]\n",
+            "routes:\n  - name: default\n    match: { models: [default] }\n    understanding: false\n    candidates: [{ model: fake/gpt-fake }]\n    cache: { enabled: false }\n",
         )
     };
     let gateway = ServiceProcess::start(

@@ -1,14 +1,13 @@
 //! Rate-limit buckets in Redis, shared by every gateway replica: one Lua
 //! script (buckets.lua) checks and changes all buckets of a call
-//! atomically, refilling by Redis's clock. One multiplexed connection
-//! (`ConnectionManager`, reconnecting) serves every call.
+//! atomically, refilling by Redis's clock, over the gateway's one Redis
+//! connection (`gateway/src/upstream/redis.rs`).
 
 use std::{sync::LazyLock, time::Duration};
 
-use redis::{Script, aio::ConnectionManager};
-use tokio::sync::OnceCell;
+use redis::Script;
 
-use crate::GatewayError;
+use crate::{GatewayError, upstream::redis::Redis};
 
 static BUCKETS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("buckets.lua")));
 
@@ -33,22 +32,15 @@ pub struct Change {
 /// The shared buckets at one Redis.
 #[derive(Debug)]
 pub struct SharedBuckets {
-    client: redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    redis: Redis,
 }
 
 impl SharedBuckets {
     /// Buckets at `url` (`redis://…`, or `rediss://…` for TLS); connects on
     /// first use. Errors with [`GatewayError::Config`] for a malformed URL.
     pub fn new(url: &str) -> Result<Self, GatewayError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            GatewayError::Config(moltbot_runtime::RuntimeError::Config(format!(
-                "REDIS_URL is not a Redis URL ({e}); use e.g. redis://127.0.0.1:6379"
-            )))
-        })?;
         Ok(Self {
-            client,
-            connection: OnceCell::new(),
+            redis: Redis::new(url, TIMEOUT)?,
         })
     }
 
@@ -56,34 +48,22 @@ impl SharedBuckets {
     /// wait)))`: change `i` found its bucket too low, retry after `wait`.
     /// Errors with the Redis error (or a timeout) as text.
     pub async fn apply(&self, changes: &[Change]) -> Result<Option<(usize, Duration)>, String> {
-        let call = async {
-            let mut connection = self
-                .connection
-                .get_or_try_init(|| {
-                    let config = redis::aio::ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(TIMEOUT))
-                        .set_response_timeout(Some(TIMEOUT))
-                        .set_number_of_retries(1);
-                    ConnectionManager::new_with_config(self.client.clone(), config)
-                })
-                .await?
-                .clone();
-            let mut invocation = BUCKETS.prepare_invoke();
-            for c in changes {
+        let (applied, index, wait) = self
+            .redis
+            .run(|mut connection| async move {
+                let mut invocation = BUCKETS.prepare_invoke();
+                for c in changes {
+                    invocation
+                        .key(&c.key)
+                        .arg(c.capacity)
+                        .arg(c.take)
+                        .arg(c.need);
+                }
                 invocation
-                    .key(&c.key)
-                    .arg(c.capacity)
-                    .arg(c.take)
-                    .arg(c.need);
-            }
-            invocation
-                .invoke_async::<(i64, i64, String)>(&mut connection)
-                .await
-        };
-        let (applied, index, wait) = tokio::time::timeout(TIMEOUT, call)
-            .await
-            .map_err(|_| format!("no answer from Redis within {} ms", TIMEOUT.as_millis()))?
-            .map_err(|e| e.to_string())?;
+                    .invoke_async::<(i64, i64, String)>(&mut connection)
+                    .await
+            })
+            .await?;
         if applied == 1 {
             return Ok(None);
         }

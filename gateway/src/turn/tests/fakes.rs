@@ -182,16 +182,20 @@ impl Understanding for FakeUnderstanding {
     }
 }
 
-/// The retrieval service.
-pub struct FakeRetrieval(pub Script<Vec<Source>>);
+/// The retrieval service: scripted searches, and one content version for
+/// every collection (a test raises it as a write would).
+pub struct FakeRetrieval(pub Script<Vec<Source>>, pub std::sync::atomic::AtomicU64);
 
 impl FakeRetrieval {
     pub fn one_passage() -> Self {
-        Self(Script::always(Step::ok(vec![Source {
-            id: "docs:a#0".to_owned(),
-            score: 0.8,
-            text: "MoltBot answers briefly.".to_owned(),
-        }])))
+        Self(
+            Script::always(Step::ok(vec![Source {
+                id: "docs:a#0".to_owned(),
+                score: 0.8,
+                text: "MoltBot answers briefly.".to_owned(),
+            }])),
+            Default::default(),
+        )
     }
 }
 
@@ -203,6 +207,16 @@ impl Retrieval for FakeRetrieval {
         _timeout: Duration,
     ) -> Call<'a, Vec<Source>> {
         self.0.answer()
+    }
+
+    fn versions<'a>(
+        &'a self,
+        collections: &'a [String],
+        _timeout: Duration,
+    ) -> Call<'a, std::collections::HashMap<String, u64>> {
+        let v = self.1.load(std::sync::atomic::Ordering::SeqCst);
+        let all = collections.iter().map(|c| (c.clone(), v)).collect();
+        Box::pin(async move { Ok(all) })
     }
 }
 

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cache;
 mod fakes;
 
 use std::{
@@ -302,9 +303,10 @@ async fn enrichments_past_their_budget_are_degraded_and_named() {
     let mesh = Mesh::with(
         FakeSessions::new(Vec::new()),
         FakeUnderstanding(Script::always(slow)),
-        FakeRetrieval(Script::always(Step::err(tonic::Status::not_found(
-            "no collection docs",
-        )))),
+        FakeRetrieval(
+            Script::always(Step::err(tonic::Status::not_found("no collection docs"))),
+            Default::default(),
+        ),
         FakeGeneration::local("Still answered."),
         ROUTES,
     );

@@ -19,16 +19,16 @@ macro_rules! log_change {
                 .execute(&mut *$tx)
                 .await?;
         }
-        sqlx::query(
-            "INSERT INTO changes (collection, kind, removed, added, at_ms) VALUES ($1, $2, $3, $4, $5)",
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO changes (collection, kind, removed, added, at_ms) VALUES ($1, $2, $3, $4, $5) RETURNING seq",
         )
         .bind($collection)
         .bind($kind)
         .bind(changes::keys_json($removed))
         .bind(changes::keys_json($added))
         .bind(crate::state::now_ms())
-        .execute(&mut *$tx)
-        .await?;
+        .fetch_one(&mut *$tx)
+        .await?
     }};
 }
 
@@ -90,6 +90,8 @@ pub struct Replaced {
     pub old_keys: Vec<u64>,
     /// Keys of its new chunks, in ordinal order.
     pub new_keys: Vec<u64>,
+    /// The write's change-log position (`changes.seq`).
+    pub seq: i64,
 }
 
 /// Little-endian f32 bytes of a vector.
@@ -202,8 +204,9 @@ impl Store {
         }
     }
 
-    /// Creates a collection. Errors with [`RetrievalError::CollectionExists`].
-    pub async fn create_collection(&self, c: &CollectionRow) -> Result<(), RetrievalError> {
+    /// Creates a collection; returns the change-log position of the write.
+    /// Errors with [`RetrievalError::CollectionExists`].
+    pub async fn create_collection(&self, c: &CollectionRow) -> Result<i64, RetrievalError> {
         let _guard = self.write_guard().await;
         let postgres = self.is_postgres();
         on_pool!(&self.pool, p => {
@@ -223,9 +226,9 @@ impl Store {
             if inserted == 0 {
                 return Err(RetrievalError::CollectionExists(c.name.clone()));
             }
-            log_change!(tx, postgres, &c.name, changes::COLLECTION_CREATED, &[], &[]);
+            let seq = log_change!(tx, postgres, &c.name, changes::COLLECTION_CREATED, &[], &[]);
             tx.commit().await?;
-            Ok(())
+            Ok(seq)
         })
     }
 
@@ -262,7 +265,7 @@ impl Store {
             if gone == 0 {
                 return Err(RetrievalError::CollectionNotFound(name.to_owned()));
             }
-            log_change!(tx, postgres, name, changes::COLLECTION_DELETED, &[], &[]);
+            let _ = log_change!(tx, postgres, name, changes::COLLECTION_DELETED, &[], &[]);
             tx.commit().await?;
             Ok(chunks)
         })
@@ -322,20 +325,20 @@ impl Store {
                 .await?;
                 replaced.new_keys.push(row.try_get::<i64, _>("key")? as u64);
             }
-            log_change!(tx, postgres, collection, changes::CHUNKS, &replaced.old_keys, &replaced.new_keys);
+            replaced.seq = log_change!(tx, postgres, collection, changes::CHUNKS, &replaced.old_keys, &replaced.new_keys);
             tx.commit().await?;
             Ok(replaced)
         })
     }
 
-    /// Deletes documents and their chunks; returns the documents deleted and
-    /// the chunk keys removed. Unknown ids are ignored. Errors with
+    /// Deletes documents and their chunks; returns the documents deleted,
+    /// the chunk keys removed and the change-log position of the write. Unknown ids are ignored. Errors with
     /// [`RetrievalError::CollectionNotFound`].
     pub async fn delete_documents(
         &self,
         collection: &str,
         ids: &[String],
-    ) -> Result<(u32, Vec<u64>), RetrievalError> {
+    ) -> Result<(u32, Vec<u64>, i64), RetrievalError> {
         let _guard = self.write_guard().await;
         let postgres = self.is_postgres();
         on_pool!(&self.pool, p => {
@@ -365,9 +368,9 @@ impl Store {
                     .await?
                     .rows_affected() as u32;
             }
-            log_change!(tx, postgres, collection, changes::CHUNKS, &keys, &[]);
+            let seq = log_change!(tx, postgres, collection, changes::CHUNKS, &keys, &[]);
             tx.commit().await?;
-            Ok((docs, keys))
+            Ok((docs, keys, seq))
         })
     }
 

@@ -97,6 +97,10 @@ pub const TABLE: &[Rule] = &[
         GATEWAY_OR_OPERATOR,
     ),
     rule(
+        "/moltbot.retrieval.v1.RetrievalService/Versions",
+        GATEWAY_OR_OPERATOR,
+    ),
+    rule(
         "/moltbot.retrieval.v1.RetrievalService/Stats",
         GATEWAY_OR_OPERATOR,
     ),
