@@ -43,6 +43,36 @@ async fn turn(client: &reqwest::Client, session: &str) -> Result<Value, String> 
     }
 }
 
+/// A greedy question in session `session`: (`x-moltbot-cache`, answer
+/// text, seconds taken).
+async fn greedy(client: &reqwest::Client, session: &str) -> (String, String, f64) {
+    let began = Instant::now();
+    let response = client
+        .post(format!("{GATEWAY}/v1/chat/completions"))
+        .timeout(Duration::from_secs(120))
+        .json(&json!({
+            "model": "default",
+            "session_id": session,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What is MoltBot?"}],
+            "max_tokens": 24,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    let cache = response.headers()["x-moltbot-cache"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (cache, text, began.elapsed().as_secs_f64())
+}
+
 fn degraded(v: &Value) -> Vec<String> {
     v["moltbot"]["degraded"]
         .as_array()
@@ -208,6 +238,16 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
         "{first}"
     );
 
+    // 1a. The response cache: the same greedy question in two new sessions
+    // is generated once, then answered from the cache; a purge through
+    // `moltbot cache purge` (the dev-mode admin token) empties it.
+    let (cache, generated, took) = greedy(&client, "up-cache-1").await;
+    assert_eq!(cache, "miss");
+    let (cache, replayed, hit_took) = greedy(&client, "up-cache-2").await;
+    assert_eq!(cache, "hit");
+    assert_eq!(replayed, generated);
+    eprintln!("cache: generated in {took:.3} s, answered from the cache in {hit_took:.3} s");
+
     // 1b. Zero trust: the provider key and the session list are not handed
     // to a caller who has not proved who it is.
     let pki = work.join("data/pki");
@@ -251,6 +291,10 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
         assert!(out.status.success(), "moltbot {args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
+    let purged = cli(&["cache", "purge"]);
+    assert!(purged.starts_with("purged every entry"), "{purged}");
+    let (cache, _, _) = greedy(&client, "up-cache-3").await;
+    assert_eq!(cache, "miss", "after the purge");
     let status = cli(&["status"]);
     eprintln!("{status}");
     for component in ["gateway", "generation", "context", "understanding"] {

@@ -16,6 +16,9 @@
 //!    Every request is distinct, so the routes here have the response
 //!    cache off (`cache: { enabled: false }`): these rows measure relaying,
 //!    not lookups that always miss.
+//! 3. **Response cache**: exact hits through the gateway against a bare
+//!    round trip to it (`GET /healthz`), at concurrency 1 and
+//!    `--overhead-concurrency` (see `cache_run`).
 //!
 //! Usage (release build; models prepared as for `make test`):
 //! `target/release/moltbot-mesh-bench 2>/dev/null` (the services' logs go to
@@ -75,6 +78,12 @@ struct Args {
     /// Skip the overhead measurement.
     #[arg(long)]
     skip_overhead: bool,
+    /// Skip the response-cache measurement.
+    #[arg(long)]
+    skip_cache: bool,
+    /// Requests per response-cache measurement (each concurrency).
+    #[arg(long, default_value_t = 2000)]
+    cache_requests: usize,
 }
 
 /// Latencies of one run and its wall time.
@@ -423,6 +432,119 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
     (direct, mesh, spent)
 }
 
+/// The response cache's exact hits (issue 38, item 8): one greedy question
+/// stored once, then asked again in new sessions at concurrency 1 and 16,
+/// against a bare HTTP round trip to the same gateway (`GET /healthz`) at
+/// the same concurrency. The route searches a collection (`understanding:
+/// false`), so a hit reads the session's history and the collection's
+/// version, replays the answer and writes the session, as it does in
+/// production. Returns `(concurrency, healthz run, hit run)` pairs.
+async fn cache_run(args: &Args, provider: &str) -> Vec<(usize, Run, Run)> {
+    let auth = ServiceProcess::start(
+        "moltbot-auth-rotation",
+        &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
+    );
+    moltbot_e2e::providers::register_openai(
+        &auth.grpc_url(),
+        "bench-admin",
+        "fake",
+        provider.to_owned(),
+        &["gpt-fake"],
+        "sk-bench",
+    )
+    .await;
+    let context = ServiceProcess::start(
+        "moltbot-context",
+        &[("MOLTBOT_CONTEXT_STORE", "memory".into())],
+    );
+    let generation = ServiceProcess::start(
+        "moltbot-generation",
+        &[
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_THREADS", "1".into()),
+        ],
+    );
+    let retrieval = ServiceProcess::start(
+        "moltbot-retrieval",
+        &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
+    );
+    wait_all(&[&generation, &context, &retrieval]).await;
+    let mut r = RetrievalServiceClient::new(grpc::connect(&retrieval.grpc_url()).await);
+    r.create_collection(admin(CreateCollectionRequest {
+        name: "docs".into(),
+        chunking: None,
+    }))
+    .await
+    .unwrap();
+    let config = write_config(
+        "cache",
+        "routes:\n  - name: default\n    match: { models: [default] }\n    understanding: false\n    retrieval: { collection: docs, top_k: 1 }\n    candidates: [{ model: fake/gpt-fake }]\n",
+    );
+    let gateway = ServiceProcess::start(
+        "moltbot-gateway",
+        &[
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_RETRIEVAL_URL", retrieval.grpc_url()),
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_GATEWAY_CONFIG", config),
+            ("MOLTBOT_MAX_IN_FLIGHT", "4096".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let url = gateway.http_url();
+    // Stored once (a miss), then every request below is a hit.
+    chat(&http, &url, "What is MoltBot?".into(), 16).await;
+    let mut out = Vec::new();
+    for c in [1, args.overhead_concurrency] {
+        let bare = {
+            let (http, url) = (http.clone(), format!("{url}/healthz"));
+            load(args.cache_requests, c, move |_| {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let r = http.get(url).send().await.ok()?;
+                    r.status().is_success().then_some(0)
+                }
+            })
+            .await
+        };
+        let hits = {
+            let (http, url) = (http.clone(), url.clone());
+            load(args.cache_requests, c, move |_| {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let response = http
+                        .post(format!("{url}/v1/chat/completions"))
+                        .json(&json!({
+                            "model": "default",
+                            "messages": [{"role": "user", "content": "What is MoltBot?"}],
+                            "max_tokens": 16,
+                            "temperature": 0
+                        }))
+                        .send()
+                        .await
+                        .ok()?;
+                    let hit = response
+                        .headers()
+                        .get("x-moltbot-cache")
+                        .is_some_and(|v| v == "hit");
+                    let body: Value = response.json().await.ok()?;
+                    hit.then(|| body["usage"]["completion_tokens"].as_u64())
+                        .flatten()
+                }
+            })
+            .await
+        };
+        out.push((c, bare, hits));
+    }
+    out
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args = Args::parse();
@@ -521,6 +643,40 @@ async fn main() {
                 "| {name} | {} | {} |",
                 per_request(0, name),
                 per_request(1, name)
+            );
+        }
+    }
+    if !args.skip_cache {
+        let provider = fake::Provider {
+            latency: Duration::from_millis(args.provider_latency_ms),
+            ..Default::default()
+        }
+        .start()
+        .await;
+        println!(
+            "\n## Response cache: exact hits against a bare round trip to the gateway ({} requests each)\n",
+            args.cache_requests
+        );
+        println!(
+            "| path | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | failed |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for (c, bare, hits) in cache_run(&args, &provider).await {
+            println!(
+                "| GET /healthz | {c} | {:.0} | {} | {} | — | — | {} |",
+                bare.rate(),
+                ms(bare.percentile(50.0)),
+                ms(bare.percentile(99.0)),
+                bare.failed
+            );
+            println!(
+                "| exact hit | {c} | {:.0} | {} | {} | {} | {} | {} |",
+                hits.rate(),
+                ms(hits.percentile(50.0)),
+                ms(hits.percentile(99.0)),
+                ms(hits.percentile(50.0).saturating_sub(bare.percentile(50.0))),
+                ms(hits.percentile(99.0).saturating_sub(bare.percentile(99.0))),
+                hits.failed
             );
         }
     }
