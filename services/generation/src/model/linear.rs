@@ -202,37 +202,16 @@ pub fn int4_codes(w: &Tensor, group: i64) -> Result<(Tensor, Tensor), tch::TchEr
     }
     let groups = inner / group;
     let wg = w.f_to_kind(Kind::Float)?.f_reshape([out, groups, group])?;
-    // The fit makes about 180 element-wise passes over its input: over a
-    // whole matrix (up to 4.4 M weights, 17 MB in f32) each pass streams
-    // from memory and allocates afresh; over slices of FIT_CHUNK_WEIGHTS
-    // every intermediate stays in the L2 cache. Rows are fitted
-    // independently, so slicing changes nothing in the result.
-    let rows = (FIT_CHUNK_WEIGHTS / inner).clamp(1, out.max(1));
-    let mut parts = (Vec::new(), Vec::new(), Vec::new());
-    let mut start = 0;
-    while start < out {
-        let n = rows.min(out - start);
-        let (q, s, z) = fit_int4(&wg.f_narrow(0, start, n)?)?;
-        parts.0.push(q.f_to_kind(Kind::Uint8)?);
-        parts.1.push(s);
-        parts.2.push(z);
-        start += n;
-    }
-    let (q, scales, zeros) = (
-        Tensor::f_cat(&parts.0, 0)?,
-        Tensor::f_cat(&parts.1, 0)?,
-        Tensor::f_cat(&parts.2, 0)?,
-    );
-    let codes = q.f_reshape([out, inner])?.f_contiguous()?;
+    let (q, scales, zeros) = fit_int4(&wg)?;
+    let codes = q
+        .f_to_kind(Kind::Uint8)?
+        .f_reshape([out, inner])?
+        .f_contiguous()?;
     let scales_zeros = Tensor::f_cat(&[scales, zeros], 2)?
         .f_transpose(0, 1)?
         .f_contiguous()?;
     Ok((codes, scales_zeros))
 }
-
-/// Weights fitted at a time by [`int4_codes`] (64 Ki f32, 256 KiB: each of
-/// the fit's intermediates fits a core's L2 cache).
-const FIT_CHUNK_WEIGHTS: i64 = 64 * 1024;
 
 /// Clipping ranges tried per group by [`fit_int4`]: (fraction of the group's
 /// range kept, where the kept range sits: 0 = at the minimum, 1 = at the
