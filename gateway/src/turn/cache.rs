@@ -124,8 +124,12 @@ impl Engine {
             request: req,
             versions: &versions,
         });
+        // An entry names the route that answered; the routes are part of
+        // the key, so it is one of them (checked all the same: a hit is
+        // replayed on that route's policies).
         if !control.no_cache
             && let Some(entry) = self.cache.get(&key, ttl, control.max_age).await
+            && routes.iter().any(|r| r.name == entry.route)
         {
             return Ok(Looked::Hit(entry));
         }
