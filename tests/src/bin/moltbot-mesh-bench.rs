@@ -490,7 +490,8 @@ async fn cache_run(args: &Args, provider: &str) -> Vec<(usize, Run, Run)> {
             ("MOLTBOT_AUTH_URL", auth.grpc_url()),
             ("MOLTBOT_GATEWAY_CONFIG", config),
             ("MOLTBOT_MAX_IN_FLIGHT", "4096".into()),
-            ("RUST_LOG", "warn".into()),
+            // `listening` (info) is what the harness waits for.
+            ("RUST_LOG", "warn,moltbot_gateway=info".into()),
         ],
     );
     let http = reqwest::Client::builder()
