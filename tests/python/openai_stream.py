@@ -1,8 +1,10 @@
 """Drives the gateway with the official OpenAI Python SDK, streaming.
 
-Usage: openai_stream.py BASE_URL API_KEY SESSION_ID
-Prints one JSON object: the number of content chunks, the text, the usage and
-the `moltbot` extension of the last chunk.
+Usage: openai_stream.py BASE_URL API_KEY SESSION_ID [QUESTION]
+An empty SESSION_ID starts a new session; QUESTION defaults to a counting
+request. Prints one JSON object: the `x-moltbot-cache` response header, the
+number of content chunks, the text, the finish reason, the usage and the
+`moltbot` extension of the last chunk.
 """
 
 import json
@@ -11,18 +13,20 @@ import sys
 import openai
 
 base_url, api_key, session_id = sys.argv[1:4]
+question = sys.argv[4] if len(sys.argv) > 4 else "Count from 1 to 10, separated by commas."
 client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
-stream = client.chat.completions.create(
+raw = client.chat.completions.with_raw_response.create(
     model="default",
-    messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+    messages=[{"role": "user", "content": question}],
     stream=True,
     stream_options={"include_usage": True},
     max_tokens=32,
     temperature=0,
-    extra_body={"session_id": session_id},
+    extra_body={"session_id": session_id} if session_id else None,
 )
+cache = raw.headers.get("x-moltbot-cache")
 chunks, text, usage, finish, ext = 0, "", None, None, None
-for chunk in stream:
+for chunk in raw.parse():
     if chunk.choices:
         choice = chunk.choices[0]
         if choice.delta.content:
@@ -35,4 +39,4 @@ for chunk in stream:
     extra = getattr(chunk, "model_extra", None) or {}
     if "moltbot" in extra:
         ext = extra["moltbot"]
-print(json.dumps({"chunks": chunks, "text": text, "usage": usage, "finish": finish, "moltbot": ext}))
+print(json.dumps({"cache": cache, "chunks": chunks, "text": text, "finish": finish, "usage": usage, "moltbot": ext}))

@@ -222,12 +222,12 @@ async fn purge(gateway: &ServiceProcess, token: Option<&str>, scope: Value) -> u
 
 fn python_stream(gateway: &ServiceProcess, key: &str, question: &str) -> Value {
     let python = std::env::var("MOLTBOT_PYTHON").unwrap_or_else(|_| ".venv/bin/python".to_owned());
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_stream_question.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_stream.py");
     let out = std::process::Command::new(&python)
         .arg(&script)
         .arg(gateway.http_url())
         .arg(key)
+        .arg("")
         .arg(question)
         .output()
         .unwrap();

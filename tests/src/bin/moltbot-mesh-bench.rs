@@ -114,6 +114,25 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
+/// One table row: `| label | req/s | p50 | p99 | added p50 | added p99 |
+/// failed |`, the added columns against `base` (`—` without one).
+fn row(label: &str, run: &Run, base: Option<&Run>) -> String {
+    let added = |p: f64| {
+        base.map_or("—".to_owned(), |b| {
+            ms(run.percentile(p).saturating_sub(b.percentile(p)))
+        })
+    };
+    format!(
+        "| {label} | {:.0} | {} | {} | {} | {} | {} |",
+        run.rate(),
+        ms(run.percentile(50.0)),
+        ms(run.percentile(99.0)),
+        added(50.0),
+        added(99.0),
+        run.failed
+    )
+}
+
 /// Runs `n` calls of `call(i)` with `concurrency` workers.
 async fn load<F, Fut>(n: usize, concurrency: usize, call: F) -> Run
 where
@@ -594,25 +613,10 @@ async fn main() {
             let (direct, mesh, spent) = overhead_run(&args, &provider, enrichments).await;
             cpu.push((enrichments, mesh.latencies.len(), spent));
             let label = if enrichments { "on" } else { "off" };
+            println!("{}", row("direct to the provider", &direct, None));
             println!(
-                "| direct to the provider | {:.0} | {} | {} | — | — | {} |",
-                direct.rate(),
-                ms(direct.percentile(50.0)),
-                ms(direct.percentile(99.0)),
-                direct.failed
-            );
-            println!(
-                "| mesh, enrichments {label} | {:.0} | {} | {} | {} | {} | {} |",
-                mesh.rate(),
-                ms(mesh.percentile(50.0)),
-                ms(mesh.percentile(99.0)),
-                ms(mesh
-                    .percentile(50.0)
-                    .saturating_sub(direct.percentile(50.0))),
-                ms(mesh
-                    .percentile(99.0)
-                    .saturating_sub(direct.percentile(99.0))),
-                mesh.failed
+                "{}",
+                row(&format!("mesh, enrichments {label}"), &mesh, Some(&direct))
             );
         }
         println!(
@@ -663,22 +667,8 @@ async fn main() {
         );
         println!("|---|---|---|---|---|---|---|---|");
         for (c, bare, hits) in cache_run(&args, &provider).await {
-            println!(
-                "| GET /healthz | {c} | {:.0} | {} | {} | — | — | {} |",
-                bare.rate(),
-                ms(bare.percentile(50.0)),
-                ms(bare.percentile(99.0)),
-                bare.failed
-            );
-            println!(
-                "| exact hit | {c} | {:.0} | {} | {} | {} | {} | {} |",
-                hits.rate(),
-                ms(hits.percentile(50.0)),
-                ms(hits.percentile(99.0)),
-                ms(hits.percentile(50.0).saturating_sub(bare.percentile(50.0))),
-                ms(hits.percentile(99.0).saturating_sub(bare.percentile(99.0))),
-                hits.failed
-            );
+            println!("{}", row(&format!("GET /healthz | {c}"), &bare, None));
+            println!("{}", row(&format!("exact hit | {c}"), &hits, Some(&bare)));
         }
     }
 }
