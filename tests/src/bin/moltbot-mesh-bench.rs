@@ -33,15 +33,9 @@ use std::{
 
 use clap::Parser;
 use moltbot_e2e::{fake, grpc, process::ServiceProcess};
-use moltbot_proto::{
-    auth::v1::{
-        AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest,
-        add_credential_request, auth_rotation_service_client::AuthRotationServiceClient,
-    },
-    retrieval::v1::{
-        CreateCollectionRequest, Document, UpsertRequest,
-        retrieval_service_client::RetrievalServiceClient,
-    },
+use moltbot_proto::retrieval::v1::{
+    CreateCollectionRequest, Document, UpsertRequest,
+    retrieval_service_client::RetrievalServiceClient,
 };
 use serde_json::{Value, json};
 
@@ -287,37 +281,24 @@ fn admin<T>(message: T) -> tonic::Request<T> {
     grpc::with_bearer(message, "bench-admin")
 }
 
-/// CPU time each process spent during a run, by process name.
-type CpuSpent = Vec<(&'static str, Duration)>;
-
-/// Direct calls to the provider, then the same through the mesh; with the
-/// CPU each process of the mesh spent during the mesh run.
-async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, Run, CpuSpent) {
+/// The processes that relay a turn to a remote provider: auth-rotation
+/// with `provider` registered as `fake` (model `gpt-fake`, key `sk-bench`),
+/// context with its in-memory store, and generation leasing from
+/// auth-rotation.
+async fn relay(provider: &str) -> (ServiceProcess, ServiceProcess, ServiceProcess) {
     let auth = ServiceProcess::start(
         "moltbot-auth-rotation",
         &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
     );
-    let mut client = AuthRotationServiceClient::new(grpc::connect(&auth.grpc_url()).await);
-    client
-        .upsert_provider(admin(UpsertProviderRequest {
-            name: "fake".into(),
-            kind: ProviderKind::Openai as i32,
-            base_url: provider.to_owned(),
-            models: vec!["gpt-fake".into()],
-            health_check_interval_seconds: 30,
-        }))
-        .await
-        .unwrap();
-    client
-        .add_credential(admin(AddCredentialRequest {
-            provider: "fake".into(),
-            secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
-                primary: "sk-bench".into(),
-                secondary: String::new(),
-            })),
-        }))
-        .await
-        .unwrap();
+    moltbot_e2e::providers::register_openai(
+        &auth.grpc_url(),
+        "bench-admin",
+        "fake",
+        provider.to_owned(),
+        &["gpt-fake"],
+        "sk-bench",
+    )
+    .await;
     let context = ServiceProcess::start(
         "moltbot-context",
         &[("MOLTBOT_CONTEXT_STORE", "memory".into())],
@@ -329,6 +310,16 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
             ("MOLTBOT_THREADS", "1".into()),
         ],
     );
+    (auth, context, generation)
+}
+
+/// CPU time each process spent during a run, by process name.
+type CpuSpent = Vec<(&'static str, Duration)>;
+
+/// Direct calls to the provider, then the same through the mesh; with the
+/// CPU each process of the mesh spent during the mesh run.
+async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, Run, CpuSpent) {
+    let (auth, context, generation) = relay(provider).await;
     let mut enrichers = Vec::new();
     let (understanding_url, retrieval_url) = if enrichments {
         let understanding = ServiceProcess::start("moltbot-understanding", &[]);
@@ -459,30 +450,7 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
 /// version, replays the answer and writes the session, as it does in
 /// production. Returns `(concurrency, healthz run, hit run)` pairs.
 async fn cache_run(args: &Args, provider: &str) -> Vec<(usize, Run, Run)> {
-    let auth = ServiceProcess::start(
-        "moltbot-auth-rotation",
-        &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
-    );
-    moltbot_e2e::providers::register_openai(
-        &auth.grpc_url(),
-        "bench-admin",
-        "fake",
-        provider.to_owned(),
-        &["gpt-fake"],
-        "sk-bench",
-    )
-    .await;
-    let context = ServiceProcess::start(
-        "moltbot-context",
-        &[("MOLTBOT_CONTEXT_STORE", "memory".into())],
-    );
-    let generation = ServiceProcess::start(
-        "moltbot-generation",
-        &[
-            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
-            ("MOLTBOT_THREADS", "1".into()),
-        ],
-    );
+    let (auth, context, generation) = relay(provider).await;
     let retrieval = ServiceProcess::start(
         "moltbot-retrieval",
         &[("MOLTBOT_ADMIN_TOKEN", "bench-admin".into())],
