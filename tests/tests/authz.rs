@@ -110,7 +110,9 @@ fn allowed(path: &str, caller: Principal) -> bool {
             _ => matches!(caller, Gateway | Operator),
         },
         "moltbot.retrieval.v1.RetrievalService" => match method {
-            "Search" | "ListCollections" | "Stats" => matches!(caller, Gateway | Operator),
+            "Search" | "ListCollections" | "Stats" | "Versions" => {
+                matches!(caller, Gateway | Operator)
+            }
             _ => caller == Operator,
         },
         "moltbot.generation.v1.GenerationService" => matches!(caller, Gateway | Operator),
