@@ -15,6 +15,16 @@ pub mod providers;
 pub mod stores;
 pub mod tls;
 
+/// Lower-case hex SHA-256 of `text`: how the gateway's configuration names
+/// an API key (`api_keys[].sha256`).
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The test-only `moltbot.testing.v1.SlowService`.
 pub mod slow {
     include!(concat!(

@@ -11,6 +11,23 @@ use std::{
 
 use crate::tls::Leaf;
 
+/// The shared Redis of the tests: `REDIS_URL`, default the machine's
+/// (redis://127.0.0.1:6379).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// `<prefix>-<pid>-<nanoseconds>`: a name no earlier run used, for what
+/// outlives a run in a shared store (Redis buckets and cache entries,
+/// collections).
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -23,7 +23,8 @@ use moltbot_e2e::{
     fake, grpc, metrics,
     process::ServiceProcess,
     providers::{self, with_token},
-    stores::OwnRedis,
+    sha256_hex,
+    stores::{OwnRedis, redis_url, unique},
 };
 use moltbot_proto::retrieval::v1::{
     CreateCollectionRequest, Document, UpsertRequest,
@@ -33,27 +34,6 @@ use serde_json::{Value, json};
 
 const FAKE_KEY: &str = "sk-fake-provider-key";
 const ADMIN: &str = "cache-admin";
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-/// A suffix no earlier run used: Redis keeps entries between runs.
-fn nonce() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}-{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 struct Mesh {
     _auth: ServiceProcess,
@@ -98,7 +78,7 @@ impl Mesh {
             "moltbot-retrieval",
             &[("MOLTBOT_ADMIN_TOKEN", ADMIN.to_owned())],
         );
-        let run = nonce();
+        let run = unique("cache");
         let collection = format!("cache-{}", run.replace('-', "_"));
         let channel = grpc::connect(&retrieval.grpc_url()).await;
         grpc::wait_serving(&channel, "", Duration::from_secs(120)).await;

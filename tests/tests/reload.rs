@@ -15,16 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_e2e::{metrics, process::ServiceProcess};
+use moltbot_e2e::{metrics, process::ServiceProcess, sha256_hex};
 use serde_json::{Value, json};
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn config(routes: &[&str], keys: &[&str]) -> String {
     let mut text = String::from("routes:\n");

@@ -24,7 +24,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_e2e::{grpc, metrics, process::ServiceProcess};
+use moltbot_e2e::{
+    grpc, metrics,
+    process::ServiceProcess,
+    stores::{redis_url, unique},
+};
 use moltbot_proto::{
     context::v1::{GetHistoryRequest, Role, context_service_client::ContextServiceClient},
     retrieval::v1::{
@@ -42,22 +46,9 @@ const LIMITED_SHA256: &str = "7b508dace774f8adc1b121c1812b740904be6dfd37e3b5e357
 const RPM: usize = 10;
 const ADMIN: &str = "replicas-admin-token";
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A name no earlier run used (Redis buckets and collections outlive a run).
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 struct Pair {

@@ -15,23 +15,11 @@ use std::process::{Command, Stdio};
 use moltbot_e2e::{
     metrics,
     process::{ServiceProcess, binary},
+    stores::{redis_url, unique},
 };
 
 const LIMITED_SHA256: &str = "7b508dace774f8adc1b121c1812b740904be6dfd37e3b5e3579bc81fbf6f5553";
 const RPM: usize = 6;
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-/// A key name no earlier run used: buckets outlive a run by two minutes.
-fn key_name() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("limited-{}-{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 fn gateway(config: &std::path::Path, redis: Option<String>) -> ServiceProcess {
     let mut env = vec![
@@ -50,12 +38,12 @@ fn gateway(config: &std::path::Path, redis: Option<String>) -> ServiceProcess {
 }
 
 fn config() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.yaml", key_name()));
+    let path = std::env::temp_dir().join(format!("{}.yaml", unique("limited")));
     std::fs::write(
         &path,
         format!(
             "routes:\n  - name: default\n    match: {{ models: [default] }}\n    candidates: [{{ model: m }}]\napi_keys:\n  - {{ name: {}, sha256: \"{LIMITED_SHA256}\", requests_per_minute: {RPM} }}\nallow_anonymous: false\n",
-            key_name()
+            unique("limited")
         ),
     )
     .unwrap();

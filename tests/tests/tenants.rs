@@ -10,17 +10,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failures are the assertions
 
-use moltbot_e2e::{grpc, process::ServiceProcess};
+use moltbot_e2e::{grpc, process::ServiceProcess, sha256_hex};
 use moltbot_proto::context::v1::{GetHistoryRequest, context_service_client::ContextServiceClient};
 use serde_json::{Value, json};
-
-fn sha256_hex(key: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 struct Mesh {
     context: ServiceProcess,
