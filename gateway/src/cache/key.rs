@@ -33,7 +33,7 @@ pub struct Key {
 pub const PREFIX: &str = "moltbot:cache:v1";
 
 /// The 16-hex-digit tag of a tenant or route name in keys.
-pub fn tag(name: &str) -> String {
+fn tag(name: &str) -> String {
     hex(&Sha256::digest(name.as_bytes())[..8])
 }
 
@@ -49,6 +49,46 @@ impl Key {
             "{PREFIX}:{}:{}:{}",
             self.tenant_tag, self.route_tag, self.digest
         )
+    }
+}
+
+/// The entries of one tenant, one route, both or all: what a purge
+/// removes, as a Redis `SCAN MATCH` pattern and as a test on a storage key
+/// (both from the one layout of [`Key::storage_key`]).
+#[derive(Debug, Clone)]
+pub struct Selector {
+    tenant_tag: Option<String>,
+    route_tag: Option<String>,
+}
+
+impl Selector {
+    /// The entries of `tenant` (all tenants when `None`) and `route` (all
+    /// routes when `None`).
+    pub fn new(tenant: Option<&str>, route: Option<&str>) -> Self {
+        Self {
+            tenant_tag: tenant.map(tag),
+            route_tag: route.map(tag),
+        }
+    }
+
+    /// `moltbot:cache:v1:<tenant tag or *>:<route tag or *>:*`.
+    pub fn pattern(&self) -> String {
+        format!(
+            "{PREFIX}:{}:{}:*",
+            self.tenant_tag.as_deref().unwrap_or("*"),
+            self.route_tag.as_deref().unwrap_or("*")
+        )
+    }
+
+    /// Whether the entry stored under `storage_key` is selected.
+    pub fn matches(&self, storage_key: &str) -> bool {
+        let Some(rest) = storage_key.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let mut parts = rest.trim_start_matches(':').split(':');
+        let (t, r) = (parts.next(), parts.next());
+        self.tenant_tag.as_deref().is_none_or(|x| Some(x) == t)
+            && self.route_tag.as_deref().is_none_or(|x| Some(x) == r)
     }
 }
 
@@ -232,5 +272,15 @@ mod tests {
 
         assert!(key.storage_key().starts_with("moltbot:cache:v1:"));
         assert_eq!(key.storage_key().split(':').count(), 6);
+
+        let stored = key.storage_key();
+        assert!(Selector::new(None, None).matches(&stored));
+        assert!(Selector::new(Some("acme"), Some("default")).matches(&stored));
+        assert!(!Selector::new(Some("globex"), None).matches(&stored));
+        assert!(!Selector::new(None, Some("other")).matches(&stored));
+        assert_eq!(
+            Selector::new(Some("acme"), None).pattern(),
+            format!("moltbot:cache:v1:{}:*:*", key.tenant_tag)
+        );
     }
 }

@@ -127,6 +127,12 @@ pub struct PurgeScope {
     pub route: Option<String>,
 }
 
+impl PurgeScope {
+    fn selector(&self) -> key::Selector {
+        key::Selector::new(self.tenant.as_deref(), self.route.as_deref())
+    }
+}
+
 /// The memory tier: at most `bytes` of entries by [`Entry::weight`], the
 /// least recently used evicted first (moka's TinyLFU admission with LRU
 /// eviction), each entry expiring after its own TTL.
@@ -283,18 +289,12 @@ impl ResponseCache {
     /// Redis held (memory entries are dropped without a count). Errors with
     /// the Redis error as text (the memory tier is purged regardless).
     pub async fn purge(&self, scope: &PurgeScope) -> Result<u64, String> {
-        self.forget(scope)?;
+        let selector = scope.selector();
+        let pattern = selector.pattern();
+        self.forget(selector)?;
         let Some(redis) = &self.redis else {
             return Ok(0);
         };
-        let tenant = scope.tenant.as_deref().map(key::tag);
-        let route = scope.route.as_deref().map(key::tag);
-        let pattern = format!(
-            "{}:{}:{}:*",
-            key::PREFIX,
-            tenant.as_deref().unwrap_or("*"),
-            route.as_deref().unwrap_or("*")
-        );
 
         // One SCAN page per command, each within the Redis timeout.
         let mut removed = 0u64;
@@ -340,20 +340,12 @@ impl ResponseCache {
 pub const PURGE_CHANNEL: &str = "moltbot:cache:v1:purge";
 
 impl ResponseCache {
-    /// Drops the entries of `scope` from this process's memory tier.
-    /// Errors when the tier cannot take the predicate (moka's closure
+    /// Drops the entries `selector` selects from this process's memory
+    /// tier. Errors when the tier cannot take the predicate (moka's closure
     /// registry full).
-    fn forget(&self, scope: &PurgeScope) -> Result<(), String> {
-        let tenant = scope.tenant.as_deref().map(key::tag);
-        let route = scope.route.as_deref().map(key::tag);
-        // `moltbot:cache:v1:<tenant tag>:<route tag>:<digest>`
+    fn forget(&self, selector: key::Selector) -> Result<(), String> {
         self.memory
-            .invalidate_entries_if(move |k: &String, _| {
-                let mut parts = k.split(':').skip(3);
-                let (t, r) = (parts.next(), parts.next());
-                tenant.as_deref().is_none_or(|x| Some(x) == t)
-                    && route.as_deref().is_none_or(|x| Some(x) == r)
-            })
+            .invalidate_entries_if(move |k: &String, _| selector.matches(k))
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -383,7 +375,7 @@ impl ResponseCache {
                                 .and_then(|p| serde_json::from_str::<PurgeScope>(&p).ok());
                             match scope {
                                 Some(scope) => {
-                                    if let Err(error) = this.forget(&scope) {
+                                    if let Err(error) = this.forget(scope.selector()) {
                                         tracing::warn!(%error, "response cache: purge not applied to memory");
                                     }
                                 }

@@ -18,8 +18,11 @@ use moltbot_proto::{context::v1 as ctx, generation::v1::GenerateRequest};
 use tokio::time::Instant;
 
 use super::{
-    Engine, Extension, Prepared, TurnRequest, generate::Started, new_id, policy, ports::Free,
-    prepare::client_turns, stored_text, unix_now,
+    Engine, Extension, Prepared, TurnRequest,
+    generate::Started,
+    new_id, policy,
+    prepare::{client_turns, session_turns},
+    unix_now,
 };
 use crate::{
     ApiError,
@@ -28,7 +31,7 @@ use crate::{
 };
 
 /// What the lookup came to.
-pub(super) enum Looked {
+pub(super) enum Looked<'a> {
     /// Not looked up and not to be stored.
     Bypass,
     /// Looked up (or skipped by `no-cache`) without an answer: the history
@@ -38,8 +41,12 @@ pub(super) enum Looked {
         status: Status,
         store: Option<(Key, Duration)>,
     },
-    /// A stored answer.
-    Hit(std::sync::Arc<Entry>),
+    /// A stored answer and the route (of those the request may take) that
+    /// gave it.
+    Hit {
+        entry: std::sync::Arc<Entry>,
+        route: &'a Route,
+    },
 }
 
 /// The cache settings a request gets from its routes: `(route that tags the
@@ -63,14 +70,14 @@ fn policy_of<'a>(routes: &'a [Route], req: &TurnRequest) -> Option<(&'a Route, D
 impl Engine {
     /// Stage 1b (module doc). Errors only as stage 2 would: the history is
     /// required (503 when context fails).
-    pub(super) async fn look_up(
+    pub(super) async fn look_up<'a>(
         &self,
         req: &TurnRequest,
         tenant: &str,
         session_id: &str,
-        routes: &[Route],
+        routes: &'a [Route],
         budget: policy::Budget,
-    ) -> Result<Looked, ApiError> {
+    ) -> Result<Looked<'a>, ApiError> {
         let Some((route, ttl)) = policy_of(routes, req) else {
             return Ok(Looked::Bypass);
         };
@@ -125,13 +132,16 @@ impl Engine {
             versions: &versions,
         });
         // An entry names the route that answered; the routes are part of
-        // the key, so it is one of them (checked all the same: a hit is
+        // the key, so it is one of them (found all the same: a hit is
         // replayed on that route's policies).
         if !control.no_cache
             && let Some(entry) = self.cache.get(&key, ttl, control.max_age).await
-            && routes.iter().any(|r| r.name == entry.route)
+            && let Some(answered) = routes.iter().find(|r| r.name == entry.route)
         {
-            return Ok(Looked::Hit(entry));
+            return Ok(Looked::Hit {
+                entry,
+                route: answered,
+            });
         }
         Ok(Looked::Miss {
             history,
@@ -152,30 +162,15 @@ pub(super) fn replay(
     req: TurnRequest,
     tenant: &str,
     session_id: String,
-    routes: &[Route],
+    route: &Route,
     entry: &Entry,
     budget: policy::Budget,
     arrived: Instant,
 ) -> Result<(Prepared, Started), ApiError> {
-    let route = routes
-        .iter()
-        .find(|r| r.name == entry.route)
-        .ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?;
     let stored = client_turns(route, &req.messages)?;
     // Stored without token counts: a later prompt counts them with the
     // tokenizer of the model it goes to.
-    let new_turns = req
-        .messages
-        .iter()
-        .zip(&stored)
-        .filter(|(_, keep)| **keep)
-        .map(|(m, _)| ctx::Turn {
-            role: super::prepare::ctx_role(m.role()) as i32,
-            content: stored_text(&m.content, &m.tool_calls),
-            token_count: 0,
-            created_at: None,
-        })
-        .collect();
+    let new_turns = session_turns(&req.messages, &stored, &[]);
     let id = new_id("chatcmpl-");
     let age = entry.age();
     let prepared = Prepared {
@@ -216,7 +211,6 @@ pub(super) fn replay(
     };
     let (first, events) = entry.events();
     cache::served_tokens(entry.prompt_tokens + entry.completion_tokens);
-    cache::record(Status::Hit, Some(arrived.elapsed()));
     Ok((
         prepared,
         Started {
@@ -225,9 +219,4 @@ pub(super) fn replay(
             events,
         },
     ))
-}
-
-/// The charge of a hit: nothing (a hit generates no tokens).
-pub(super) fn free() -> Box<dyn super::Reserved> {
-    Box::new(Free)
 }

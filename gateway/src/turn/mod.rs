@@ -290,13 +290,15 @@ impl Engine {
             .look_up(&req, tenant, &session_id, &routes, budget)
             .await?
         {
-            cache::Looked::Hit(entry) => {
+            cache::Looked::Hit { entry, route } => {
                 let (prepared, started) =
-                    cache::replay(req, tenant, session_id, &routes, &entry, budget, arrived)?;
+                    cache::replay(req, tenant, session_id, route, &entry, budget, arrived)?;
+                crate::cache::record(crate::cache::Status::Hit, Some(arrived.elapsed()));
                 return Ok(Turn {
                     engine: self.clone(),
                     prepared,
-                    reserved: cache::free(),
+                    // A hit generates nothing: nothing is charged.
+                    reserved: Box::new(ports::Free),
                     started,
                 });
             }

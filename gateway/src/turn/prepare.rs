@@ -22,13 +22,36 @@ use crate::{
 pub const MAX_HISTORY_TURNS: u32 = 200;
 
 /// The session role of a generation role.
-pub(super) fn ctx_role(role: gen_pb::Role) -> ctx::Role {
+fn ctx_role(role: gen_pb::Role) -> ctx::Role {
     match role {
         gen_pb::Role::System => ctx::Role::System,
         gen_pb::Role::User | gen_pb::Role::Unspecified => ctx::Role::User,
         gen_pb::Role::Assistant => ctx::Role::Assistant,
         gen_pb::Role::Tool => ctx::Role::Tool,
     }
+}
+
+/// The request's `messages` as the session keeps them: those `stored`
+/// keeps ([`client_turns`]), each with its token count from `tokens` (by
+/// position; 0 where none is given, counted again when a later prompt
+/// needs it).
+pub(super) fn session_turns(
+    messages: &[gen_pb::ChatMessage],
+    stored: &[bool],
+    tokens: &[u32],
+) -> Vec<ctx::Turn> {
+    messages
+        .iter()
+        .zip(stored)
+        .enumerate()
+        .filter(|(_, (_, keep))| **keep)
+        .map(|(i, (m, _))| ctx::Turn {
+            role: ctx_role(m.role()) as i32,
+            content: stored_text(&m.content, &m.tool_calls),
+            token_count: tokens.get(i).copied().unwrap_or(0),
+            created_at: None,
+        })
+        .collect()
 }
 
 /// Applies the route's [`ClientTurns`] policy to the request's `assistant`
@@ -216,19 +239,7 @@ impl Engine {
             prompt::ChainError::Api(e) => e,
             prompt::ChainError::NoneServes => ApiError::ModelNotFound(req.model.clone()),
         })?;
-        let new_turns: Vec<ctx::Turn> = req
-            .messages
-            .iter()
-            .zip(&assembled.new_message_tokens)
-            .zip(&stored)
-            .filter(|(_, keep)| **keep)
-            .map(|((m, tokens), _)| ctx::Turn {
-                role: ctx_role(m.role()) as i32,
-                content: stored_text(&m.content, &m.tool_calls),
-                token_count: *tokens,
-                created_at: None,
-            })
-            .collect();
+        let new_turns = session_turns(&req.messages, &stored, &assembled.new_message_tokens);
         let id = new_id("chatcmpl-");
         let s = req.sampling;
         let request = GenerateRequest {

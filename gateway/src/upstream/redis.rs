@@ -47,11 +47,6 @@ impl Redis {
         })
     }
 
-    /// The per-command timeout.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// The client, for what a shared connection cannot do (a pub/sub
     /// subscription holds its own).
     pub fn client(&self) -> &redis::Client {
