@@ -46,11 +46,7 @@ pub async fn run(args: CacheArgs) -> Result<(), CliError> {
         gateway_url,
         data_dir,
     } = args.command;
-    let admin_token = crate::mesh::admin_token(&data_dir).ok_or_else(|| {
-        CliError::Setup(
-            "set MOLTBOT_ADMIN_TOKEN (or run where `moltbot up` keeps var/data/admin.token)".into(),
-        )
-    })?;
+    let admin_token = crate::mesh::require_admin_token(&data_dir)?;
     let url = format!("{}/admin/cache/purge", gateway_url.trim_end_matches('/'));
     let response = reqwest::Client::new()
         .post(&url)

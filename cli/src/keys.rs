@@ -100,14 +100,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
     crate::mesh::install_tls(&args.data_dir)?;
     let channel = crate::mesh::connect("auth-rotation", &args.auth_url).await?;
     let mut client = AuthRotationServiceClient::new(channel);
-    let token = || -> Result<String, CliError> {
-        crate::mesh::admin_token(&args.data_dir).ok_or_else(|| {
-            CliError::Setup(
-                "set MOLTBOT_ADMIN_TOKEN (or run where `moltbot up` keeps var/data/admin.token)"
-                    .into(),
-            )
-        })
-    };
+    let token = || crate::mesh::require_admin_token(&args.data_dir);
     let mut stdin = std::io::stdin().lock().lines().map_while(Result::ok);
     match args.command {
         KeysCommand::Add {

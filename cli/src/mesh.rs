@@ -68,6 +68,16 @@ pub fn admin_token(data_dir: &Path) -> Option<String> {
         .map(|t| t.trim().to_owned())
 }
 
+/// [`admin_token`], or [`CliError::Setup`] saying where to put one (for
+/// the commands that cannot go on without it).
+pub fn require_admin_token(data_dir: &Path) -> Result<String, CliError> {
+    admin_token(data_dir).ok_or_else(|| {
+        CliError::Setup(
+            "set MOLTBOT_ADMIN_TOKEN (or run where `moltbot up` keeps var/data/admin.token)".into(),
+        )
+    })
+}
+
 /// `msg` with `authorization: Bearer <token>`. Errors with
 /// [`CliError::Setup`] when the token cannot be a header value.
 pub fn with_admin_token<T>(token: &str, msg: T) -> Result<tonic::Request<T>, CliError> {

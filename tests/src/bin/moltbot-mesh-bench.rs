@@ -563,13 +563,14 @@ async fn main() {
             );
         }
     }
+    // One fake provider for the overhead and cache runs.
+    let provider = fake::Provider {
+        latency: Duration::from_millis(args.provider_latency_ms),
+        ..Default::default()
+    }
+    .start()
+    .await;
     if !args.skip_overhead {
-        let provider = fake::Provider {
-            latency: Duration::from_millis(args.provider_latency_ms),
-            ..Default::default()
-        }
-        .start()
-        .await;
         println!(
             "\n## Gateway overhead: fake provider at {} ms, {} requests, concurrency {}\n",
             args.provider_latency_ms, args.overhead_requests, args.overhead_concurrency
@@ -620,12 +621,6 @@ async fn main() {
         }
     }
     if !args.skip_cache {
-        let provider = fake::Provider {
-            latency: Duration::from_millis(args.provider_latency_ms),
-            ..Default::default()
-        }
-        .start()
-        .await;
         println!(
             "\n## Response cache: exact hits against a bare round trip to the gateway ({} requests each)\n",
             args.cache_requests
