@@ -42,6 +42,24 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         redis_timeout: std::time::Duration::from_millis(args.cache_redis_timeout_ms),
     })?);
     cache.follow_purges();
+    crate::rollout::register_all();
+    let rollouts = Arc::new(crate::rollout::Rollouts::new(
+        match args.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => Arc::new(crate::rollout::RedisStore::new(Arc::new(
+                crate::upstream::redis::Redis::new(url, crate::rollout::store::REDIS_TIMEOUT)?,
+            ))),
+            None => Arc::new(crate::rollout::MemoryStore::default()),
+        },
+    ));
+    // The first read before serving: a restarted gateway resumes a
+    // rollout before its first turn.
+    if let Err(e) = rollouts.refresh().await {
+        tracing::warn!(error = %e, "rollout store unreachable at start; retried every tick");
+    }
+    // At least 100 ms between ticks: 0 would spin.
+    tokio::spawn(rollouts.clone().run(std::time::Duration::from_millis(
+        args.rollout_tick_ms.max(100),
+    )));
     let engine = Arc::new(
         turn::Engine::new(
             upstreams.ports(),
@@ -51,7 +69,8 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
                 request_timeout: std::time::Duration::from_millis(args.request_timeout_ms),
             },
         )
-        .with_cache(cache),
+        .with_cache(cache)
+        .with_rollouts(rollouts),
     );
     // The configuration file is watched and reloaded in place (on change
     // and SIGHUP); the embedded default has no file to watch.

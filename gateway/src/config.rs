@@ -90,6 +90,11 @@ pub struct Args {
     /// memory tier answers alone, in milliseconds.
     #[arg(long, env = "MOLTBOT_CACHE_REDIS_TIMEOUT_MS", default_value_t = 100)]
     pub cache_redis_timeout_ms: u64,
+    /// How often each gateway judges the active rollouts and reads their
+    /// state, in milliseconds (rollouts live in Redis with `REDIS_URL`,
+    /// else in this process).
+    #[arg(long, env = "MOLTBOT_ROLLOUT_TICK_MS", default_value_t = 1_000)]
+    pub rollout_tick_ms: u64,
     /// Operator token of the gateway's admin endpoints (`POST
     /// /admin/cache/purge`), sent as `Authorization: Bearer`. Unset: the
     /// admin endpoints answer 403.

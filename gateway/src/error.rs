@@ -53,6 +53,14 @@ pub enum ApiError {
     /// 404: `previous_response_id` names no stored response.
     #[error("response `{0}` was not found (a `store: false` response cannot be continued)")]
     ResponseNotFound(String),
+    /// 404: an operator endpoint's object does not exist (the message
+    /// names it).
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: the request does not fit the object's state (a rollout's
+    /// phase); the message says what would.
+    #[error("{0}")]
+    Conflict(String),
     /// 408: the request body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
@@ -157,6 +165,8 @@ impl ApiError {
                 "invalid_request_error",
                 "response_not_found",
             ),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", "conflict"),
             Self::RequestTimeout(_) => (
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request_error",

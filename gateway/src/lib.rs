@@ -15,6 +15,8 @@
 //! - [`edge`]: API keys, tenants, rate limits, admission;
 //! - [`turn`]: the turn engine, its ports and its call policy;
 //! - [`cache`]: the response cache the turn engine looks answers up in;
+//! - [`rollout`]: live rollouts splitting a route's sessions between its
+//!   models and a canary;
 //! - [`upstream`]: the gRPC clients implementing the ports;
 //! - [`routing`], [`openai`]: configuration and wire types;
 //! - [`reload`]: the configuration file reloaded in place (on change and
@@ -31,6 +33,7 @@ mod error;
 pub mod http;
 pub mod openai;
 pub mod reload;
+pub mod rollout;
 pub mod routing;
 pub mod turn;
 pub mod upstream;

@@ -7,6 +7,7 @@ mod health;
 mod models;
 mod observe;
 mod responses;
+mod rollouts;
 pub mod serve;
 
 use std::{sync::Arc, time::Duration};
@@ -185,6 +186,9 @@ pub fn router(state: AppState) -> Router {
     // API key and no per-key limits.
     let admin = Router::new()
         .route("/admin/cache/purge", post(admin::purge_cache))
+        .route("/admin/rollouts", get(rollouts::list).post(rollouts::start))
+        .route("/admin/rollouts/{route}", get(rollouts::show))
+        .route("/admin/rollouts/{route}/{action}", post(rollouts::act))
         .route_layer(axum::middleware::from_fn_with_state(
             state.admin_token.clone(),
             edge::operator::require_operator,

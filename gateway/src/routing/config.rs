@@ -180,6 +180,11 @@ pub struct Route {
     /// The response cache on this route (`gateway/src/cache/`).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The rollout splitting this route's new sessions, while one is
+    /// running or paused (set by the turn engine from the rollout store,
+    /// never read from the file: `gateway/src/rollout/`).
+    #[serde(skip)]
+    pub rollout: Option<std::sync::Arc<crate::rollout::Rollout>>,
 }
 
 /// The response cache of one route.
@@ -302,6 +307,7 @@ impl Default for GatewayConfig {
                 default_max_tokens: default_max_tokens(),
                 client_turns: ClientTurns::default(),
                 cache: CacheConfig::default(),
+                rollout: None,
             }],
             api_keys: Vec::new(),
             allow_anonymous: true,

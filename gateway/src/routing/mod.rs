@@ -35,6 +35,11 @@ impl Router {
         Self { routes }
     }
 
+    /// The route named `name`.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
     /// Every request `model` name some route matches explicitly, in file order
     /// without duplicates (for `/v1/models`).
     pub fn model_names(&self) -> Vec<String> {

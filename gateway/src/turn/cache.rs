@@ -201,6 +201,7 @@ pub(super) fn replay(
                 age_s: Some((age.as_millis() as f64 / 1000.0 * 10.0).round() / 10.0),
                 similarity: None,
             }),
+            rollout: None,
         },
         budget,
         arrived,

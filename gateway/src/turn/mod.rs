@@ -113,6 +113,9 @@ pub struct Engine {
     uncountable: Mutex<std::collections::HashMap<String, Instant>>,
     /// The response cache (stage 1b).
     cache: Arc<crate::cache::ResponseCache>,
+    /// Live rollouts: how they change routes (stage 1) and which models a
+    /// session's variant tries (stage 3).
+    rollouts: Arc<crate::rollout::Rollouts>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -232,7 +235,19 @@ impl Engine {
             cache: Arc::new(crate::cache::ResponseCache::in_memory(
                 DEFAULT_CACHE_MEMORY_BYTES,
             )),
+            rollouts: Arc::new(crate::rollout::Rollouts::in_memory()),
         }
+    }
+
+    /// This engine with `rollouts` as its live rollouts.
+    pub fn with_rollouts(mut self, rollouts: Arc<crate::rollout::Rollouts>) -> Self {
+        self.rollouts = rollouts;
+        self
+    }
+
+    /// The live rollouts (for the operator's endpoints).
+    pub fn rollouts(&self) -> &Arc<crate::rollout::Rollouts> {
+        &self.rollouts
     }
 
     /// This engine with `cache` as its response cache.
@@ -323,7 +338,17 @@ impl Engine {
         let reserved = charge
             .reserve(prepared.prompt_tokens, budget_tokens)
             .await?;
-        let started = match generate::start(&self.ports, &mut prepared).await {
+        let started = generate::start(&self.ports, &mut prepared).await;
+        if let Some(assigned) = &prepared.ext.rollout {
+            self.rollouts.observe(
+                assigned,
+                &prepared.ext.attempts,
+                started.as_ref().ok().map(|s| s.model.as_str()),
+                prepared.arrived.elapsed(),
+                matches!(started, Err(ApiError::AllAttemptsFailed { .. })),
+            );
+        }
+        let started = match started {
             Ok(s) => s,
             Err(e) => {
                 run::count(&prepared, "error");
@@ -374,19 +399,21 @@ impl Engine {
         Ok(models)
     }
 
-    /// The routes a request model may take; a model no route names but the
+    /// The routes a request model may take, as their rollouts leave them
+    /// ([`crate::rollout::effective`]); a model no route names but the
     /// generation service serves gets a direct route of its own.
     async fn routes_for(
         &self,
         model: &str,
         budget: policy::Budget,
     ) -> Result<Vec<Route>, ApiError> {
+        let rollouts = self.rollouts.snapshot();
         let routes: Vec<Route> = self
             .router
             .get()
             .for_model(model)
             .into_iter()
-            .cloned()
+            .map(|r| crate::rollout::effective(r.clone(), rollouts.get(&r.name)))
             .collect();
         if !routes.is_empty() {
             return Ok(routes);
@@ -408,6 +435,7 @@ impl Engine {
                 default_max_tokens: 256,
                 client_turns: Default::default(),
                 cache: Default::default(),
+                rollout: None,
             }]);
         }
         Err(ApiError::ModelNotFound(model.to_owned()))

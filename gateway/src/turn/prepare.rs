@@ -208,7 +208,19 @@ impl Engine {
             metrics::DEGRADED.with_label_values(&[d.as_str()]).inc();
         }
 
-        let chain = model_chain(route, &mut rand::rng());
+        // A route under a rollout: the session's variant decides the chain
+        // (canary first, or the stable models alone).
+        let (chain, rollout) = match &route.rollout {
+            Some(r) => {
+                let assigned = self
+                    .rollouts
+                    .assign(r, tenant, &session_id, !history.is_empty())
+                    .await;
+                let chain = crate::rollout::chain(route, &r.to, assigned.variant, &mut rand::rng());
+                (chain, Some(assigned))
+            }
+            None => (model_chain(route, &mut rand::rng()), None),
+        };
         let parts = prompt::Parts {
             system: prompt::system_message(route.system_prompt.as_deref(), &req.system),
             passages: prompt::passages_message(&sources),
@@ -295,6 +307,7 @@ impl Engine {
                 degraded,
                 metadata: req.metadata,
                 cache: None,
+                rollout,
             },
             budget,
             arrived,

@@ -88,4 +88,8 @@ pub struct Extension {
     /// How the response cache took part (`status`, `age_s`, `similarity`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::cache::CacheInfo>,
+    /// The rollout the route is under and the session's variant (`id`,
+    /// `variant`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::Assigned>,
 }

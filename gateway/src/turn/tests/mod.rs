@@ -7,6 +7,7 @@
 
 mod cache;
 mod fakes;
+mod rollout;
 
 use std::{
     sync::{Arc, atomic::Ordering},
