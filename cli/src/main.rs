@@ -26,6 +26,7 @@ mod keys;
 mod logs;
 mod mesh;
 mod models;
+mod rollout;
 mod status;
 mod up;
 
@@ -66,6 +67,9 @@ enum Command {
     Intents(intents::IntentsArgs),
     /// The gateway's response cache: `purge` entries.
     Cache(cache::CacheArgs),
+    /// Live model rollouts: `start`, `status`, `pause`, `resume`,
+    /// `promote`, `abort`.
+    Rollout(rollout::RolloutArgs),
 }
 
 /// Errors of the CLI.
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
             Command::Keys(args) => keys::run(args).await,
             Command::Intents(args) => intents::run(args).await,
             Command::Cache(args) => cache::run(args).await,
+            Command::Rollout(args) => rollout::run(args).await,
         }
     });
     match result {

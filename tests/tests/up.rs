@@ -253,6 +253,81 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
     let pki = work.join("data/pki");
     probe_refusals(&pki).await;
 
+    let cli = |args: &[&str]| {
+        let out = Command::new(binary("moltbot"))
+            .args(args)
+            .env("MOLTBOT_LOG_DIR", work.join("log"))
+            .env("MOLTBOT_DATA_DIR", work.join("data"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "moltbot {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // 1c. A rollout to a provider that refuses every connection (issue 34's
+    // acceptance): every turn is answered, the canary is tried in at
+    // least `min-requests` of them, and it is rolled back with its reason.
+    let added = Command::new(binary("moltbot"))
+        .args([
+            "keys",
+            "add",
+            "--provider",
+            "down",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--models",
+            "gpt-down",
+        ])
+        .env("MOLTBOT_DATA_DIR", work.join("data"))
+        .env("MOLTBOT_PRIMARY_KEY", "sk-unused")
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    cli(&[
+        "rollout",
+        "start",
+        "--route",
+        "default",
+        "--to",
+        "down/gpt-down",
+        "--steps",
+        "50,100",
+        "--step-interval",
+        "10s",
+        "--min-requests",
+        "10",
+    ]);
+    let began = Instant::now();
+    let (mut turns, mut on_canary) = (0, 0);
+    loop {
+        let v = turn(&client, &format!("up-rollout-{turns}")).await.unwrap();
+        turns += 1;
+        let attempts = v["moltbot"]["attempts"].as_array().unwrap();
+        if attempts.iter().any(|a| a["model"] == "down/gpt-down") {
+            on_canary += 1;
+        }
+        if turns >= 30 && cli(&["rollout", "status", "--route", "default"]).contains("rolled_back")
+        {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(180),
+            "not rolled back after {turns} turns ({on_canary} on the canary):\n{}",
+            cli(&["rollout", "status"])
+        );
+    }
+    let status = cli(&["rollout", "status", "--route", "default"]);
+    eprintln!("{status}");
+    assert!(
+        on_canary >= 10,
+        "{on_canary} of {turns} turns tried the canary"
+    );
+    assert!(status.contains("error rate"), "{status}");
+    eprintln!(
+        "rollout: {turns} turns answered, {on_canary} tried the canary, rolled back after {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+
     // 2. A head written into place is served without a restart.
     copy_dir(&trained, &work.join("head.tmp"));
     std::fs::rename(work.join("head.tmp"), &head).unwrap();
@@ -281,16 +356,6 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
         "a JSON log line reached the terminal:\n{}",
         log()
     );
-    let cli = |args: &[&str]| {
-        let out = Command::new(binary("moltbot"))
-            .args(args)
-            .env("MOLTBOT_LOG_DIR", work.join("log"))
-            .env("MOLTBOT_DATA_DIR", work.join("data"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "moltbot {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
     let purged = cli(&["cache", "purge"]);
     assert!(purged.starts_with("purged every entry"), "{purged}");
     let (cache, _, _) = greedy(&client, "up-cache-3").await;

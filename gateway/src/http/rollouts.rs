@@ -36,7 +36,7 @@ pub async fn start(
     let route = router.route(&plan.route).ok_or_else(|| {
         ApiError::NotFound(format!("the configuration has no route `{}`", plan.route))
     })?;
-    let served = state.engine.served_models().await?;
+    let served = state.engine.served_models_now().await?;
     if !served.iter().any(|m| m.name == plan.to) {
         let names: Vec<&str> = served.iter().map(|m| m.name.as_str()).collect();
         return Err(ApiError::InvalidRequest(format!(

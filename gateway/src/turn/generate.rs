@@ -39,29 +39,56 @@ pub async fn start(ports: &Ports, prepared: &mut Prepared) -> Result<Started, Ap
     let request = &prepared.request;
     let affinity = affinity.as_str();
     let before = prepared.ext.attempts.len();
-    let walked = policy::walk(
-        "generation",
-        "generate",
-        &prepared.chain,
-        &prepared.retry,
-        prepared.budget,
-        &mut prepared.ext.attempts,
-        |model, left| {
-            let mut request = request.clone();
-            request.model = model.to_owned();
-            async move {
-                let mut events = generation.generate(request, Some(affinity), left).await?;
-                match events.next().await {
-                    Some(Ok(first)) => Ok((first, events)),
-                    Some(Err(broke)) => Err(broke.status),
-                    None => Err(tonic::Status::internal(
-                        "generation ended the stream without an event",
-                    )),
-                }
+    let attempt = |model: &str, left| {
+        let mut request = request.clone();
+        request.model = model.to_owned();
+        async move {
+            let mut events = generation.generate(request, Some(affinity), left).await?;
+            match events.next().await {
+                Some(Ok(first)) => Ok((first, events)),
+                Some(Err(broke)) => Err(broke.status),
+                None => Err(tonic::Status::internal(
+                    "generation ended the stream without an event",
+                )),
             }
-        },
-    )
-    .await;
+        }
+    };
+    // A canary session tries the canary on its own first: whatever it
+    // answers — even a status that would end the walk, such as a request
+    // the canary refuses — the stable chain still gets the turn, so a
+    // client never sees a canary's failure (gateway/src/rollout/).
+    let canary_first = prepared
+        .ext
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.variant == crate::rollout::Variant::Canary)
+        && prepared.chain.len() > 1;
+    let (head, rest) = prepared.chain.split_at(usize::from(canary_first));
+    let mut walked = Err(WalkError::Exhausted { deadline: false });
+    if canary_first {
+        walked = policy::walk(
+            "generation",
+            "generate",
+            head,
+            &prepared.retry,
+            prepared.budget,
+            &mut prepared.ext.attempts,
+            attempt,
+        )
+        .await;
+    }
+    if walked.is_err() {
+        walked = policy::walk(
+            "generation",
+            "generate",
+            rest,
+            &prepared.retry,
+            prepared.budget,
+            &mut prepared.ext.attempts,
+            attempt,
+        )
+        .await;
+    }
     for a in &prepared.ext.attempts[before..] {
         metrics::ATTEMPTS
             .with_label_values(&[a.model.as_str(), a.outcome.as_str()])

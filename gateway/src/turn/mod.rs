@@ -373,6 +373,16 @@ impl Engine {
             .await
     }
 
+    /// The generation service's models read now, not from the cache (an
+    /// operator who just added a provider expects to see it). Errors as
+    /// [`Engine::served_models`].
+    pub async fn served_models_now(&self) -> Result<Vec<ModelInfo>, ApiError> {
+        if let Ok(mut cache) = self.models.lock() {
+            *cache = None;
+        }
+        self.served_models().await
+    }
+
     async fn served_models_within(
         &self,
         budget: policy::Budget,

@@ -90,3 +90,30 @@ async fn a_session_with_history_stays_on_the_stable_model() {
     let (answer, _) = fresh.ask(user("Hi")).await;
     assert_eq!(answer.unwrap().model, "canary");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_canary_refusing_the_request_leaves_the_turn_to_stable() {
+    let mesh = Mesh::new(with_canary(Gen::Fail(tonic::Status::invalid_argument(
+        "unsupported parameter",
+    ))));
+    mesh.engine
+        .rollouts()
+        .start(&plan(vec![100]))
+        .await
+        .unwrap();
+    let (answer, ext) = mesh.ask(user("Hi")).await;
+    assert_eq!(answer.unwrap().model, "local");
+    let outcomes: Vec<(String, String)> = ext
+        .unwrap()
+        .attempts
+        .into_iter()
+        .map(|a| (a.model, a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("canary".into(), "invalid_argument".into()),
+            ("local".into(), "ok".into())
+        ]
+    );
+}
