@@ -7,7 +7,7 @@ use std::io::BufRead;
 
 use moltbot_proto::auth::v1::{
     AddCredentialRequest, ApiKeyPair, CredentialSlot, CredentialState, ListProvidersRequest,
-    ProviderKind, RevokeCredentialRequest, RotateCredentialRequest, UpsertProviderRequest,
+    NoAuth, ProviderKind, RevokeCredentialRequest, RotateCredentialRequest, UpsertProviderRequest,
     add_credential_request, auth_rotation_service_client::AuthRotationServiceClient,
 };
 
@@ -55,6 +55,11 @@ enum KeysCommand {
         /// Models served, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         models: Vec<String>,
+        /// The provider takes no key: an engine inside your network (vLLM,
+        /// llm-d, KServe, a llama.cpp server). No key is read; calls carry
+        /// no auth header, and a session-affinity header instead.
+        #[arg(long)]
+        no_key: bool,
     },
     /// Replace the key in one slot (`primary` or `secondary`), read from
     /// $MOLTBOT_NEW_KEY or the first line of standard input.
@@ -108,6 +113,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
             kind,
             base_url,
             models,
+            no_key,
         } => {
             let kind = match kind.as_str() {
                 "openai" => ProviderKind::Openai,
@@ -119,12 +125,18 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                 }
             };
             let token = token()?;
-            let primary = secret_from("MOLTBOT_PRIMARY_KEY", &mut stdin).ok_or_else(|| {
-                CliError::Setup(
-                    "no primary key: set MOLTBOT_PRIMARY_KEY or pipe it on stdin".into(),
-                )
-            })?;
-            let secondary = secret_from("MOLTBOT_SECONDARY_KEY", &mut stdin).unwrap_or_default();
+            let secret = if no_key {
+                add_credential_request::Secret::None(NoAuth {})
+            } else {
+                let primary = secret_from("MOLTBOT_PRIMARY_KEY", &mut stdin).ok_or_else(|| {
+                    CliError::Setup(
+                        "no primary key: set MOLTBOT_PRIMARY_KEY or pipe it on stdin (or give --no-key for an engine that takes none)".into(),
+                    )
+                })?;
+                let secondary =
+                    secret_from("MOLTBOT_SECONDARY_KEY", &mut stdin).unwrap_or_default();
+                add_credential_request::Secret::ApiKeys(ApiKeyPair { primary, secondary })
+            };
             client
                 .upsert_provider(admin(
                     &token,
@@ -143,10 +155,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                     &token,
                     AddCredentialRequest {
                         provider: provider.clone(),
-                        secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
-                            primary,
-                            secondary,
-                        })),
+                        secret: Some(secret),
                     },
                 )?)
                 .await

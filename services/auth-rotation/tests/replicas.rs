@@ -59,7 +59,7 @@ async fn replica(schema: &str, key: &str) -> (AuthRotationServiceClient<Channel>
     ]);
     let registry = moltbot_auth_rotation::load(&args).await.unwrap();
     let server = LocalServer::start(
-        moltbot_auth_rotation::grpc_service(registry, Some(ADMIN.to_owned())),
+        moltbot_auth_rotation::grpc_service(registry, Some(ADMIN.to_owned()), Vec::new()),
         async { Ok(()) },
         Duration::from_secs(1),
     )

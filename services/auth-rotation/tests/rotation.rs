@@ -186,7 +186,7 @@ async fn start(a: &Args) -> Service {
         Duration::from_millis(50),
     ));
     let server = LocalServer::start(
-        moltbot_auth_rotation::grpc_service(registry.clone(), Some(ADMIN.to_owned())),
+        moltbot_auth_rotation::grpc_service(registry.clone(), Some(ADMIN.to_owned()), Vec::new()),
         async { Ok(()) },
         Duration::from_secs(2),
     )

@@ -62,6 +62,10 @@ pub struct GenerateInput {
     pub logprobs: Option<usize>,
     /// Arrival time, for time to first token.
     pub received: Instant,
+    /// A digest of the request's session id (`s-…`, empty without one):
+    /// the affinity an in-cluster engine's router may keep a conversation
+    /// on (`remote/mod.rs`).
+    pub affinity: String,
 }
 
 /// A model the service can serve.
@@ -114,6 +118,20 @@ impl LocalBackend {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
+        Self::load_as(dir, &name, device, precision, engine, default_max_tokens)
+    }
+
+    /// [`LocalBackend::load`], served as `name` (a new version of a served
+    /// model loads beside it under another name).
+    pub fn load_as(
+        dir: &Path,
+        name: &str,
+        device: tch::Device,
+        precision: Precision,
+        engine: EngineConfig,
+        default_max_tokens: usize,
+    ) -> Result<Self, GenerationError> {
+        let name = name.to_owned();
         let decoder = Decoder::load_with(dir, device, precision)?;
         let config = decoder.config().clone();
         let eos = eos_ids(dir, config.eos_token_id.as_ref().map(|e| e.to_vec()));

@@ -76,6 +76,31 @@ pub enum GenerationError {
     /// remote model).
     #[error("{0}")]
     Unsupported(String),
+    /// LoadModel names a model already served (or being loaded).
+    #[error(
+        "a model named {0:?} is already served or loading; unload it or load under another name"
+    )]
+    AlreadyServed(String),
+    /// LoadModel would not fit in memory.
+    #[error(
+        "loading {model:?} needs about {needed} MiB (weights and KV cache) but {available} MiB are available; unload a model or lower MOLTBOT_KV_CACHE_MB",
+        needed = needed_bytes >> 20,
+        available = available_bytes >> 20
+    )]
+    WontFit {
+        /// The model.
+        model: String,
+        /// Estimated need, bytes.
+        needed_bytes: u64,
+        /// Memory available to the process, bytes.
+        available_bytes: u64,
+    },
+    /// An operator RPC without the operator's credential.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// An operator RPC with a wrong credential, or none configured.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 /// A sequence outgrew the KV blocks promised at its admission: a scheduler
@@ -120,6 +145,10 @@ impl From<GenerationError> for Status {
                 Status::unavailable(message)
             }
             GenerationError::Unsupported(_) => Status::unimplemented(message),
+            GenerationError::AlreadyServed(_) => Status::already_exists(message),
+            GenerationError::WontFit { .. } => Status::failed_precondition(message),
+            GenerationError::Unauthenticated(_) => Status::unauthenticated(message),
+            GenerationError::PermissionDenied(_) => Status::permission_denied(message),
         }
     }
 }

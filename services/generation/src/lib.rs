@@ -9,12 +9,14 @@
 //! - [`kv`]: the paged KV cache: block pool, block manager, prefix cache;
 //! - [`engine`]: the continuous-batching scheduler, one per model;
 //! - [`backend`]: the [`backend::Backend`] trait the service serves;
+//! - [`hotload`]: models loaded and unloaded while serving;
 //! - [`service`]: the gRPC layer.
 
 pub mod backend;
 pub mod device;
 pub mod engine;
 mod error;
+pub mod hotload;
 pub mod kv;
 pub mod metrics;
 pub mod model;
@@ -36,7 +38,7 @@ use moltbot_runtime::{
 
 pub use error::GenerationError;
 
-use backend::{Backend, LocalBackend};
+use backend::Backend;
 use device::{DeviceSpec, DtypeSpec};
 use engine::EngineConfig;
 use service::{GenerationApi, Models};
@@ -120,6 +122,10 @@ pub struct Args {
     /// Credentials tried per remote request when they answer 401/403/429.
     #[arg(long, env = "MOLTBOT_REMOTE_MAX_CREDENTIALS", default_value_t = 3)]
     pub remote_max_credentials: usize,
+    /// Token required (`authorization: Bearer …`) on LoadModel and
+    /// UnloadModel; unset: they are served to loopback callers only.
+    #[arg(long, env = "MOLTBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl Args {
@@ -157,21 +163,35 @@ impl Args {
         })
     }
 
-    /// Loads every model (blocking). Errors with [`RuntimeError::Config`]
-    /// for a device or dtype this machine lacks, and [`RuntimeError::NotReady`]
-    /// for a model that does not load, saying how to prepare it.
-    pub fn load_models(&self) -> Result<Models, RuntimeError> {
+    /// How this service loads a model: the device, precision and scheduler
+    /// limits of its flags. Errors with [`RuntimeError::Config`] for a
+    /// device or dtype this machine lacks, or zero limits.
+    pub fn loader(&self) -> Result<hotload::Loader, RuntimeError> {
         let device = self.device.resolve().map_err(RuntimeError::Config)?;
-        let precision = self.dtype.resolve(device).map_err(RuntimeError::Config)?;
-        let engine = self.engine_config()?;
-        if self.threads > 0 {
-            tch::set_num_threads(self.threads as i32);
-        }
+        Ok(hotload::Loader {
+            models_dir: self.models_dir.clone(),
+            device,
+            precision: self.dtype.resolve(device).map_err(RuntimeError::Config)?,
+            engine: self.engine_config()?,
+            default_max_tokens: self.default_max_tokens,
+            threads: self.threads,
+        })
+    }
+
+    /// Loads every model (blocking). Errors as [`Args::loader`], and with
+    /// [`RuntimeError::NotReady`] for a model that does not load, saying
+    /// how to prepare it.
+    pub fn load_models(&self) -> Result<Models, RuntimeError> {
+        let loader = self.loader()?;
         let mut models = Models::new();
         for dir in self.model_dirs() {
-            let backend =
-                LocalBackend::load(&dir, device, precision, engine, self.default_max_tokens)
-                    .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            let backend = loader
+                .load(&dir, &name)
+                .map_err(|e| RuntimeError::NotReady(e.to_string()))?;
             let backend: Arc<dyn Backend> = Arc::new(backend);
             models.insert(backend.card().name, backend);
         }
@@ -204,8 +224,10 @@ pub async fn serve(args: Args) -> Result<(), RuntimeError> {
             max_credentials: args.remote_max_credentials.max(1),
         },
     };
-    let api = GenerationApi::with_remote(remote);
-    let service = GrpcService::new(GenerationServiceServer::new(api.clone()));
+    let api =
+        GenerationApi::with_remote(remote).with_loader(args.loader()?, args.admin_token.clone());
+    let service = GrpcService::new(GenerationServiceServer::new(api.clone()))
+        .with_admin_token(args.admin_token.clone());
     let ready = async move {
         // A thread of its own that ends with the loading, not a tokio
         // blocking thread (those linger idle for 10 s): its OpenMP pool goes

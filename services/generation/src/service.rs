@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     pin::Pin,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -44,9 +44,19 @@ pub type Models = BTreeMap<String, Arc<dyn Backend>>;
 /// The gRPC service. Answers UNAVAILABLE until the models are loaded.
 #[derive(Clone, Default)]
 pub struct GenerationApi {
-    models: Arc<OnceLock<Models>>,
+    /// The served local models (`None` while the first load runs); a
+    /// LoadModel inserts, an UnloadModel removes, requests clone the Arc of
+    /// the one they use.
+    models: Arc<RwLock<Option<Models>>>,
     remote: Option<Arc<RemoteConfig>>,
     remotes: Arc<Mutex<BTreeMap<String, Arc<dyn Backend>>>>,
+    /// How LoadModel loads; `None`: it is refused (a service built in a
+    /// test).
+    loader: Option<Arc<crate::hotload::Loader>>,
+    /// Names being loaded by a LoadModel now.
+    loading: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    /// `MOLTBOT_ADMIN_TOKEN`, for LoadModel and UnloadModel.
+    admin_token: Option<Arc<str>>,
 }
 
 /// How remote models (`<provider>/<model>`) are reached.
@@ -67,13 +77,60 @@ impl GenerationApi {
 
     /// Serves `models` from now on (the first call wins).
     pub fn install(&self, models: Models) {
-        let _ = self.models.set(models);
+        let mut served = self.models.write().unwrap_or_else(|p| p.into_inner());
+        if served.is_none() {
+            *served = Some(models);
+        }
     }
 
-    fn models(&self) -> Result<&Models, Status> {
+    /// The served local models now. Errors with UNAVAILABLE while the
+    /// first load runs.
+    fn models(&self) -> Result<Models, Status> {
         self.models
-            .get()
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
             .ok_or_else(|| Status::unavailable("models are still loading"))
+    }
+
+    /// LoadModel and UnloadModel load with `loader` and take `admin_token`
+    /// (without one: loopback callers only, as understanding's
+    /// ReloadModel).
+    pub fn with_loader(
+        mut self,
+        loader: crate::hotload::Loader,
+        admin_token: Option<String>,
+    ) -> Self {
+        self.loader = Some(Arc::new(loader));
+        self.admin_token = moltbot_runtime::grpc::admin::configured(admin_token).map(Arc::from);
+        self
+    }
+
+    /// Authorises an operator RPC: the operator's certificate, or its
+    /// bearer token. Errors with UNAUTHENTICATED or PERMISSION_DENIED.
+    fn operator<T>(&self, request: &Request<T>) -> Result<(), GenerationError> {
+        use moltbot_runtime::grpc::admin;
+        if admin::from_operator(request) {
+            return Ok(());
+        }
+        let Some(expected) = &self.admin_token else {
+            return if admin::from_loopback(request) {
+                Ok(())
+            } else {
+                Err(GenerationError::PermissionDenied(
+                    "LoadModel and UnloadModel from another host need MOLTBOT_ADMIN_TOKEN set on generation and sent as `authorization: Bearer <token>`".into(),
+                ))
+            };
+        };
+        admin::check_bearer(request, expected).map_err(|d| match d {
+            admin::AdminDenied::MissingToken => GenerationError::Unauthenticated(
+                "LoadModel and UnloadModel need `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`"
+                    .into(),
+            ),
+            admin::AdminDenied::WrongToken => {
+                GenerationError::PermissionDenied("wrong admin token".into())
+            }
+        })
     }
 
     /// Serves local models and, through `remote`, `<provider>/<model>` names.
@@ -85,14 +142,19 @@ impl GenerationApi {
     }
 
     fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Status> {
-        let models = self.models()?;
-        let name = if name == "default" || name.is_empty() {
-            models.keys().next().map(String::as_str).unwrap_or_default()
-        } else {
-            name
-        };
-        if let Some(b) = models.get(name) {
-            return Ok(b.clone());
+        {
+            let served = self.models.read().unwrap_or_else(|p| p.into_inner());
+            let models = served
+                .as_ref()
+                .ok_or_else(|| Status::unavailable("models are still loading"))?;
+            let local = if name == "default" || name.is_empty() {
+                models.values().next()
+            } else {
+                models.get(name)
+            };
+            if let Some(b) = local {
+                return Ok(b.clone());
+            }
         }
         match (&self.remote, remote::split_name(name)) {
             (Some(cfg), Some(_)) => {
@@ -222,6 +284,21 @@ fn finish_reason(f: Finish) -> pb::FinishReason {
     }
 }
 
+/// A backend as ListModels shows it.
+pub fn model_info(b: &dyn Backend) -> pb::ModelInfo {
+    let c = b.card();
+    pb::ModelInfo {
+        name: c.name,
+        context_length: saturate(c.context_length),
+        device: c.device,
+        dtype: c.dtype,
+        backend: c.backend,
+        active_sequences: saturate(c.active_sequences),
+        queued_requests: saturate(c.queued_requests),
+        max_batch_size: saturate(c.max_batch_size),
+    }
+}
+
 fn saturate(n: impl TryInto<u32>) -> u32 {
     n.try_into().unwrap_or(u32::MAX)
 }
@@ -343,6 +420,11 @@ impl GenerationService for GenerationApi {
                 tools,
                 logprobs,
                 received,
+                affinity: if r.session_id.is_empty() {
+                    String::new()
+                } else {
+                    moltbot_runtime::telemetry::redact::session_id("", &r.session_id)
+                },
             })
             .await?;
         let (model, backend_name) = (card.name, card.backend);
@@ -396,19 +478,7 @@ impl GenerationService for GenerationApi {
         let mut models: Vec<pb::ModelInfo> = self
             .models()?
             .values()
-            .map(|b| {
-                let c = b.card();
-                pb::ModelInfo {
-                    name: c.name,
-                    context_length: saturate(c.context_length),
-                    device: c.device,
-                    dtype: c.dtype,
-                    backend: c.backend,
-                    active_sequences: saturate(c.active_sequences),
-                    queued_requests: saturate(c.queued_requests),
-                    max_batch_size: saturate(c.max_batch_size),
-                }
-            })
+            .map(|b| model_info(b.as_ref()))
             .collect();
         for (name, backend) in self.remote_models().await {
             models.push(pb::ModelInfo {
@@ -439,5 +509,28 @@ impl GenerationService for GenerationApi {
             text_tokens: texts.into_iter().map(saturate).collect(),
             context_length: saturate(backend.card().context_length),
         }))
+    }
+
+    async fn load_model(
+        &self,
+        request: Request<pb::LoadModelRequest>,
+    ) -> Result<Response<pb::LoadModelResponse>, Status> {
+        self.operator(&request)?;
+        let loader = self.loader.clone().ok_or_else(|| {
+            Status::failed_precondition("this generation service loads no models while serving")
+        })?;
+        let r = crate::hotload::load(&loader, &self.models, &self.loading, request.into_inner())
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<pb::UnloadModelRequest>,
+    ) -> Result<Response<pb::UnloadModelResponse>, Status> {
+        self.operator(&request)?;
+        Ok(Response::new(
+            crate::hotload::unload(&self.models, request.into_inner()).await?,
+        ))
     }
 }

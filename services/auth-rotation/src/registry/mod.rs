@@ -376,6 +376,8 @@ impl Registry {
             Err(f) => self.fetch_token(f).await?,
         };
         let (name, value) = match (kind, oauth) {
+            // A provider registered without a credential (NoAuth).
+            _ if secret.expose().is_empty() => ("", String::new()),
             (ProviderKind::Anthropic, false) => ("x-api-key", secret.expose().to_owned()),
             _ => ("authorization", format!("Bearer {}", secret.expose())),
         };
@@ -528,6 +530,9 @@ impl Registry {
             .creds
             .iter()
             .find(|c| c.state == CredentialState::Active && c.oauth.is_none())?;
+        if c.secret.expose().is_empty() {
+            return None;
+        }
         Some(match kind {
             ProviderKind::Anthropic => ("x-api-key", c.secret.expose().to_owned()),
             _ => ("authorization", format!("Bearer {}", c.secret.expose())),

@@ -1,5 +1,6 @@
 //! Provider URL safety (server-side request forgery): a configured base URL
-//! must be https (http only on loopback), carry no user info, and not name a
+//! must be https (plain http only on loopback and on the in-cluster hosts
+//! the operator names in `MOLTBOT_PLAIN_HTTP_HOSTS`), carry no user info, and not name a
 //! link-local, unspecified, multicast or cloud metadata address, so a
 //! provider entry cannot be turned into a request to an internal host.
 //!
@@ -24,9 +25,28 @@ pub fn is_loopback(host: &url::Host<&str>) -> bool {
     }
 }
 
-/// Validates and normalises (no trailing `/`) a provider or token URL.
-/// Errors with [`AuthError::InvalidArgument`] naming the rule broken.
-pub fn validate(field: &str, raw: &str) -> Result<String, AuthError> {
+/// Whether `host` is one of `allowed`: an entry is a host name (`vllm`,
+/// `vllm.llm.svc`), or, starting with a dot, every name under a domain
+/// (`.svc.cluster.local`). Case-insensitive.
+pub fn plain_http_allowed(host: &url::Host<&str>, allowed: &[String]) -> bool {
+    let url::Host::Domain(d) = host else {
+        return allowed.iter().any(|a| *a == host.to_string());
+    };
+    let d = d.trim_end_matches('.').to_ascii_lowercase();
+    allowed.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        match a.strip_prefix('.') {
+            Some(domain) => d.ends_with(&a) || d == domain,
+            None => d == a,
+        }
+    })
+}
+
+/// Validates and normalises (no trailing `/`) a provider or token URL;
+/// plain `http` is accepted on loopback and for the hosts of
+/// `plain_http` ([`plain_http_allowed`]). Errors with
+/// [`AuthError::InvalidArgument`] naming the rule broken.
+pub fn validate(field: &str, raw: &str, plain_http: &[String]) -> Result<String, AuthError> {
     let bad = |why: String| AuthError::InvalidArgument(format!("{field} {raw:?}: {why}"));
     let url = url::Url::parse(raw).map_err(|e| bad(format!("not a URL ({e})")))?;
     let host = url.host().ok_or_else(|| bad("has no host".into()))?;
@@ -37,8 +57,13 @@ pub fn validate(field: &str, raw: &str) -> Result<String, AuthError> {
     }
     match url.scheme() {
         "https" => {}
-        "http" if is_loopback(&host) => {}
-        "http" => return Err(bad("must be https outside loopback".into())),
+        "http" if is_loopback(&host) || plain_http_allowed(&host, plain_http) => {}
+        "http" => {
+            return Err(bad(
+                "must be https outside loopback and the hosts named in MOLTBOT_PLAIN_HTTP_HOSTS"
+                    .into(),
+            ));
+        }
         other => return Err(bad(format!("scheme {other} is not allowed; use https"))),
     }
     let ip = match host {
@@ -68,13 +93,13 @@ mod tests {
     #[test]
     fn ssrf_rules() {
         assert_eq!(
-            validate("base_url", "https://api.openai.com/v1/")
+            validate("base_url", "https://api.openai.com/v1/", &[])
                 .ok()
                 .as_deref(),
             Some("https://api.openai.com/v1")
         );
-        assert!(validate("base_url", "http://127.0.0.1:8080/v1").is_ok());
-        assert!(validate("base_url", "http://localhost:9/v1").is_ok());
+        assert!(validate("base_url", "http://127.0.0.1:8080/v1", &[]).is_ok());
+        assert!(validate("base_url", "http://localhost:9/v1", &[]).is_ok());
         for bad in [
             "http://api.example.com/v1",
             "https://169.254.169.254/latest",
@@ -88,7 +113,32 @@ mod tests {
             "https://api.example.com/v1?x=1",
             "not a url",
         ] {
-            assert!(validate("base_url", bad).is_err(), "{bad} accepted");
+            assert!(validate("base_url", bad, &[]).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn plain_http_only_for_the_named_in_cluster_hosts() {
+        let allowed = vec!["vllm".to_owned(), ".svc.cluster.local".to_owned()];
+        for ok in [
+            "http://vllm:8000/v1",
+            "http://llama.models.svc.cluster.local:8080/v1",
+            "http://VLLM:8000/v1",
+        ] {
+            assert!(validate("base_url", ok, &allowed).is_ok(), "{ok} refused");
+        }
+        for bad in [
+            "http://vllm.evil.com/v1",
+            "http://api.example.com/v1",
+            "http://cluster.local.evil/v1",
+            // Still no metadata service, even when named.
+            "http://169.254.169.254/latest",
+        ] {
+            assert!(
+                validate("base_url", bad, &allowed).is_err(),
+                "{bad} accepted"
+            );
+        }
+        assert!(validate("base_url", "http://vllm:8000/v1", &[]).is_err());
     }
 }

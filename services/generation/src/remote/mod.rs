@@ -32,6 +32,11 @@ use crate::{
     text::ChatMessage,
 };
 
+/// The header carrying a session's affinity digest to an in-cluster engine
+/// registered without a key (vLLM's production-stack router and llm-d can
+/// route on a session header).
+pub const AFFINITY_HEADER: &str = "x-session-id";
+
 /// Limits of remote calls.
 #[derive(Debug, Clone, Copy)]
 pub struct RemoteSettings {
@@ -234,14 +239,22 @@ impl Backend for RemoteBackend {
                 ),
             };
             let started = Instant::now();
-            let mut request = self
-                .http
-                .post(&url)
-                .header(
+            let mut request = self.http.post(&url).json(&body);
+            if lease.auth_header_name.is_empty() {
+                // An in-cluster engine without a key (vLLM, llm-d, KServe, a
+                // llama.cpp server): no auth header, and the session's
+                // digest as an affinity header, so the engine's router can
+                // keep a conversation on the replica holding its KV cache.
+                // Never sent to a keyed (third-party) provider.
+                if !input.affinity.is_empty() {
+                    request = request.header(AFFINITY_HEADER, input.affinity.as_str());
+                }
+            } else {
+                request = request.header(
                     lease.auth_header_name.as_str(),
                     lease.auth_header_value.as_str(),
-                )
-                .json(&body);
+                );
+            }
             if kind == ProviderKind::Anthropic {
                 request = request.header("anthropic-version", wire::ANTHROPIC_VERSION);
             }

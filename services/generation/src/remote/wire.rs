@@ -228,6 +228,7 @@ mod tests {
             tools: None,
             logprobs: None,
             received: std::time::Instant::now(),
+            affinity: String::new(),
         };
         let openai = openai_body("gpt", &input);
         assert_eq!(openai["response_format"]["type"], "json_schema");

@@ -155,6 +155,14 @@ pub const TABLE: &[Rule] = &[
         Allow::Operator,
     ),
     rule(
+        "/moltbot.generation.v1.GenerationService/LoadModel",
+        Allow::Operator,
+    ),
+    rule(
+        "/moltbot.generation.v1.GenerationService/UnloadModel",
+        Allow::Operator,
+    ),
+    rule(
         "/moltbot.auth.v1.AuthRotationService/AddCredential",
         Allow::Operator,
     ),
