@@ -201,6 +201,11 @@ impl ServiceProcess {
         cpu_time_of(&format!("/proc/{}/stat", self.child.id()))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM.
     pub fn signal_term(&self) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)

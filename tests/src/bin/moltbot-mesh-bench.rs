@@ -19,6 +19,10 @@
 //! 3. **Response cache**: exact hits through the gateway against a bare
 //!    round trip to it (`GET /healthz`), at concurrency 1 and
 //!    `--overhead-concurrency` (see `cache_run`).
+//! 4. **Live operations** (issue 34): steady relayed chat load, then the
+//!    same load while the gateway's configuration is rewritten and
+//!    reloaded every 200 ms, then while generation loads a second copy of
+//!    its local model (`LoadModel`) and unloads it (see `live_run`).
 //!
 //! Usage (release build; models prepared as for `make test`):
 //! `target/release/moltbot-mesh-bench 2>/dev/null` (the services' logs go to
@@ -78,6 +82,12 @@ struct Args {
     /// Requests per response-cache measurement (each concurrency).
     #[arg(long, default_value_t = 2000)]
     cache_requests: usize,
+    /// Skip the live-operations measurement.
+    #[arg(long)]
+    skip_live: bool,
+    /// Requests per live-operations phase.
+    #[arg(long, default_value_t = 3000)]
+    live_requests: usize,
 }
 
 /// Latencies of one run and its wall time.
@@ -442,6 +452,134 @@ async fn overhead_run(args: &Args, provider: &str, enrichments: bool) -> (Run, R
     (direct, mesh, spent)
 }
 
+/// Live operations under steady load (issue 34, item 7): relayed turns
+/// (enrichments off) at `--overhead-concurrency`, measured three times —
+/// steady; while the gateway's configuration file is rewritten (the
+/// candidate's weight changes) every 200 ms and reloaded; while
+/// generation loads a second copy of its local model through `LoadModel`
+/// (in the dtype of `MOLTBOT_DTYPE`) and unloads it. Returns the three runs
+/// with their labels, the reloads done and the LoadModel figures.
+async fn live_run(args: &Args, provider: &str) -> (Vec<(String, Run)>, usize, String) {
+    let (auth, context, generation) = relay(provider).await;
+    wait_all(&[&generation, &context]).await;
+    let route = |weight: u32| {
+        format!(
+            "routes:\n  - name: default\n    match: {{ models: [default] }}\n    understanding: false\n    candidates: [{{ model: fake/gpt-fake, weight: {weight} }}]\n    cache: {{ enabled: false }}\n"
+        )
+    };
+    let config = write_config("live", &route(1));
+    let gateway = ServiceProcess::start(
+        "moltbot-gateway",
+        &[
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_GATEWAY_CONFIG", config.clone()),
+            ("MOLTBOT_CONFIG_POLL_MS", "100".into()),
+            ("MOLTBOT_MAX_IN_FLIGHT", "4096".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let url = gateway.http_url();
+    for i in 0..20 {
+        chat(&http, &url, format!("warm-up {i}"), 16).await;
+    }
+    let (n, c) = (args.live_requests, args.overhead_concurrency);
+    let phase = |label: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        load(n, c, move |i| {
+            let (http, url) = (http.clone(), url.clone());
+            async move { chat(&http, &url, format!("Say hello ({label} {i})."), 16).await }
+        })
+    };
+    let mut runs = vec![("steady".to_owned(), phase("steady").await)];
+
+    // Reloads: a new weight every 200 ms, and a SIGHUP with every write.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reloads = {
+        let (stop, config) = (stop.clone(), config.clone());
+        let pid = gateway.pid();
+        tokio::spawn(async move {
+            let mut done = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::fs::write(&config, route(1 + (done % 5) as u32)).unwrap();
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGHUP,
+                );
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done
+        })
+    };
+    let during_reloads = phase("reload").await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reloads = reloads.await.unwrap();
+    runs.push((
+        format!("configuration reloaded every 200 ms ({reloads} reloads)"),
+        during_reloads,
+    ));
+
+    // A model load and unload on the generation process that relays.
+    let mut client =
+        moltbot_proto::generation::v1::generation_service_client::GenerationServiceClient::new(
+            grpc::connect(&generation.grpc_url()).await,
+        );
+    let local = client
+        .list_models(moltbot_proto::generation::v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .find(|m| m.backend == "local")
+        .map(|m| m.name)
+        .unwrap_or_else(|| "qwen2.5-coder-0.5b-instruct".into());
+    let operations = tokio::spawn(async move {
+        let began = Instant::now();
+        let loaded = client
+            .load_model(moltbot_proto::generation::v1::LoadModelRequest {
+                dir: local,
+                name: "bench-copy".into(),
+                warmup_requests: 2,
+            })
+            .await
+            .map(tonic::Response::into_inner);
+        let unloaded = client
+            .unload_model(moltbot_proto::generation::v1::UnloadModelRequest {
+                name: "bench-copy".into(),
+                wait_ms: 0,
+            })
+            .await;
+        match (loaded, unloaded) {
+            (Ok(l), Ok(_)) => format!(
+                "LoadModel {:.1} s (load {:.1} s, warm-up {:.1} s, {} dtype), RSS after load {} MiB; unloaded; {:.1} s in all",
+                (l.load_ms + l.warmup_ms) as f64 / 1000.0,
+                l.load_ms as f64 / 1000.0,
+                l.warmup_ms as f64 / 1000.0,
+                l.model.map(|m| m.dtype).unwrap_or_default(),
+                l.rss_bytes >> 20,
+                began.elapsed().as_secs_f64()
+            ),
+            (l, u) => format!("load/unload failed: {l:?} {u:?}"),
+        }
+    });
+    let during_load = phase("load").await;
+    let figures = operations.await.unwrap();
+    runs.push((
+        "model loaded and unloaded meanwhile".to_owned(),
+        during_load,
+    ));
+    (runs, reloads, figures)
+}
+
 /// The response cache's exact hits (issue 38, item 8): one greedy question
 /// stored once, then asked again in new sessions at concurrency 1 and 16,
 /// against a bare HTTP round trip to the same gateway (`GET /healthz`) at
@@ -619,6 +757,20 @@ async fn main() {
                 per_request(1, name)
             );
         }
+    }
+    if !args.skip_live {
+        println!(
+            "\n## Live operations under load: fake provider at {} ms, {} requests per phase, concurrency {}\n",
+            args.provider_latency_ms, args.live_requests, args.overhead_concurrency
+        );
+        let (runs, _, figures) = live_run(&args, &provider).await;
+        println!("| phase | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | failed |");
+        println!("|---|---|---|---|---|---|---|");
+        let steady = &runs[0].1;
+        for (i, (label, run)) in runs.iter().enumerate() {
+            println!("{}", row(label, run, (i > 0).then_some(steady)));
+        }
+        println!("\n{figures}");
     }
     if !args.skip_cache {
         println!(
