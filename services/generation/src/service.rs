@@ -109,27 +109,16 @@ impl GenerationApi {
     /// Authorises an operator RPC: the operator's certificate, or its
     /// bearer token. Errors with UNAUTHENTICATED or PERMISSION_DENIED.
     fn operator<T>(&self, request: &Request<T>) -> Result<(), GenerationError> {
-        use moltbot_runtime::grpc::admin;
-        if admin::from_operator(request) {
-            return Ok(());
-        }
-        let Some(expected) = &self.admin_token else {
-            return if admin::from_loopback(request) {
-                Ok(())
-            } else {
-                Err(GenerationError::PermissionDenied(
-                    "LoadModel and UnloadModel from another host need MOLTBOT_ADMIN_TOKEN set on generation and sent as `authorization: Bearer <token>`".into(),
-                ))
-            };
-        };
-        admin::check_bearer(request, expected).map_err(|d| match d {
-            admin::AdminDenied::MissingToken => GenerationError::Unauthenticated(
+        use moltbot_runtime::grpc::admin::{AdminDenied, authorise};
+        authorise(request, self.admin_token.as_deref()).map_err(|d| match d {
+            AdminDenied::MissingToken => GenerationError::Unauthenticated(
                 "LoadModel and UnloadModel need `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`"
                     .into(),
             ),
-            admin::AdminDenied::WrongToken => {
-                GenerationError::PermissionDenied("wrong admin token".into())
-            }
+            AdminDenied::WrongToken => GenerationError::PermissionDenied("wrong admin token".into()),
+            AdminDenied::NotLoopback => GenerationError::PermissionDenied(
+                "LoadModel and UnloadModel from another host need MOLTBOT_ADMIN_TOKEN set on generation and sent as `authorization: Bearer <token>`".into(),
+            ),
         })
     }
 

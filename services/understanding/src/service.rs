@@ -111,25 +111,16 @@ impl UnderstandingApi {
     /// [`UnderstandingError::Unauthenticated`] or
     /// [`UnderstandingError::PermissionDenied`].
     fn admin<T>(&self, request: &Request<T>) -> Result<(), UnderstandingError> {
-        if admin::from_operator(request) {
-            return Ok(());
-        }
-        let Some(expected) = &self.admin_token else {
-            return if admin::from_loopback(request) {
-                Ok(())
-            } else {
-                Err(UnderstandingError::PermissionDenied(
-                    "ReloadModel from another host needs MOLTBOT_ADMIN_TOKEN set on the service and sent as `authorization: Bearer <token>`".into(),
-                ))
-            };
-        };
-        admin::check_bearer(request, expected).map_err(|d| match d {
+        admin::authorise(request, self.admin_token.as_deref()).map_err(|d| match d {
             admin::AdminDenied::MissingToken => UnderstandingError::Unauthenticated(
                 "ReloadModel needs `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`".into(),
             ),
             admin::AdminDenied::WrongToken => {
                 UnderstandingError::PermissionDenied("wrong admin token".into())
             }
+            admin::AdminDenied::NotLoopback => UnderstandingError::PermissionDenied(
+                "ReloadModel from another host needs MOLTBOT_ADMIN_TOKEN set on the service and sent as `authorization: Bearer <token>`".into(),
+            ),
         })
     }
 

@@ -11,6 +11,25 @@ pub enum AdminDenied {
     MissingToken,
     /// A token that does not match (gRPC PERMISSION_DENIED).
     WrongToken,
+    /// The service has no admin token and the caller is not on loopback
+    /// (gRPC PERMISSION_DENIED).
+    NotLoopback,
+}
+
+/// The check of an admin RPC: admitted on the operator's certificate
+/// (mutual TLS), else on `authorization: Bearer <token>` when the service
+/// has a `token`, else — no token configured — from a loopback caller
+/// only. Errors with [`AdminDenied::MissingToken`],
+/// [`AdminDenied::WrongToken`] or [`AdminDenied::NotLoopback`].
+pub fn authorise<T>(request: &Request<T>, token: Option<&str>) -> Result<(), AdminDenied> {
+    if from_operator(request) {
+        return Ok(());
+    }
+    match token {
+        Some(expected) => check_bearer(request, expected),
+        None if from_loopback(request) => Ok(()),
+        None => Err(AdminDenied::NotLoopback),
+    }
 }
 
 /// The admin token as configured, with an empty value (`MOLTBOT_ADMIN_TOKEN=`,
