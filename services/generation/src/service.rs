@@ -109,14 +109,16 @@ impl GenerationApi {
     /// Authorises an operator RPC: the operator's certificate, or its
     /// bearer token. Errors with UNAUTHENTICATED or PERMISSION_DENIED.
     fn operator<T>(&self, request: &Request<T>) -> Result<(), GenerationError> {
-        use moltbot_runtime::grpc::admin::{AdminDenied, authorise};
+        use moltbot_runtime::grpc::admin::{AdminDenied, Refused, authorise};
         authorise(request, self.admin_token.as_deref()).map_err(|d| match d {
-            AdminDenied::MissingToken => GenerationError::Unauthenticated(
+            Refused::Bearer(AdminDenied::MissingToken) => GenerationError::Unauthenticated(
                 "LoadModel and UnloadModel need `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`"
                     .into(),
             ),
-            AdminDenied::WrongToken => GenerationError::PermissionDenied("wrong admin token".into()),
-            AdminDenied::NotLoopback => GenerationError::PermissionDenied(
+            Refused::Bearer(AdminDenied::WrongToken) => {
+                GenerationError::PermissionDenied("wrong admin token".into())
+            }
+            Refused::NotLoopback => GenerationError::PermissionDenied(
                 "LoadModel and UnloadModel from another host need MOLTBOT_ADMIN_TOKEN set on generation and sent as `authorization: Bearer <token>`".into(),
             ),
         })

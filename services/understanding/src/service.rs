@@ -112,13 +112,15 @@ impl UnderstandingApi {
     /// [`UnderstandingError::PermissionDenied`].
     fn admin<T>(&self, request: &Request<T>) -> Result<(), UnderstandingError> {
         admin::authorise(request, self.admin_token.as_deref()).map_err(|d| match d {
-            admin::AdminDenied::MissingToken => UnderstandingError::Unauthenticated(
-                "ReloadModel needs `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`".into(),
-            ),
-            admin::AdminDenied::WrongToken => {
+            admin::Refused::Bearer(admin::AdminDenied::MissingToken) => {
+                UnderstandingError::Unauthenticated(
+                    "ReloadModel needs `authorization: Bearer <MOLTBOT_ADMIN_TOKEN>`".into(),
+                )
+            }
+            admin::Refused::Bearer(admin::AdminDenied::WrongToken) => {
                 UnderstandingError::PermissionDenied("wrong admin token".into())
             }
-            admin::AdminDenied::NotLoopback => UnderstandingError::PermissionDenied(
+            admin::Refused::NotLoopback => UnderstandingError::PermissionDenied(
                 "ReloadModel from another host needs MOLTBOT_ADMIN_TOKEN set on the service and sent as `authorization: Bearer <token>`".into(),
             ),
         })

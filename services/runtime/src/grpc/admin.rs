@@ -11,6 +11,14 @@ pub enum AdminDenied {
     MissingToken,
     /// A token that does not match (gRPC PERMISSION_DENIED).
     WrongToken,
+}
+
+/// Why [`authorise`] refuses an admin RPC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The service has a token and the call's bearer token is missing or
+    /// wrong.
+    Bearer(AdminDenied),
     /// The service has no admin token and the caller is not on loopback
     /// (gRPC PERMISSION_DENIED).
     NotLoopback,
@@ -19,16 +27,15 @@ pub enum AdminDenied {
 /// The check of an admin RPC: admitted on the operator's certificate
 /// (mutual TLS), else on `authorization: Bearer <token>` when the service
 /// has a `token`, else — no token configured — from a loopback caller
-/// only. Errors with [`AdminDenied::MissingToken`],
-/// [`AdminDenied::WrongToken`] or [`AdminDenied::NotLoopback`].
-pub fn authorise<T>(request: &Request<T>, token: Option<&str>) -> Result<(), AdminDenied> {
+/// only. Errors with [`Refused`].
+pub fn authorise<T>(request: &Request<T>, token: Option<&str>) -> Result<(), Refused> {
     if from_operator(request) {
         return Ok(());
     }
     match token {
-        Some(expected) => check_bearer(request, expected),
+        Some(expected) => check_bearer(request, expected).map_err(Refused::Bearer),
         None if from_loopback(request) => Ok(()),
-        None => Err(AdminDenied::NotLoopback),
+        None => Err(Refused::NotLoopback),
     }
 }
 
