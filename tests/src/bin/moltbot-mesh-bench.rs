@@ -479,7 +479,11 @@ async fn live_run(args: &Args, provider: &str) -> (Vec<(String, Run)>, usize, St
             ("MOLTBOT_GATEWAY_CONFIG", config.clone()),
             ("MOLTBOT_CONFIG_POLL_MS", "100".into()),
             ("MOLTBOT_MAX_IN_FLIGHT", "4096".into()),
-            ("RUST_LOG", "warn".into()),
+            // `listening` (info) is how the harness finds the port.
+            (
+                "RUST_LOG",
+                "warn,moltbot_runtime=info,moltbot_gateway=info".into(),
+            ),
         ],
     );
     let http = reqwest::Client::builder()
