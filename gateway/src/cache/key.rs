@@ -37,7 +37,8 @@ fn tag(name: &str) -> String {
     hex(&Sha256::digest(name.as_bytes())[..8])
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (also the rollout store's session keys).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -75,15 +75,7 @@ pub async fn show(
     State(state): State<AppState>,
     Path(route): Path<String>,
 ) -> Result<Json<Report>, ApiError> {
-    state
-        .engine
-        .rollouts()
-        .reports()
-        .await?
-        .into_iter()
-        .find(|r| r.rollout.route == route)
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("route `{route}` has no rollout")))
+    Ok(Json(state.engine.rollouts().report(&route).await?))
 }
 
 /// Pauses, resumes, promotes or aborts a route's rollout. Errors: 404 for

@@ -221,7 +221,7 @@ fn session_key(tenant: &str, session_id: &str) -> String {
         .chain_update([0])
         .chain_update(session_id.as_bytes())
         .finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::cache::key::hex(&digest)
 }
 
 /// The gateway's rollouts: the store, and the snapshot turns read (the
@@ -412,15 +412,30 @@ impl Rollouts {
         all.sort_by(|a, b| a.route.cmp(&b.route));
         let mut out = Vec::with_capacity(all.len());
         for r in all {
-            let (canary, stable) = self.windows(&r).await.map_err(store_error)?;
-            out.push(Report {
-                share: r.share(),
-                canary: (&canary).into(),
-                stable: (&stable).into(),
-                rollout: r,
-            });
+            out.push(self.report_of(r).await?);
         }
         Ok(out)
+    }
+
+    /// `route`'s rollout with its current step's numbers.
+    ///
+    /// Errors: 404 when the route has none, 503 when the store fails.
+    pub async fn report(&self, route: &str) -> Result<Report, ApiError> {
+        let r = self
+            .current(route)
+            .await?
+            .ok_or_else(|| no_rollout(route))?;
+        self.report_of(r).await
+    }
+
+    async fn report_of(&self, r: Rollout) -> Result<Report, ApiError> {
+        let (canary, stable) = self.windows(&r).await.map_err(store_error)?;
+        Ok(Report {
+            share: r.share(),
+            canary: (&canary).into(),
+            stable: (&stable).into(),
+            rollout: r,
+        })
     }
 
     /// Starts `plan` (validated by the caller against the routes and the
@@ -456,7 +471,7 @@ impl Rollouts {
         let current = self
             .current(route)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("route `{route}` has no rollout")))?;
+            .ok_or_else(|| no_rollout(route))?;
         let now = now_ms();
         let next = match action {
             Action::Pause => current.pause(now),
@@ -498,6 +513,10 @@ impl Rollouts {
         }
         Ok(next)
     }
+}
+
+fn no_rollout(route: &str) -> ApiError {
+    ApiError::NotFound(format!("route `{route}` has no rollout"))
 }
 
 fn store_error(e: String) -> ApiError {
