@@ -60,6 +60,10 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
     tokio::spawn(rollouts.clone().run(std::time::Duration::from_millis(
         args.rollout_tick_ms.max(100),
     )));
+    let spend = Arc::new(spend(&args, config.spend.clone())?);
+    if let Some(ledger) = spend.ledger() {
+        tokio::spawn(ledger.clone().run());
+    }
     let engine = Arc::new(
         turn::Engine::new(
             upstreams.ports(),
@@ -82,6 +86,7 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
             shared_buckets,
             keys.clone(),
             engine.clone(),
+            spend.clone(),
         );
         // At least 100 ms between checks: 0 would spin.
         let every = std::time::Duration::from_millis(args.config_poll_ms.max(100));
@@ -99,6 +104,7 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
         )),
         sse_write_idle: std::time::Duration::from_millis(args.sse_write_idle_ms),
         max_body_bytes: args.max_body_bytes,
+        spend: spend.clone(),
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         last_readiness: Arc::new(std::sync::Mutex::new(None)),
         admin_token: args
@@ -150,6 +156,57 @@ pub async fn serve(args: Args) -> Result<(), GatewayError> {
             server.abort();
         }
     }
+    // The last ledger rows, before the process ends (best effort).
+    if let Some(ledger) = spend.ledger()
+        && let Err(e) = ledger.flush().await
+    {
+        tracing::warn!(error = %e, rows = ledger.buffered(), "spend ledger rows lost at shutdown");
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Spend control from the flags: budget counters in Redis (`REDIS_URL`)
+/// or this process, the ledger where `MOLTBOT_SPEND_LEDGER` says. Errors
+/// with [`GatewayError::Config`] for a replicated gateway on a SQLite
+/// ledger, or PostgreSQL asked for without `DATABASE_URL`.
+fn spend(
+    args: &crate::Args,
+    config: crate::spend::SpendConfig,
+) -> Result<crate::spend::Spend, GatewayError> {
+    use crate::{config::LedgerBackend, spend};
+    let fail = |m: String| GatewayError::Config(moltbot_runtime::RuntimeError::Config(m));
+    spend::metrics::register_all();
+    let database_url = args.database_url.clone().filter(|u| !u.is_empty());
+    let backend = args.spend_ledger.unwrap_or(if database_url.is_some() {
+        LedgerBackend::Postgres
+    } else {
+        LedgerBackend::Sqlite
+    });
+    let target = match backend {
+        LedgerBackend::Off => None,
+        LedgerBackend::Sqlite if args.replicated => {
+            return Err(fail(
+                "MOLTBOT_REPLICATED=true but the spend ledger would be a SQLite file per replica: set DATABASE_URL (or MOLTBOT_SPEND_LEDGER=off)".to_owned(),
+            ));
+        }
+        LedgerBackend::Sqlite => Some(spend::ledger::Target::Sqlite(
+            args.data_dir.join("spend.db"),
+        )),
+        LedgerBackend::Postgres => Some(spend::ledger::Target::Postgres {
+            url: database_url.ok_or_else(|| {
+                fail("MOLTBOT_SPEND_LEDGER=postgres needs DATABASE_URL".to_owned())
+            })?,
+            schema: args.spend_pg_schema.clone(),
+        }),
+    };
+    let store: Arc<dyn spend::store::BudgetStore> =
+        match args.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => Arc::new(spend::store::RedisStore::new(Arc::new(
+                crate::upstream::redis::Redis::new(url, spend::store::REDIS_TIMEOUT)?,
+            ))),
+            None => Arc::new(spend::store::MemoryStore::default()),
+        };
+    let ledger = target.map(|t| Arc::new(spend::Ledger::new(t, args.spend_buffer_rows)));
+    spend::Spend::new(config, store, ledger).map_err(fail)
 }

@@ -95,6 +95,25 @@ pub struct Args {
     /// else in this process).
     #[arg(long, env = "MOLTBOT_ROLLOUT_TICK_MS", default_value_t = 1_000)]
     pub rollout_tick_ms: u64,
+    /// Where the spend ledger is written (`gateway/src/spend/ledger.rs`):
+    /// `postgres` (DATABASE_URL), `sqlite` (a file in MOLTBOT_DATA_DIR) or
+    /// `off` [default: postgres when DATABASE_URL is set, else sqlite].
+    /// Budgets are enforced either way (in Redis, or this process).
+    #[arg(long, env = "MOLTBOT_SPEND_LEDGER", value_enum)]
+    pub spend_ledger: Option<LedgerBackend>,
+    /// PostgreSQL URL of the spend ledger.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL schema of the spend ledger.
+    #[arg(long, env = "MOLTBOT_SPEND_PG_SCHEMA", default_value = crate::spend::ledger::PG_SCHEMA)]
+    pub spend_pg_schema: String,
+    /// Directory of the SQLite spend ledger (`spend.db`).
+    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
+    pub data_dir: PathBuf,
+    /// Ledger rows kept in memory while the database is unreachable; past
+    /// it the oldest are dropped and counted.
+    #[arg(long, env = "MOLTBOT_SPEND_BUFFER_ROWS", default_value_t = 100_000)]
+    pub spend_buffer_rows: usize,
     /// Operator token of the gateway's admin endpoints (`POST
     /// /admin/cache/purge`), sent as `Authorization: Bearer`. Unset: the
     /// admin endpoints answer 403.
@@ -149,6 +168,17 @@ pub struct Args {
     /// Logging and tracing.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+/// Where the spend ledger is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LedgerBackend {
+    /// PostgreSQL at `DATABASE_URL`.
+    Postgres,
+    /// `spend.db` in the data directory.
+    Sqlite,
+    /// No ledger (budgets are still enforced).
+    Off,
 }
 
 impl Args {

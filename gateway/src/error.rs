@@ -90,6 +90,37 @@ pub enum ApiError {
         /// When a request can be accepted again.
         retry_after: Duration,
     },
+    /// The request's worst-case cost does not fit a budget (429).
+    #[error(
+        "budget {budget} ({window}, ${max_usd}) cannot take this request: ${spent_usd:.6} is spent or reserved and the request may cost up to ${needed_usd:.6}; it resets at {resets_at}"
+    )]
+    BudgetExceeded {
+        /// `key:NAME` or `tenant:NAME`.
+        budget: String,
+        /// `daily`, `weekly`, `monthly` or `rolling`.
+        window: String,
+        /// The budget, USD.
+        max_usd: f64,
+        /// Spent or reserved in the window, USD.
+        spent_usd: f64,
+        /// This request's worst-case cost, USD.
+        needed_usd: f64,
+        /// When the window resets (RFC 3339).
+        resets_at: String,
+        /// Until then.
+        retry_after: Duration,
+    },
+    /// The route refuses a model without a price for a caller with a
+    /// budget (403).
+    #[error(
+        "route `{route}` may answer with model `{model}`, which has no price, and refuses unpriced models under a budget: add it to spend.prices"
+    )]
+    Unpriced {
+        /// The route.
+        route: String,
+        /// The unpriced model.
+        model: String,
+    },
     /// An upstream gRPC call failed; the status maps to 4xx/5xx.
     #[error("{service}: {}", status.message())]
     Upstream {
@@ -192,6 +223,12 @@ impl ApiError {
                 "rate_limit_error",
                 "rate_limit_exceeded",
             ),
+            Self::BudgetExceeded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "budget_exceeded",
+            ),
+            Self::Unpriced { .. } => (StatusCode::FORBIDDEN, "permission_error", "unpriced_model"),
             Self::Upstream { status, .. } => {
                 let (code, kind) = upstream_status(status.code());
                 (code, kind, "upstream_error")
@@ -233,7 +270,9 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if let Self::RateLimited { retry_after, .. } = &self {
+        if let Self::RateLimited { retry_after, .. } | Self::BudgetExceeded { retry_after, .. } =
+            &self
+        {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);

@@ -35,6 +35,7 @@ pub mod openai;
 pub mod reload;
 pub mod rollout;
 pub mod routing;
+pub mod spend;
 pub mod turn;
 pub mod upstream;
 

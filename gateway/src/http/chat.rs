@@ -49,7 +49,11 @@ pub async fn chat_completions(
     turn_request.cache_control = super::cache_control(&headers)?;
     let turn = state
         .engine
-        .start(turn_request, &caller.tenant, &caller.limiter)
+        .start(
+            turn_request,
+            &caller.tenant,
+            &state.spend.meter(&caller, "chat.completions"),
+        )
         .await?;
     let cache = super::cache_status(&turn);
     let response = if req.stream {

@@ -109,7 +109,23 @@ pub async fn embeddings(
         .iter()
         .map(|t| (t.len() / 4 + 2).min(256) as u32)
         .sum();
-    let reservation = caller.limiter.reserve(estimate, 0).await?;
+    let request_id = crate::turn::new_id("embd-");
+    let chain = [EMBEDDING_MODEL.to_owned()];
+    let mut reservation = state
+        .spend
+        .meter(&caller, "embeddings")
+        .admit(crate::turn::Admit {
+            request_id: &request_id,
+            route: EMBEDDING_MODEL,
+            chain: &chain,
+            prompt_tokens: estimate,
+            completion_budget: 0,
+            refuse_unpriced: false,
+            cache_hit: false,
+        })
+        .await?;
+    // The encoder is called from here on: billed from here on.
+    crate::turn::Reserved::started(&mut reservation, EMBEDDING_MODEL);
     let understanding = &state.upstreams.understanding;
     let budget = Budget::new(state.engine.request_timeout());
     let mut vectors: Vec<Embedding> = Vec::with_capacity(texts.len());
@@ -136,7 +152,10 @@ pub async fn embeddings(
         vectors.extend(response.embeddings);
     }
     let tokens: u32 = vectors.iter().map(|v| v.input_tokens).sum();
-    reservation.settle(tokens);
+    reservation.settle_used(crate::turn::Used {
+        prompt_tokens: tokens,
+        ..Default::default()
+    });
     if let Some(i) = vectors.iter().position(|v| v.truncated) {
         return Err(ApiError::InvalidRequest(format!(
             "input[{i}] is longer than the {} tokens {EMBEDDING_MODEL} reads; split it into shorter texts",

@@ -9,6 +9,7 @@ mod observe;
 mod responses;
 mod rollouts;
 pub mod serve;
+mod spend;
 
 use std::{sync::Arc, time::Duration};
 
@@ -53,6 +54,8 @@ pub struct AppState {
     /// The required upstreams `/readyz` last found missing (comma-joined;
     /// empty when ready), so each change is logged once.
     pub last_readiness: Arc<std::sync::Mutex<Option<String>>>,
+    /// Prices, budgets and the spend ledger.
+    pub spend: Arc<crate::spend::Spend>,
     /// The operator token of `/admin/…` (`MOLTBOT_ADMIN_TOKEN`); `None`:
     /// admin endpoints answer 403.
     pub admin_token: Option<Arc<str>>,
@@ -189,6 +192,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/rollouts", get(rollouts::list).post(rollouts::start))
         .route("/admin/rollouts/{route}", get(rollouts::show))
         .route("/admin/rollouts/{route}/{action}", post(rollouts::act))
+        .route("/admin/spend", get(spend::report))
+        .route("/admin/budgets", get(spend::budgets))
         .route_layer(axum::middleware::from_fn_with_state(
             state.admin_token.clone(),
             edge::operator::require_operator,

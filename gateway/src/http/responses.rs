@@ -127,7 +127,11 @@ pub async fn responses(
     let store = turn_request.store;
     let turn = state
         .engine
-        .start(turn_request, &caller.tenant, &caller.limiter)
+        .start(
+            turn_request,
+            &caller.tenant,
+            &state.spend.meter(&caller, "responses"),
+        )
         .await?;
     let cache = super::cache_status(&turn);
     let nonce = new_id("");

@@ -1,6 +1,6 @@
 //! Configuration reloaded in place: the gateway's configuration file
 //! (`MOLTBOT_GATEWAY_CONFIG`: routes, candidates and weights, API keys,
-//! tenants, limits) is read again when its content changes (checked every
+//! tenants, limits, prices and budgets) is read again when its content changes (checked every
 //! [`Reloader`] interval, 2 s by default — a Kubernetes ConfigMap update
 //! swaps the mounted file under the pod, no restart) and at once on SIGHUP.
 //!
@@ -129,6 +129,7 @@ pub struct Reloader {
     shared: Option<Arc<SharedBuckets>>,
     keys: Arc<Live<KeyRing>>,
     engine: Arc<Engine>,
+    spend: Arc<crate::spend::Spend>,
     /// SHA-256 of the content last seen (served or refused).
     seen: Option<[u8; 32]>,
     /// Whether the last attempt could not read the file (logged once).
@@ -146,6 +147,7 @@ impl Reloader {
         shared: Option<Arc<SharedBuckets>>,
         keys: Arc<Live<KeyRing>>,
         engine: Arc<Engine>,
+        spend: Arc<crate::spend::Spend>,
     ) -> Self {
         let seen = std::fs::read(&path).ok().map(|b| Sha256::digest(&b).into());
         LAST_OK.set(1);
@@ -157,6 +159,7 @@ impl Reloader {
             shared,
             keys,
             engine,
+            spend,
             seen,
             unreadable: false,
         }
@@ -228,9 +231,12 @@ impl Reloader {
             self.keys
                 .get()
                 .rebuild(&config, self.http_addr, &self.tenant, self.shared.clone())?;
-        // Both built and valid: swap them in together.
+        let spend = crate::spend::Compiled::new(config.spend)
+            .map_err(|e| GatewayError::Config(moltbot_runtime::RuntimeError::Config(e)))?;
+        // All built and valid: swap them in together.
         self.engine.set_router(Router::new(config.routes));
         self.keys.set(keys);
+        self.spend.set_compiled(spend);
         Ok(summary)
     }
 

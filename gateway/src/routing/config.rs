@@ -42,6 +42,10 @@ pub struct GatewayConfig {
     /// Limits of anonymous callers, shared by all of them.
     #[serde(default)]
     pub anonymous_limits: Limits,
+    /// Prices, budgets and the spend ledger's settings
+    /// (`gateway/src/spend/config.rs`).
+    #[serde(default)]
+    pub spend: crate::spend::SpendConfig,
 }
 
 fn yes() -> bool {
@@ -180,6 +184,11 @@ pub struct Route {
     /// The response cache on this route (`gateway/src/cache/`).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Refuse (403) a caller with a budget when a model this route may
+    /// answer with has no price in `spend.prices` (default false: an
+    /// unpriced model is charged nothing and reported as unpriced).
+    #[serde(default)]
+    pub refuse_unpriced: bool,
     /// The rollout splitting this route's new sessions, while one is
     /// running or paused (set by the turn engine from the rollout store,
     /// never read from the file: `gateway/src/rollout/`).
@@ -307,11 +316,13 @@ impl Default for GatewayConfig {
                 default_max_tokens: default_max_tokens(),
                 client_turns: ClientTurns::default(),
                 cache: CacheConfig::default(),
+                refuse_unpriced: false,
                 rollout: None,
             }],
             api_keys: Vec::new(),
             allow_anonymous: true,
             anonymous_limits: Limits::default(),
+            spend: crate::spend::SpendConfig::default(),
         }
     }
 }
@@ -391,6 +402,8 @@ impl GatewayConfig {
                 ));
             }
         }
+        let names: Vec<&str> = self.api_keys.iter().map(|k| k.name.as_str()).collect();
+        self.spend.validate(&names)?;
         Ok(())
     }
 }

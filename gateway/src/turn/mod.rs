@@ -56,7 +56,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 pub use generate::Started;
-pub use ports::{Charge, Reserved};
+pub use ports::{Admit, Charge, Reserved, Used};
 pub use report::{Attempt, Extension, IntentInfo, Source, Usage};
 pub use request::{Sampling, TurnRequest};
 pub use run::{Answer, Buffered, Ended, Finish, Gone, Output, into_result, stored_text};
@@ -309,11 +309,23 @@ impl Engine {
                 let (prepared, started) =
                     cache::replay(req, tenant, session_id, route, &entry, budget, arrived)?;
                 crate::cache::record(crate::cache::Status::Hit, Some(arrived.elapsed()));
+                // A hit generates nothing: no tokens per minute, and the
+                // cache-hit price (zero by default) on the budgets.
+                let reserved = charge
+                    .reserve(Admit {
+                        request_id: &prepared.id,
+                        route: &prepared.route,
+                        chain: std::slice::from_ref(&entry.model),
+                        prompt_tokens: entry.prompt_tokens,
+                        completion_budget: entry.completion_tokens,
+                        refuse_unpriced: false,
+                        cache_hit: true,
+                    })
+                    .await?;
                 return Ok(Turn {
                     engine: self.clone(),
                     prepared,
-                    // A hit generates nothing: nothing is charged.
-                    reserved: Box::new(ports::Free),
+                    reserved,
                     started,
                 });
             }
@@ -335,8 +347,20 @@ impl Engine {
             .sampling
             .as_ref()
             .map_or(0, |s| s.max_tokens);
+        let refuse_unpriced = routes
+            .iter()
+            .find(|r| r.name == prepared.route)
+            .is_some_and(|r| r.refuse_unpriced);
         let reserved = charge
-            .reserve(prepared.prompt_tokens, budget_tokens)
+            .reserve(Admit {
+                request_id: &prepared.id,
+                route: &prepared.route,
+                chain: &prepared.chain,
+                prompt_tokens: prepared.prompt_tokens,
+                completion_budget: budget_tokens,
+                refuse_unpriced,
+                cache_hit: false,
+            })
             .await?;
         let started = generate::start(&self.ports, &mut prepared).await;
         if let Some(assigned) = &prepared.ext.rollout {
@@ -445,6 +469,7 @@ impl Engine {
                 default_max_tokens: 256,
                 client_turns: Default::default(),
                 cache: Default::default(),
+                refuse_unpriced: false,
                 rollout: None,
             }]);
         }

@@ -114,25 +114,69 @@ pub trait Generation: Send + Sync {
     fn list_models(&self, timeout: Duration) -> Call<'_, Vec<ModelInfo>>;
 }
 
-/// Tokens held for one turn against the caller's budget (the edge's rate
-/// limiter implements it: `gateway/src/edge/ratelimit/mod.rs`).
+/// What a turn is admitted with ([`Charge::reserve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Admit<'a> {
+    /// The turn's id (`chatcmpl-…`): the ledger row's request id.
+    pub request_id: &'a str,
+    /// The route taken.
+    pub route: &'a str,
+    /// The models that may answer, in order (the worst case is reserved
+    /// at the dearest).
+    pub chain: &'a [String],
+    /// Tokens of the prompt.
+    pub prompt_tokens: u32,
+    /// Most completion tokens (`max_tokens`).
+    pub completion_budget: u32,
+    /// The route refuses models without a price when a budget applies.
+    pub refuse_unpriced: bool,
+    /// The answer is replayed from the response cache: no tokens per
+    /// minute are taken, the cache-hit price applies.
+    pub cache_hit: bool,
+}
+
+/// The tokens a turn used, as it settles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Used {
+    /// Prompt tokens, the cached included.
+    pub prompt_tokens: u32,
+    /// Prompt tokens a provider served from its prompt cache.
+    pub cached_tokens: u32,
+    /// Completion tokens.
+    pub completion_tokens: u32,
+}
+
+impl Used {
+    /// Prompt plus completion tokens.
+    pub fn total(&self) -> u32 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// What a turn holds against the caller's limits and budgets (the edge's
+/// meter implements it: `gateway/src/spend/meter.rs`). Dropped without
+/// [`Reserved::settle`] (a cancelled or failed turn), it charges what was
+/// seen.
 pub trait Reserved: Send + Sync {
+    /// The generation of `model` started (the model a drop charges).
+    fn started(&mut self, model: &str);
     /// Counts `n` completion tokens produced so far (charged if the turn
     /// ends without settling).
     fn saw_completion(&mut self, n: u32);
-    /// Charges `used` tokens instead of the reservation.
-    fn settle(self: Box<Self>, used: u32);
+    /// Charges what the turn used instead of the reservation.
+    fn settle(self: Box<Self>, used: Used);
 }
 
-/// Admission of a turn's tokens: the caller's tokens-per-minute.
+/// Admission of a turn's cost: the caller's tokens per minute and budgets.
 pub trait Charge: Send + Sync {
-    /// Reserves the prompt's tokens and the whole completion budget.
-    /// Errors with [`ApiError::RateLimited`].
-    fn reserve(
-        &self,
-        prompt_tokens: u32,
-        completion_budget: u32,
-    ) -> BoxFuture<'_, Result<Box<dyn Reserved>, ApiError>>;
+    /// Reserves the prompt's tokens and the whole completion budget, and
+    /// their worst-case cost on every budget of the caller. Errors with
+    /// [`ApiError::RateLimited`], [`ApiError::BudgetExceeded`],
+    /// [`ApiError::Unpriced`], or 503 when the budget store fails.
+    fn reserve<'a>(
+        &'a self,
+        admit: Admit<'a>,
+    ) -> BoxFuture<'a, Result<Box<dyn Reserved>, ApiError>>;
 }
 
 /// A charge that admits everything and charges nothing (batch work and
@@ -141,16 +185,16 @@ pub trait Charge: Send + Sync {
 pub struct Free;
 
 impl Reserved for Free {
+    fn started(&mut self, _model: &str) {}
     fn saw_completion(&mut self, _n: u32) {}
-    fn settle(self: Box<Self>, _used: u32) {}
+    fn settle(self: Box<Self>, _used: Used) {}
 }
 
 impl Charge for Free {
-    fn reserve(
-        &self,
-        _prompt_tokens: u32,
-        _completion_budget: u32,
-    ) -> BoxFuture<'_, Result<Box<dyn Reserved>, ApiError>> {
+    fn reserve<'a>(
+        &'a self,
+        _admit: Admit<'a>,
+    ) -> BoxFuture<'a, Result<Box<dyn Reserved>, ApiError>> {
         Box::pin(async { Ok(Box::new(Free) as Box<dyn Reserved>) })
     }
 }

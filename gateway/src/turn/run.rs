@@ -221,6 +221,7 @@ async fn drain<O: Output>(
         first,
         mut events,
     } = started;
+    reserved.started(&model);
     let mut pieces = Vec::new();
     let mut text = String::new();
     let mut calls = Vec::new();
@@ -358,7 +359,11 @@ pub(super) async fn run<O: Output>(
                     created_at: None,
                 };
                 write_session(engine, prepared, answer).await;
-                reserved.settle(usage.total_tokens);
+                reserved.settle(super::Used {
+                    prompt_tokens: usage.prompt_tokens,
+                    cached_tokens: usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+                    completion_tokens: usage.completion_tokens,
+                });
                 record_done(prepared, &usage);
                 // Only an answer that ended normally, without calls, is
                 // replayable; the session write above does not depend on it.

@@ -307,30 +307,6 @@ impl Reservation {
     }
 }
 
-/// The turn engine charges a caller's turns through its limiter.
-impl crate::turn::Charge for Arc<RateLimiter> {
-    fn reserve(
-        &self,
-        prompt_tokens: u32,
-        completion_budget: u32,
-    ) -> futures::future::BoxFuture<'_, Result<Box<dyn crate::turn::Reserved>, ApiError>> {
-        Box::pin(async move {
-            let r = RateLimiter::reserve(self, prompt_tokens, completion_budget).await?;
-            Ok(Box::new(r) as Box<dyn crate::turn::Reserved>)
-        })
-    }
-}
-
-impl crate::turn::Reserved for Reservation {
-    fn saw_completion(&mut self, n: u32) {
-        Reservation::saw_completion(self, n);
-    }
-
-    fn settle(self: Box<Self>, used: u32) {
-        Reservation::settle(*self, used);
-    }
-}
-
 impl Drop for Reservation {
     fn drop(&mut self) {
         let used = self.prompt.saturating_add(self.completion_seen);
