@@ -28,6 +28,7 @@ mod mesh;
 mod models;
 mod rollout;
 mod served;
+mod spend;
 mod status;
 mod up;
 
@@ -71,6 +72,9 @@ enum Command {
     /// Live model rollouts: `start`, `status`, `pause`, `resume`,
     /// `promote`, `abort`.
     Rollout(rollout::RolloutArgs),
+    /// Spend from the gateway's ledger by key, tenant, model, route or
+    /// endpoint (`--budgets`: every budget's current window).
+    Spend(spend::SpendArgs),
 }
 
 /// Errors of the CLI.
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
             Command::Intents(args) => intents::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Rollout(args) => rollout::run(args).await,
+            Command::Spend(args) => spend::run(args).await,
         }
     });
     match result {

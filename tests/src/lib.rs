@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod process;
 pub mod providers;
+pub mod proxy;
 pub mod stores;
 pub mod tls;
 

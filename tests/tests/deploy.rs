@@ -468,14 +468,18 @@ fn helm_chart_renders_validates_and_matches_the_pinned_names() {
     // Two or more gateways share the rate-limit buckets in Redis: the
     // chart marks them replicated (start-up then needs REDIS_URL) and hands
     // them REDIS_URL.
+    // The spend ledger of several gateways is PostgreSQL's (DATABASE_URL).
     assert_eq!(env_of(gateway, "MOLTBOT_REPLICATED"), "true");
-    assert!(
-        gateway["env"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "REDIS_URL")
-    );
+    for key in ["REDIS_URL", "DATABASE_URL"] {
+        assert!(
+            gateway["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == key),
+            "{key}"
+        );
+    }
     // Only the gateway's policy admits traffic from anywhere.
     let gw_policy = find("NetworkPolicy", "moltbot-gateway");
     assert!(gw_policy["spec"]["ingress"][0]["from"].is_null());

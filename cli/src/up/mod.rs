@@ -204,8 +204,12 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         ("MOLTBOT_RETRIEVAL_URL", https(&ports::RETRIEVAL)),
         ("MOLTBOT_CONTEXT_URL", https(&ports::CONTEXT)),
         ("MOLTBOT_AUTH_URL", https(&ports::AUTH_ROTATION)),
-        // The operator's `/admin/…` (`moltbot cache purge`).
+        // The operator's `/admin/…` (`moltbot cache purge`, `moltbot
+        // rollout`, `moltbot spend`).
         ("MOLTBOT_ADMIN_TOKEN", admin_token.clone()),
+        // The spend ledger's SQLite file (`spend.db`), unless DATABASE_URL
+        // points it at PostgreSQL.
+        ("MOLTBOT_DATA_DIR", args.data_dir.display().to_string()),
     ]);
     if let Some(file) = &args.gateway_config {
         // Checked here as the gateway will, so a bad file stops `up` with

@@ -86,7 +86,8 @@ pub enum WindowKind {
     Weekly,
     /// From the first of the month 00:00 to the first of the next.
     Monthly,
-    /// The last `period`, sliding (in 60 buckets of `period / 60`).
+    /// The last `period`, sliding (in 60 counters of `period / 60`; at
+    /// least 10 s).
     Rolling,
 }
 
@@ -149,8 +150,8 @@ impl BudgetConfig {
     }
 }
 
-/// Shortest rolling window: one minute (60 one-second buckets).
-pub const MIN_ROLLING_PERIOD: Duration = Duration::from_secs(60);
+/// Shortest rolling window: ten seconds (ten one-second counters).
+pub const MIN_ROLLING_PERIOD: Duration = Duration::from_secs(10);
 
 impl SpendConfig {
     /// Checks what serde cannot. `keys` are the configured API key names.

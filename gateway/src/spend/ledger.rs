@@ -105,6 +105,8 @@ pub struct Ledger {
     capacity: usize,
     wake: Notify,
     pool: tokio::sync::Mutex<Option<moltbot_sql::Pool>>,
+    /// Rows taken from the buffer by a write not yet finished.
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// How `moltbot spend --by` groups rows.
@@ -169,6 +171,7 @@ impl Ledger {
             capacity: capacity.max(1),
             wake: Notify::new(),
             pool: tokio::sync::Mutex::new(None),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -183,15 +186,22 @@ impl Ledger {
             metrics::LEDGER_ROWS.with_label_values(&["dropped"]).inc();
         }
         buffer.push_back(row);
-        metrics::LEDGER_BUFFERED.set(buffer.len() as i64);
+        self.publish(buffer.len());
         if buffer.len() >= BATCH_ROWS {
             self.wake.notify_one();
         }
     }
 
-    /// Rows waiting.
+    /// Rows not written yet (buffered, or in a write not finished).
     pub fn buffered(&self) -> usize {
         self.buffer.lock().map_or(0, |b| b.len())
+            + self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sets the buffered-rows gauge from the buffer's length.
+    fn publish(&self, buffer_len: usize) {
+        let in_flight = self.in_flight.load(std::sync::atomic::Ordering::SeqCst);
+        metrics::LEDGER_BUFFERED.set((buffer_len + in_flight) as i64);
     }
 
     /// Writes buffered rows until the buffer is empty. Errors with the
@@ -213,15 +223,18 @@ impl Ledger {
             let batch: Vec<Row> = match self.buffer.lock() {
                 Ok(mut b) => {
                     let n = b.len().min(BATCH_ROWS);
+                    self.in_flight.store(n, std::sync::atomic::Ordering::SeqCst);
                     b.drain(..n).collect()
                 }
                 Err(_) => return Err(lost("buffer", "poisoned")),
             };
             if batch.is_empty() {
-                metrics::LEDGER_BUFFERED.set(0);
+                self.publish(0);
                 return Ok(());
             }
-            if let Err(e) = insert(p, &batch).await {
+            let written = insert(p, &batch).await;
+            self.in_flight.store(0, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = written {
                 // Back at the front, in order; past the bound the oldest go.
                 if let Ok(mut b) = self.buffer.lock() {
                     for row in batch.into_iter().rev() {
@@ -231,13 +244,14 @@ impl Ledger {
                         b.pop_front();
                         metrics::LEDGER_ROWS.with_label_values(&["dropped"]).inc();
                     }
-                    metrics::LEDGER_BUFFERED.set(b.len() as i64);
+                    self.publish(b.len());
                 }
                 return Err(lost("write failed", e));
             }
             metrics::LEDGER_ROWS
                 .with_label_values(&["written"])
                 .inc_by(batch.len() as u64);
+            self.publish(self.buffer.lock().map_or(0, |b| b.len()));
         }
     }
 

@@ -4,8 +4,9 @@
 //! by its start in the configured time zone (so midnight is the zone's
 //! midnight, daylight-saving days included: jiff's `start_of_day`). A
 //! `rolling` window of length `period` is 60 counters of `period / 60`
-//! each (at least one second), the last of which takes new spend: spend
-//! leaves the window one bucket at a time, at most `period / 60` late.
+//! each (one-second counters for periods under a minute), the last of
+//! which takes new spend: spend leaves the window one counter at a time,
+//! at most one counter's length late.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use jiff::{Timestamp, ToSpan, tz::TimeZone};
 
 use super::config::WindowKind;
 
-/// Buckets of a rolling window.
+/// Counters of a rolling window of a minute or more.
 pub const ROLLING_BUCKETS: i64 = 60;
 
 /// The counters of one budget at one instant.
@@ -41,7 +42,8 @@ impl Window {
         if self.buckets.len() == 1 {
             return self.end_s;
         }
-        self.buckets.get(index).copied().unwrap_or(self.end_s) + self.bucket_s * ROLLING_BUCKETS
+        self.buckets.get(index).copied().unwrap_or(self.end_s)
+            + self.bucket_s * self.buckets.len() as i64
     }
 }
 
@@ -107,16 +109,14 @@ pub fn at(
             let period = period
                 .unwrap_or(super::config::MIN_ROLLING_PERIOD)
                 .as_secs() as i64;
-            let len = (period / ROLLING_BUCKETS).max(1);
+            let count = ROLLING_BUCKETS.min(period).max(1);
+            let len = (period / count).max(1);
             let current = now_s.div_euclid(len) * len;
             Window {
-                buckets: (0..ROLLING_BUCKETS)
-                    .rev()
-                    .map(|i| current - i * len)
-                    .collect(),
+                buckets: (0..count).rev().map(|i| current - i * len).collect(),
                 bucket_s: len,
                 end_s: current + len,
-                ttl_s: len * (ROLLING_BUCKETS + 1),
+                ttl_s: len * (count + 1),
             }
         }
     })
@@ -183,5 +183,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(later.buckets[0], r.buckets[1]);
+        // Under a minute: one-second counters.
+        let short = at(
+            WindowKind::Rolling,
+            Some(Duration::from_secs(10)),
+            &TimeZone::UTC,
+            now,
+        )
+        .unwrap();
+        assert_eq!((short.buckets.len(), short.bucket_s), (10, 1));
+        assert_eq!(short.released_at(0), now.as_second() - 9 + 10);
     }
 }
