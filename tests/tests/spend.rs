@@ -380,9 +380,7 @@ async fn fifty_concurrent_turns_on_two_gateways_never_overrun_a_budget() {
     mesh.write_config(
         2000.0,
         false,
-        &[&format!(
-            "{{ key: app-{{run}}, max_usd: 100, window: daily }}"
-        )],
+        &["{ key: app-{run}, max_usd: 100, window: daily }"],
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -88,6 +88,12 @@ struct Args {
     /// Requests per live-operations phase.
     #[arg(long, default_value_t = 3000)]
     live_requests: usize,
+    /// Skip the spend measurement (budgets and ledger on vs off).
+    #[arg(long)]
+    skip_spend: bool,
+    /// Requests per spend measurement (each concurrency, each side).
+    #[arg(long, default_value_t = 2000)]
+    spend_requests: usize,
 }
 
 /// Latencies of one run and its wall time.
@@ -675,6 +681,91 @@ async fn cache_run(args: &Args, provider: &str) -> Vec<(usize, Run, Run)> {
     out
 }
 
+/// Spend control on vs off (issue 35, item 6): two gateways over one
+/// relay mesh, identical but for spend — "on" prices the model, checks a
+/// key budget and a tenant budget in Redis at every admission and writes
+/// every request to the PostgreSQL ledger; "off" has no `spend:` section
+/// and `MOLTBOT_SPEND_LEDGER=off`. Measured side by side at concurrency 1
+/// and 64. Returns (concurrency, off, on) per concurrency and the ledger's
+/// row count (every "on" request, checked).
+async fn spend_run(args: &Args, provider: &str) -> (Vec<(usize, Run, Run)>, i64) {
+    let (auth, context, generation) = relay(provider).await;
+    wait_all(&[&generation, &context]).await;
+    let route = "routes:\n  - name: default\n    match: { models: [default] }\n    understanding: false\n    candidates: [{ model: fake/gpt-fake }]\n    cache: { enabled: false }\n";
+    let off = write_config("spend-off", route);
+    let on = write_config(
+        "spend-on",
+        &format!(
+            "{route}spend:\n  prices:\n    fake/gpt-fake: {{ input: 0.15, output: 0.60 }}\n  budgets:\n    - {{ key: anonymous, max_usd: 1000000, window: daily }}\n    - {{ tenant: local, max_usd: 1000000, window: monthly }}\n"
+        ),
+    );
+    let schema = format!("bench_spend_{}", std::process::id());
+    let database = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let redis = moltbot_e2e::stores::redis_url();
+    let gateway = |config: String, spend: bool| {
+        let mut env = vec![
+            ("MOLTBOT_CONTEXT_URL", context.grpc_url()),
+            ("MOLTBOT_GENERATION_URL", generation.grpc_url()),
+            ("MOLTBOT_UNDERSTANDING_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".into()),
+            ("MOLTBOT_AUTH_URL", auth.grpc_url()),
+            ("MOLTBOT_GATEWAY_CONFIG", config),
+            ("MOLTBOT_MAX_IN_FLIGHT", "4096".into()),
+            ("REDIS_URL", redis.clone()),
+            ("MOLTBOT_ADMIN_TOKEN", "bench-admin".into()),
+            ("RUST_LOG", "warn,moltbot_gateway=info".into()),
+        ];
+        if spend {
+            env.push(("DATABASE_URL", database.clone()));
+            env.push(("MOLTBOT_SPEND_PG_SCHEMA", schema.clone()));
+        } else {
+            env.push(("MOLTBOT_SPEND_LEDGER", "off".into()));
+        }
+        ServiceProcess::start("moltbot-gateway", &env)
+    };
+    let (off, on) = (gateway(off, false), gateway(on, true));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    for url in [off.http_url(), on.http_url()] {
+        for i in 0..20 {
+            chat(&http, &url, format!("warm-up {i}"), 16).await;
+        }
+    }
+    let mut out = Vec::new();
+    for c in [1, 64] {
+        let mut runs = Vec::new();
+        for g in [&off, &on] {
+            let (http, url) = (http.clone(), g.http_url());
+            runs.push(
+                load(args.spend_requests, c, move |i| {
+                    let (http, url) = (http.clone(), url.clone());
+                    async move { chat(&http, &url, format!("Say hello ({i})."), 16).await }
+                })
+                .await,
+            );
+        }
+        let on_run = runs.pop().unwrap();
+        let off_run = runs.pop().unwrap();
+        out.push((c, off_run, on_run));
+    }
+    // Every "on" request has its ledger row (the report writes what is
+    // buffered first).
+    let report: Value = http
+        .get(format!("{}/admin/spend?by=key", on.http_url()))
+        .bearer_auth("bench-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or_default();
+    let rows = report["total"]["requests"].as_i64().unwrap_or(-1);
+    (out, rows)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args = Args::parse();
@@ -775,6 +866,27 @@ async fn main() {
             println!("{}", row(label, run, (i > 0).then_some(steady)));
         }
         println!("\n{figures}");
+    }
+    if !args.skip_spend {
+        println!(
+            "\n## Spend control: budgets (Redis) and ledger (PostgreSQL) on vs off, fake provider at {} ms, {} requests each\n",
+            args.provider_latency_ms, args.spend_requests
+        );
+        println!(
+            "| path | concurrency | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | failed |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        let (runs, rows) = spend_run(&args, &provider).await;
+        let mut on_requests = 0;
+        for (c, off, on) in &runs {
+            println!("{}", row(&format!("spend off | {c}"), off, None));
+            println!("{}", row(&format!("spend on | {c}"), on, Some(off)));
+            on_requests += on.latencies.len() + on.failed;
+        }
+        println!(
+            "\nledger rows written for the \"on\" gateway: {rows} (requests sent, warm-up included: {})",
+            on_requests + 20
+        );
     }
     if !args.skip_cache {
         println!(
