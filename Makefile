@@ -151,9 +151,10 @@ doctor: build-services-release
 ## start generate in f32 (MOLTBOT_DTYPE), where answers match transformers
 ## exactly; the CPU default, int4, has its own parity and probe-set test
 ## (services/generation/tests/parity.rs).
-test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools observability-tools
+test: $(GRPCURL) $(OPENAI_NODE) stores models intent-head deploy-tools observability-tools $(LLAMA_STAMP)
 	$(CARGO) build --workspace --bins --tests
 	GRPCURL=$(GRPCURL) MOLTBOT_INTENT_HEAD_DIR=$(MODELS_DIR)/intent-head \
+	  MOLTBOT_LLAMA_PYTHON=$(LLAMA_VENV)/bin/python \
 	  MOLTBOT_DTYPE=f32 MOLTBOT_NODE_PATH=$(TOOLS_DIR)/node_modules \
 	  HELM=$(VENV)/bin/helm KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate \
 	  TSC=$(TOOLS_DIR)/node_modules/.bin/tsc GRAFANA_SCHEMA=$(TOOLS_DIR)/node_modules/@grafana/schema \
@@ -169,16 +170,19 @@ test-fast: ml-venv
 
 ## Benchmarks: ours vs the reference, measured side by side (see BENCHMARKS.md).
 ## Generation runs against llama.cpp through llama-cpp-python, pinned here and
-## installed into its own virtualenv by this target only: pip compiles
-## llama.cpp for several minutes, which `make up` and `make test` never pay.
+## installed into its own virtualenv (pip compiles llama.cpp, about 7 minutes
+## the first time); `make test` uses its OpenAI-compatible server as a
+## rollout variant (tests/tests/llama_variant.rs), `make up` never needs it.
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LLAMA_VENV := $(TOOLS_DIR)/llama-venv
-$(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON_VERSION):
+LLAMA_STAMP := $(LLAMA_VENV)/.installed-server-$(LLAMA_CPP_PYTHON_VERSION)
+$(LLAMA_STAMP):
 	python3 -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	@echo "llama-venv: installing llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION) (compiles llama.cpp the first time)"
+	$(LLAMA_VENV)/bin/pip install --quiet "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)"
 	touch $@
 
-bench-generation: build-release models $(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON_VERSION)
+bench-generation: build-release models $(LLAMA_STAMP)
 	MOLTBOT_LLAMA_PYTHON=$(LLAMA_VENV)/bin/python \
 	  $(CARGO_TARGET_DIR)/release/moltbot-generation-bench --model-dir $(MODELS_DIR)/qwen2.5-coder-0.5b-instruct
 
