@@ -191,8 +191,15 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
     let work = std::env::temp_dir().join(format!("moltbot-up-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let head = work.join("intent-head");
+    // The embedded default's route, in a file step 1d rewrites (reloaded in
+    // place).
+    std::fs::create_dir_all(&work).unwrap();
+    let gateway_config = work.join("gateway.yaml");
+    let default_route = "routes:\n  - name: default\n    match: { models: [default, qwen2.5-coder-0.5b-instruct] }\n    retrieval: { collection: docs, top_k: 3, min_score: 0.3 }\n    candidates: [{ model: qwen2.5-coder-0.5b-instruct }]\n";
+    std::fs::write(&gateway_config, default_route).unwrap();
     let mut child = Command::new(binary("moltbot"))
         .arg("up")
+        .env("MOLTBOT_GATEWAY_CONFIG", &gateway_config)
         .env("MOLTBOT_DATA_DIR", work.join("data"))
         .env("MOLTBOT_LOG_DIR", work.join("log"))
         .env("MOLTBOT_INTENT_HEAD_DIR", &head)
@@ -327,6 +334,108 @@ async fn up_serves_without_a_head_picks_one_up_and_restarts_a_killed_service() {
         "rollout: {turns} turns answered, {on_canary} tried the canary, rolled back after {:.1} s",
         began.elapsed().as_secs_f64()
     );
+
+    // 1d. A daily budget worth five worst-case reservations of a priced
+    // remote model (issue 35's acceptance): turns are admitted while the
+    // spend plus the next reservation fits, the first that does not is
+    // refused 429 naming the budget, and `moltbot spend --by key` shows
+    // the spend within the budget and every turn charged.
+    let priced = moltbot_e2e::fake::Provider {
+        key: Some("sk-priced"),
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let added = Command::new(binary("moltbot"))
+        .args(["keys", "add", "--provider", "priced", "--base-url", &priced])
+        .args(["--models", "gpt-priced"])
+        .env("MOLTBOT_DATA_DIR", work.join("data"))
+        .env("MOLTBOT_PRIMARY_KEY", "sk-priced")
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let spend_config = |max_usd: f64| {
+        format!(
+            "{default_route}  - name: priced\n    match: {{ models: [priced] }}\n    understanding: false\n    candidates: [{{ model: priced/gpt-priced }}]\n    cache: {{ enabled: false }}\n\
+             api_keys:\n  - {{ name: budgeted, sha256: \"{}\" }}\n\
+             spend:\n  prices:\n    # a made-up list price, USD per million tokens\n    priced/gpt-priced: {{ input: 1000, output: 1000 }}\n  budgets:\n    - {{ key: budgeted, max_usd: {max_usd}, window: daily }}\n",
+            moltbot_e2e::sha256_hex("sk-budgeted")
+        )
+    };
+    let priced_turn = || async {
+        let r = client
+            .post(format!("{GATEWAY}/v1/chat/completions"))
+            .bearer_auth("sk-budgeted")
+            .json(&json!({"model": "priced", "max_tokens": 100,
+                "messages": [{"role": "user", "content": "What does it cost?"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap())
+    };
+    let rewrite = |text: String| {
+        let tmp = work.join("gateway.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &gateway_config).unwrap();
+    };
+    // A budget too small for anything: the refusal says what a turn
+    // reserves (its counted prompt and 100 tokens, at $0.001 a token).
+    rewrite(spend_config(0.000001));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let worst = loop {
+        let (status, body) = priced_turn().await;
+        if status == 429 {
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("key:budgeted"), "{message}");
+            let after = message.split("may cost up to $").nth(1).unwrap();
+            break after.split(';').next().unwrap().parse::<f64>().unwrap();
+        }
+        // 401 until the reload adds the key.
+        assert!(Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let max_usd = 5.0 * worst;
+    rewrite(spend_config(max_usd));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut charged = 0;
+    let refusal = loop {
+        let (status, body) = priced_turn().await;
+        match status {
+            200 => charged += 1,
+            429 if body["error"]["code"] == "budget_exceeded"
+                && body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("${max_usd}")) =>
+            {
+                break body;
+            }
+            // The tiny budget, until the reload applies the new one.
+            429 if charged == 0 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            _ => panic!("{status} {body}"),
+        }
+    };
+    // Each turn cost 12 + 3 tokens: the refused one would have pushed the
+    // spend plus its reservation past the budget, the last admitted one
+    // did not.
+    let spent = f64::from(charged) * 15.0 * 0.001;
+    assert!(charged >= 5, "{charged} turns");
+    assert!(
+        spent + worst > max_usd + 1e-9,
+        "{spent} + {worst} fits {max_usd}: {refusal}"
+    );
+    assert!(spent - 0.015 + worst <= max_usd + 1e-9);
+    let table = cli(&["spend", "--by", "key"]);
+    eprintln!("{table}");
+    let line = table.lines().find(|l| l.starts_with("budgeted")).unwrap();
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols[1], charged.to_string(), "{line}");
+    let cost: f64 = cols[5].parse().unwrap();
+    assert!(cost <= max_usd && (cost - spent).abs() < 1e-6, "{line}");
+    eprintln!("spend: {charged} turns charged ${cost:.6} of a ${max_usd:.6} budget, then 429");
 
     // 2. A head written into place is served without a restart.
     copy_dir(&trained, &work.join("head.tmp"));

@@ -134,15 +134,9 @@ impl Spend {
         }
     }
 
-    /// Replaces prices and budgets (a configuration reload); turns already
-    /// admitted settle at the prices they were admitted with. Errors when
-    /// the time zone is unknown (nothing replaced).
-    pub fn set_config(&self, config: SpendConfig) -> Result<(), String> {
-        self.config.set(Compiled::new(config)?);
-        Ok(())
-    }
-
-    /// Replaces prices and budgets with an already resolved section.
+    /// Replaces prices and budgets (a configuration reload, with a section
+    /// resolved by [`Compiled::new`]); turns already admitted settle at the
+    /// prices they were admitted with.
     pub fn set_compiled(&self, compiled: Compiled) {
         self.config.set(compiled);
     }
