@@ -23,17 +23,9 @@ enum CacheCommand {
         /// Only entries of this route.
         #[arg(long)]
         route: Option<String>,
-        /// The gateway.
-        #[arg(
-            long,
-            env = "MOLTBOT_GATEWAY_URL",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        gateway_url: String,
-        /// Where `moltbot up` keeps its dev-mode admin token (read when
-        /// MOLTBOT_ADMIN_TOKEN is unset).
-        #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
-        data_dir: std::path::PathBuf,
+        /// The gateway and the admin token.
+        #[command(flatten)]
+        admin: crate::admin::AdminArgs,
     },
 }
 
@@ -43,29 +35,13 @@ pub async fn run(args: CacheArgs) -> Result<(), CliError> {
     let CacheCommand::Purge {
         tenant,
         route,
-        gateway_url,
-        data_dir,
+        admin,
     } = args.command;
-    let admin_token = crate::mesh::require_admin_token(&data_dir)?;
-    let url = format!("{}/admin/cache/purge", gateway_url.trim_end_matches('/'));
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(admin_token)
-        .json(&serde_json::json!({"tenant": tenant, "route": route}))
-        .send()
-        .await
-        .map_err(|e| CliError::Setup(format!("cannot reach the gateway at {url}: {e}")))?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        return Err(CliError::Setup(format!(
-            "the gateway answered {status}: {body}"
-        )));
-    }
-    let redis = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["purged"]["redis"].as_u64())
-        .unwrap_or(0);
+    let request = reqwest::Client::new()
+        .post(admin.url("/admin/cache/purge"))
+        .json(&serde_json::json!({"tenant": tenant, "route": route}));
+    let value = crate::admin::call(request, &admin.data_dir, "cache purge").await?;
+    let redis = value["purged"]["redis"].as_u64().unwrap_or(0);
     let scope = match (&tenant, &route) {
         (None, None) => "every entry".to_owned(),
         (Some(t), None) => format!("tenant {t}"),

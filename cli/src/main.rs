@@ -15,6 +15,7 @@
 //! - `moltbot intents train|eval|reload` trains, scores and serves intent
 //!   heads on your own data.
 
+mod admin;
 mod cache;
 mod chat;
 mod config;

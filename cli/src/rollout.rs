@@ -102,7 +102,6 @@ enum RolloutCommand {
 /// gateway answered (400: the plan; 404: route or rollout; 409: the
 /// rollout's phase; 401/403: the admin token).
 pub async fn run(args: RolloutArgs) -> Result<(), CliError> {
-    let token = crate::mesh::require_admin_token(&args.data_dir)?;
     let base = format!("{}/admin/rollouts", args.gateway_url.trim_end_matches('/'));
     let client = reqwest::Client::new();
     let (request, action) = match &args.command {
@@ -142,27 +141,13 @@ pub async fn run(args: RolloutArgs) -> Result<(), CliError> {
         }
         RolloutCommand::Abort { route } => (client.post(format!("{base}/{route}/abort")), "abort"),
     };
-    let response = request
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|e| CliError::Setup(format!("cannot reach the gateway at {base}: {e}")))?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        let message = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or(body);
-        return Err(CliError::Setup(format!(
-            "rollout {action}: the gateway answered {status}: {message}"
-        )));
-    }
-    let value: Value = serde_json::from_str(&body)
-        .map_err(|e| CliError::Setup(format!("the gateway's answer is not JSON: {e}")))?;
+    let value = crate::admin::call(request, &args.data_dir, &format!("rollout {action}")).await?;
     match &args.command {
         RolloutCommand::Status { json: true, .. } => {
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or(body));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
         }
         RolloutCommand::Status { .. } => {
             let all = match value {

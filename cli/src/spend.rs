@@ -26,17 +26,9 @@ pub struct SpendArgs {
     /// Print the gateway's JSON.
     #[arg(long)]
     json: bool,
-    /// The gateway.
-    #[arg(
-        long,
-        env = "MOLTBOT_GATEWAY_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    gateway_url: String,
-    /// Where `moltbot up` keeps its dev-mode admin token (read when
-    /// MOLTBOT_ADMIN_TOKEN is unset).
-    #[arg(long, env = "MOLTBOT_DATA_DIR", default_value = "var/data")]
-    data_dir: std::path::PathBuf,
+    /// The gateway and the admin token.
+    #[command(flatten)]
+    admin: crate::admin::AdminArgs,
 }
 
 /// `24h` ago, `2026-12-01` or an RFC 3339 instant as RFC 3339. Errors
@@ -64,11 +56,9 @@ fn instant(flag: &str, value: &str) -> Result<String, CliError> {
 /// Runs `moltbot spend`. Errors with [`CliError::Setup`] naming what the
 /// gateway answered.
 pub async fn run(args: SpendArgs) -> Result<(), CliError> {
-    let token = crate::mesh::require_admin_token(&args.data_dir)?;
-    let base = args.gateway_url.trim_end_matches('/').to_owned();
     let client = reqwest::Client::new();
     let request = if args.budgets {
-        client.get(format!("{base}/admin/budgets"))
+        client.get(args.admin.url("/admin/budgets"))
     } else {
         let mut query = vec![("by", args.by.clone())];
         if let Some(s) = &args.since {
@@ -77,28 +67,14 @@ pub async fn run(args: SpendArgs) -> Result<(), CliError> {
         if let Some(u) = &args.until {
             query.push(("until", instant("until", u)?));
         }
-        client.get(format!("{base}/admin/spend")).query(&query)
+        client.get(args.admin.url("/admin/spend")).query(&query)
     };
-    let response = request
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|e| CliError::Setup(format!("cannot reach the gateway at {base}: {e}")))?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        let message = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or(body);
-        return Err(CliError::Setup(format!(
-            "spend: the gateway answered {status}: {message}"
-        )));
-    }
-    let value: Value = serde_json::from_str(&body)
-        .map_err(|e| CliError::Setup(format!("the gateway's answer is not JSON: {e}")))?;
+    let value = crate::admin::call(request, &args.admin.data_dir, "spend").await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or(body));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     } else if args.budgets {
         print!("{}", budgets_table(&value));
     } else {
