@@ -40,7 +40,7 @@ pub async fn run(args: ConfigArgs) -> Result<(), CliError> {
             let (_, summary) = moltbot_gateway::reload::check(&file, http_addr)
                 .map_err(|e| CliError::Setup(e.to_string()))?;
             println!(
-                "{}: ok — {} route(s) ({}), {} API key(s), anonymous access {}",
+                "{}: ok — {} route(s) ({}), {} API key(s), anonymous access {}, {} priced model(s), {} budget(s)",
                 file.display(),
                 summary.routes.len(),
                 summary.routes.join(", "),
@@ -49,7 +49,9 @@ pub async fn run(args: ConfigArgs) -> Result<(), CliError> {
                     "on (loopback)"
                 } else {
                     "off"
-                }
+                },
+                summary.priced_models,
+                summary.budgets
             );
             Ok(())
         }

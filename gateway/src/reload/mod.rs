@@ -98,6 +98,10 @@ pub struct Summary {
     pub api_keys: usize,
     /// Whether anonymous callers are served (loopback only).
     pub anonymous: bool,
+    /// Models with a price.
+    pub priced_models: usize,
+    /// Budgets (per key and per tenant).
+    pub budgets: usize,
 }
 
 /// Reads and validates the configuration file at `path` for a gateway
@@ -117,6 +121,8 @@ fn summary(config: &GatewayConfig, http_addr: SocketAddr) -> Summary {
         routes: config.routes.iter().map(|r| r.name.clone()).collect(),
         api_keys: config.api_keys.len(),
         anonymous: config.allow_anonymous && http_addr.ip().is_loopback(),
+        priced_models: config.spend.prices.len(),
+        budgets: config.spend.budgets.len(),
     }
 }
 
