@@ -105,8 +105,13 @@ impl Mesh {
     /// Writes the configuration: route `r-RUN` (model `m-RUN`, the fake,
     /// `max_tokens` 100, cache `cache`), keys `app`, `probe` and `roll`
     /// (`sk-NAME-RUN`), `price` USD per million tokens, and `budgets`
-    /// (YAML list items, `{run}` replaced).
+    /// (YAML list items, `{run}` replaced); soft-limit events go to
+    /// `webhook`, when given.
     fn write_config(&self, price: f64, cache: bool, budgets: &[&str]) {
+        self.write_config_with(price, cache, budgets, None);
+    }
+
+    fn write_config_with(&self, price: f64, cache: bool, budgets: &[&str], webhook: Option<&str>) {
         let run = &self.run;
         let keys: String = ["app", "probe", "roll"]
             .iter()
@@ -124,7 +129,10 @@ impl Mesh {
         let text = format!(
             "routes:\n  - name: r-{run}\n    match: {{ models: [m-{run}] }}\n    understanding: false\n    default_max_tokens: 100\n    cache: {{ enabled: {cache} }}\n    candidates: [{{ model: {MODEL} }}]\n\
              api_keys:\n{keys}allow_anonymous: false\n\
-             spend:\n  time_zone: Europe/Berlin\n  prices:\n    # a made-up list price, in USD per million tokens\n    {MODEL}: {{ input: {price}, output: {price} }}\n  budgets:\n{}",
+             spend:\n  time_zone: Europe/Berlin\n{}  prices:\n    # a made-up list price, in USD per million tokens\n    {MODEL}: {{ input: {price}, output: {price} }}\n  budgets:\n{}",
+            webhook.map_or(String::new(), |url| format!(
+                "  soft_limit_webhook: {url}\n"
+            )),
             if budgets.is_empty() {
                 "    []\n".to_owned()
             } else {
@@ -275,7 +283,26 @@ async fn fifty_concurrent_turns_on_two_gateways_never_overrun_a_budget() {
     // Budgets worth five and a half turns for the key, and for its tenant
     // a monthly one it never reaches; applied by a reload, no restart.
     let max_usd = 5.5 * worst;
-    mesh.write_config(
+    // Soft-limit events are posted here.
+    let events: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let hook = {
+        let events = events.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let events = events.clone();
+                async move {
+                    events.lock().unwrap().push(v);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    };
+    mesh.write_config_with(
         1000.0,
         false,
         &[
@@ -288,6 +315,7 @@ async fn fifty_concurrent_turns_on_two_gateways_never_overrun_a_budget() {
                 worst + 0.01
             ),
         ],
+        Some(&hook),
     );
     let budget = format!("key:app-{}", mesh.run);
     wait_budget(&a, &budget).await;
@@ -337,6 +365,15 @@ async fn fifty_concurrent_turns_on_two_gateways_never_overrun_a_budget() {
         )
         .await;
     assert_eq!(soft, 1.0, "the soft limit is raised once per window");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while events.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no soft-limit webhook call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let posted = events.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0]["event"], "budget.soft_limit");
+    assert_eq!(posted[0]["budget"], budget);
 
     // `moltbot spend --by key` shows the same.
     let out = Command::new(binary("moltbot"))
