@@ -146,6 +146,14 @@ up: build-services-release models
 doctor: build-services-release
 	$(CARGO_TARGET_DIR)/release/moltbot doctor
 
+## llama.cpp through llama-cpp-python (its server, with the `server` extra),
+## pinned, in its own virtualenv: the reference of `make bench-generation`
+## and a rollout variant in `make test`. Defined before the targets that
+## name the stamp (make expands prerequisites as it reads them).
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_VENV := $(TOOLS_DIR)/llama-venv
+LLAMA_STAMP := $(LLAMA_VENV)/.installed-server-$(LLAMA_CPP_PYTHON_VERSION)
+
 ## Every test: unit, integration and end-to-end (real processes, real sockets,
 ## real model weights, real Redis and PostgreSQL). The services the tests
 ## start generate in f32 (MOLTBOT_DTYPE), where answers match transformers
@@ -173,9 +181,6 @@ test-fast: ml-venv
 ## installed into its own virtualenv (pip compiles llama.cpp, about 7 minutes
 ## the first time); `make test` uses its OpenAI-compatible server as a
 ## rollout variant (tests/tests/llama_variant.rs), `make up` never needs it.
-LLAMA_CPP_PYTHON_VERSION := 0.3.36
-LLAMA_VENV := $(TOOLS_DIR)/llama-venv
-LLAMA_STAMP := $(LLAMA_VENV)/.installed-server-$(LLAMA_CPP_PYTHON_VERSION)
 $(LLAMA_STAMP):
 	python3 -m venv $(LLAMA_VENV)
 	@echo "llama-venv: installing llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION) (compiles llama.cpp the first time)"
