@@ -151,6 +151,12 @@ allow_anonymous: false
         ("MOLTBOT_AUTH_URL", auth.urls()),
         ("MOLTBOT_GATEWAY_CONFIG", config.display().to_string()),
         ("REDIS_URL", redis_url()),
+        // One spend ledger for both gateways, as the chart deploys them.
+        ("DATABASE_URL", database_url()),
+        (
+            "MOLTBOT_SPEND_PG_SCHEMA",
+            "moltbot_spend_replicas".to_owned(),
+        ),
         replicated.clone(),
         ("MOLTBOT_ENRICHMENT_TIMEOUT_MS", "5000".to_owned()),
     ];

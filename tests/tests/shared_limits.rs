@@ -30,6 +30,9 @@ fn gateway(config: &std::path::Path, redis: Option<String>) -> ServiceProcess {
         ("MOLTBOT_RETRIEVAL_URL", "http://127.0.0.1:9".to_owned()),
         ("MOLTBOT_AUTH_URL", "http://127.0.0.1:9".to_owned()),
         ("MOLTBOT_REPLICATED", "true".to_owned()),
+        // No spend ledger: these gateways measure rate limits only (the
+        // ledger of replicated gateways is tested in tests/tests/spend.rs).
+        ("MOLTBOT_SPEND_LEDGER", "off".to_owned()),
     ];
     if let Some(url) = redis {
         env.push(("REDIS_URL", url));
@@ -110,25 +113,54 @@ async fn two_gateways_sharing_redis_hold_one_limit_and_fall_back_without_it() {
     assert!(metric(&c, "moltbot_gateway_rate_limit_store_errors_total").await >= RPM as f64);
 }
 
-#[test]
-fn a_replicated_gateway_without_redis_refuses_to_start() {
+/// A replicated gateway started with `env` (and without `removed`): its
+/// exit status and output.
+fn replicated_start(env: &[(&str, String)], removed: &[&str]) -> (bool, String) {
     let config = config();
-    let output = Command::new(binary("moltbot-gateway"))
+    let mut command = Command::new(binary("moltbot-gateway"));
+    command
         .env("MOLTBOT_GATEWAY_CONFIG", &config)
         .env("MOLTBOT_HTTP_ADDR", "127.0.0.1:0")
         .env("MOLTBOT_REPLICATED", "true")
-        .env_remove("REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .env(
+            "MOLTBOT_DATA_DIR",
+            std::env::temp_dir().join(unique("limited-data")),
+        )
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    for k in removed {
+        command.env_remove(k);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_replicated_gateway_without_redis_refuses_to_start() {
+    let (ok, text) = replicated_start(&[], &["REDIS_URL"]);
+    assert!(!ok);
     assert!(
         text.contains("MOLTBOT_REPLICATED") && text.contains("REDIS_URL"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_replicated_gateway_refuses_a_spend_ledger_of_its_own() {
+    // Redis is there; the ledger would be a SQLite file per replica.
+    let (ok, text) = replicated_start(&[("REDIS_URL", redis_url())], &["DATABASE_URL"]);
+    assert!(!ok);
+    assert!(
+        text.contains("MOLTBOT_REPLICATED") && text.contains("DATABASE_URL"),
         "{text}"
     );
 }
