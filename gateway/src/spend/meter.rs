@@ -175,7 +175,9 @@ impl Meter {
                         ));
                     };
                     let name = b.name();
-                    metrics::REFUSALS.with_label_values(&[name.as_str()]).inc();
+                    let scope = if b.key.is_some() { "key" } else { "tenant" };
+                    metrics::REFUSALS.with_label_values(&[scope]).inc();
+                    tracing::info!(budget = %name, spent_nano_usd = spent, needed_nano_usd = amount, "request refused by a budget");
                     let resets_s = w.released_at(oldest);
                     return Err(ApiError::BudgetExceeded {
                         budget: name,

@@ -55,17 +55,18 @@ pub static UNPRICED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
-/// `moltbot_gateway_budget_refusals_total{budget}`: requests refused 429
-/// because they did not fit a budget.
+/// `moltbot_gateway_budget_refusals_total{scope}`: requests refused 429
+/// because they did not fit a budget of a `key` or a `tenant` (the 429 and
+/// the log line name the budget).
 #[allow(clippy::expect_used)]
 pub static REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
             Opts::new(
                 "moltbot_gateway_budget_refusals_total",
-                "Requests refused because they did not fit a budget, by budget",
+                "Requests refused because they did not fit a budget, by scope (key, tenant)",
             ),
-            &["budget"],
+            &["scope"],
         )
         .expect("valid metric"),
     )
@@ -144,5 +145,8 @@ pub fn register_all() {
     LazyLock::force(&LEDGER_BUFFERED);
     for outcome in ["written", "dropped"] {
         LEDGER_ROWS.with_label_values(&[outcome]);
+    }
+    for scope in ["key", "tenant"] {
+        REFUSALS.with_label_values(&[scope]);
     }
 }
