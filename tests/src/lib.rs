@@ -16,6 +16,19 @@ pub mod proxy;
 pub mod stores;
 pub mod tls;
 
+/// The model that answered a chat completion: the `moltbot.attempts`
+/// entry whose outcome is `ok` (empty when none is).
+pub fn answered_by(body: &serde_json::Value) -> String {
+    body["moltbot"]["attempts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["outcome"] == "ok")
+        .and_then(|a| a["model"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Lower-case hex SHA-256 of `text`: how the gateway's configuration names
 /// an API key (`api_keys[].sha256`).
 pub fn sha256_hex(text: &str) -> String {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use moltbot_e2e::{
-    fake, grpc,
+    answered_by, fake, grpc,
     process::{ServiceProcess, binary},
     providers,
     stores::{free_port, unique},
@@ -113,16 +113,6 @@ async fn turn(gateway: &ServiceProcess, model: &str, session: &str, text: &str) 
     let body: Value = response.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
     body
-}
-
-fn answered_by(body: &Value) -> String {
-    body["moltbot"]["attempts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["outcome"] == "ok")
-        .map(|a| a["model"].as_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]

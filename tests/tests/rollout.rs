@@ -17,7 +17,7 @@ use std::{
 
 use axum::http::StatusCode;
 use moltbot_e2e::{
-    fake, grpc, metrics,
+    answered_by, fake, grpc, metrics,
     process::{ServiceProcess, binary},
     providers,
     stores::{redis_url, unique},
@@ -182,16 +182,6 @@ fn tried(body: &Value, model: &str) -> bool {
         .unwrap()
         .iter()
         .any(|a| a["model"] == model)
-}
-
-fn answered_by(body: &Value) -> String {
-    body["moltbot"]["attempts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["outcome"] == "ok")
-        .map(|a| a["model"].as_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 /// A canary answering 500 to everything: every client turn is answered
