@@ -374,6 +374,10 @@ async fn fifty_concurrent_turns_on_two_gateways_never_overrun_a_budget() {
     assert_eq!(posted.len(), 1, "{posted:?}");
     assert_eq!(posted[0]["event"], "budget.soft_limit");
     assert_eq!(posted[0]["budget"], budget);
+    // Spent and reserved when the limit was crossed: at least half the
+    // budget (the soft limit), at most the whole.
+    let at = posted[0]["spent_usd"].as_f64().unwrap();
+    assert!(at >= 0.5 * max_usd && at <= max_usd, "{at} of {max_usd}");
 
     // `moltbot spend --by key` shows the same.
     let out = Command::new(binary("moltbot"))

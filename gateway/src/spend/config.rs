@@ -91,6 +91,18 @@ pub enum WindowKind {
     Rolling,
 }
 
+impl WindowKind {
+    /// `daily`, `weekly`, `monthly` or `rolling`, as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Daily => "daily",
+            Self::Weekly => "weekly",
+            Self::Monthly => "monthly",
+            Self::Rolling => "rolling",
+        }
+    }
+}
+
 /// One budget, on an API key or on a tenant (exactly one of the two).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

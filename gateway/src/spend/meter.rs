@@ -23,21 +23,27 @@ use crate::{
 /// Redis key prefix of budget counters.
 const PREFIX: &str = "moltbot:spend:v1";
 
-/// The counter keys of budget `b` over window `w`, oldest first. The
-/// window's kind, period and zone are part of the key, so a budget whose
+/// Budget `b`'s part in a reservation over window `w`: its counter keys
+/// (oldest first), its soft-limit mark, its bounds in nano-USD. The
+/// window's kind, period and zone are part of every key, so a budget whose
 /// window changes starts afresh instead of summing foreign counters.
-pub fn counters(b: &BudgetConfig, compiled: &Compiled, w: &Window) -> Vec<String> {
-    let tag = window_tag(b, compiled);
-    w.buckets
-        .iter()
-        .map(|start| format!("{PREFIX}:{}:{tag}:{start}", b.name()))
-        .collect()
-}
-
-fn window_tag(b: &BudgetConfig, compiled: &Compiled) -> String {
-    match b.period {
+pub fn check(b: &BudgetConfig, compiled: &Compiled, w: &Window) -> Check {
+    let tag = match b.period {
         Some(p) => format!("rolling{}s", p.as_secs()),
-        None => format!("{:?}@{}", b.window, compiled.config.time_zone).to_lowercase(),
+        None => format!("{}@{}", b.window.as_str(), compiled.config.time_zone).to_lowercase(),
+    };
+    let prefix = format!("{PREFIX}:{}:{tag}", b.name());
+    let max = price::nano(b.max_usd);
+    Check {
+        counters: w
+            .buckets
+            .iter()
+            .map(|start| format!("{prefix}:{start}"))
+            .collect(),
+        soft_key: format!("{prefix}:soft:{}", w.buckets.last().copied().unwrap_or(0)),
+        max,
+        soft: b.soft_limit.map(|s| (max as f64 * s) as i64),
+        ttl_s: w.ttl_s,
     }
 }
 
@@ -135,28 +141,14 @@ impl Meter {
             for b in &budgets {
                 let w = super::window::at(b.window, b.period, &compiled.tz, now)
                     .map_err(ApiError::InvalidRequest)?;
-                let counters = counters(b, &compiled, &w);
-                let max = price::nano(b.max_usd);
-                checks.push(Check {
-                    soft_key: format!(
-                        "{PREFIX}:{}:{}:soft:{}",
-                        b.name(),
-                        window_tag(b, &compiled),
-                        w.buckets.last().copied().unwrap_or(0)
-                    ),
-                    counters,
-                    max,
-                    soft: b.soft_limit.map(|s| (max as f64 * s) as i64),
-                    ttl_s: w.ttl_s,
-                });
+                checks.push(check(b, &compiled, &w));
                 windows.push(w);
             }
             match self.spend.store.reserve(&checks, amount).await {
                 Ok(Outcome::Held { crossed_soft }) => {
-                    for i in crossed_soft {
+                    for (i, spent) in crossed_soft {
                         if let Some(b) = budgets.get(i) {
-                            self.spend
-                                .soft_limit_crossed(b, b.max_usd * b.soft_limit.unwrap_or(1.0));
+                            self.spend.soft_limit_crossed(b, price::usd(spent));
                         }
                     }
                     held = checks
@@ -181,7 +173,7 @@ impl Meter {
                     let resets_s = w.released_at(oldest);
                     return Err(ApiError::BudgetExceeded {
                         budget: name,
-                        window: format!("{:?}", b.window).to_lowercase(),
+                        window: b.window.as_str().to_owned(),
                         max_usd: b.max_usd,
                         spent_usd: price::usd(spent),
                         needed_usd: price::usd(amount),

@@ -120,20 +120,6 @@ impl Spend {
         })
     }
 
-    /// No prices, no budgets, no ledger, memory counters (tests of other
-    /// concerns).
-    pub fn disabled() -> Self {
-        Self {
-            config: Live::new(Compiled {
-                config: SpendConfig::default(),
-                tz: jiff::tz::TimeZone::UTC,
-            }),
-            store: Arc::new(store::MemoryStore::default()),
-            ledger: None,
-            webhook: reqwest::Client::new(),
-        }
-    }
-
     /// Replaces prices and budgets (a configuration reload, with a section
     /// resolved by [`Compiled::new`]); turns already admitted settle at the
     /// prices they were admitted with.
@@ -154,8 +140,10 @@ impl Spend {
         let mut out = Vec::new();
         for b in &compiled.config.budgets {
             let w = window::at(b.window, b.period, &compiled.tz, now)?;
-            let counters = meter::counters(b, &compiled, &w);
-            let spent = self.store.spent(&counters).await?;
+            let spent = self
+                .store
+                .spent(&meter::check(b, &compiled, &w).counters)
+                .await?;
             out.push(BudgetStatus {
                 budget: b.name(),
                 window: b.window,
@@ -167,8 +155,10 @@ impl Spend {
         Ok(out)
     }
 
-    /// Raises the soft-limit event of `budget`: a log line, the metric and
-    /// the webhook (spawned; its failure is logged).
+    /// Raises the soft-limit event of `budget`, whose window now holds
+    /// `spent_usd` (spent and reserved, this request's reservation
+    /// included): a log line, the metric and the webhook (spawned; its
+    /// failure is logged).
     fn soft_limit_crossed(&self, budget: &BudgetConfig, spent_usd: f64) {
         let name = budget.name();
         metrics::SOFT_LIMIT

@@ -44,11 +44,12 @@ pub struct Check {
 /// What a reservation came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Reserved on every budget; the budgets (by index) whose soft limit
-    /// this reservation crossed first in their window.
+    /// Reserved on every budget; the budgets whose soft limit this
+    /// reservation crossed first in their window.
     Held {
-        /// Indices into the checks.
-        crossed_soft: Vec<usize>,
+        /// Index into the checks, and that budget's spend with this
+        /// reservation (nano-USD).
+        crossed_soft: Vec<(usize, i64)>,
     },
     /// Nothing reserved: budget `index` has `spent` (nano-USD, in-flight
     /// reservations included) and `amount` does not fit; `oldest` is the
@@ -141,7 +142,7 @@ impl BudgetStore for MemoryStore {
                     && Self::value(&map, &c.soft_key, now) == 0
                 {
                     map.insert(c.soft_key.clone(), (1, ttl));
-                    crossed_soft.push(index);
+                    crossed_soft.push((index, totals[index] + amount));
                 }
             }
             Ok(Outcome::Held { crossed_soft })
@@ -178,13 +179,23 @@ impl BudgetStore for MemoryStore {
 pub struct RedisStore {
     redis: Arc<Redis>,
     reserve: redis::Script,
+    adjust: redis::Script,
 }
+
+/// KEYS: counters; ARGV: delta. Adds the delta to each counter that still
+/// exists (INCRBY on an expired one would recreate it without a TTL).
+const ADJUST: &str = r"
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, ARGV[1]) end
+end
+return 0
+";
 
 /// KEYS: every check's counters then its soft key, check after check.
 /// ARGV: amount, then per check: its number of counters, max, soft (-1:
-/// none), ttl. Returns `{0, crossed…}` when held (1-based check indices
-/// whose soft mark this call set), `{index, spent, oldest}` (1-based)
-/// when refused.
+/// none), ttl. Returns `{0, index, spent, …}` when held (a 1-based check
+/// index and its spend with the amount, for each check whose soft mark
+/// this call set), `{index, spent, oldest}` (1-based) when refused.
 const RESERVE: &str = r"
 local amount = tonumber(ARGV[1])
 local k, a = 1, 2
@@ -212,6 +223,7 @@ for b = 1, n do
   if soft >= 0 and spent[b] + amount >= soft then
     if redis.call('SET', KEYS[k + count], '1', 'NX', 'EX', ttl) then
       table.insert(out, b)
+      table.insert(out, spent[b] + amount)
     end
   end
   k, a = k + count + 1, a + 4
@@ -225,6 +237,7 @@ impl RedisStore {
         Self {
             redis,
             reserve: redis::Script::new(RESERVE),
+            adjust: redis::Script::new(ADJUST),
         }
     }
 }
@@ -256,8 +269,11 @@ impl BudgetStore for RedisStore {
                 })
                 .await?;
             match reply.as_slice() {
-                [0, crossed @ ..] => Ok(Outcome::Held {
-                    crossed_soft: crossed.iter().map(|b| (*b - 1).max(0) as usize).collect(),
+                [0, crossed @ ..] if crossed.len() % 2 == 0 => Ok(Outcome::Held {
+                    crossed_soft: crossed
+                        .chunks(2)
+                        .map(|pair| ((pair[0] - 1).max(0) as usize, pair[1]))
+                        .collect(),
                 }),
                 [index, spent, oldest] => Ok(Outcome::Refused {
                     index: (*index - 1).max(0) as usize,
@@ -278,20 +294,17 @@ impl BudgetStore for RedisStore {
             if delta == 0 || counters.is_empty() {
                 return Ok(());
             }
+            let script = &self.adjust;
             self.redis
                 .run(|mut c| async move {
-                    let mut pipe = redis::pipe();
+                    let mut call = script.prepare_invoke();
                     for key in counters {
-                        // INCRBY on an expired counter would recreate it
-                        // without a TTL: only counters that still exist.
-                        pipe.cmd("EVAL")
-                            .arg("if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end return 0")
-                            .arg(1)
-                            .arg(key)
-                            .arg(delta)
-                            .ignore();
+                        call.key(key);
                     }
-                    pipe.query_async::<()>(&mut c).await
+                    call.arg(delta)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                        .map(|_| ())
                 })
                 .await
         })
@@ -360,7 +373,7 @@ mod tests {
         assert_eq!(
             store.reserve(&both, 75).await.unwrap(),
             Outcome::Held {
-                crossed_soft: vec![0]
+                crossed_soft: vec![(0, 85)]
             }
         );
         store.adjust(&["k".to_owned()], -75).await.unwrap();
